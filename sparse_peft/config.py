@@ -1,0 +1,143 @@
+"""``MaskConfig``: the PEFT config of a learnable N:M mask adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
+
+from .patterns import validate_n_m
+from .registration import mask_peft_type
+from .storage import atomic_write
+
+#: One-shot pruners that :mod:`sparse_peft.priors` computes; any other ``prior`` string is a mask adapter.
+ONE_SHOT_PRIORS = ("magnitude", "wanda", "sparsegpt")
+#: Priors that need calibration inputs.
+CALIBRATED_PRIORS = ("wanda", "sparsegpt")
+
+_LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: Default ``target_modules`` per ``model_type``: every linear of the attention and MLP blocks. ``lm_head``,
+#: embeddings and norms are never masked.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **{
+        t: _LLAMA_STYLE
+        for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")
+    },
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
+
+
+@dataclass
+class MaskConfig(PeftConfig):
+    """Configuration of a MaskLLM mask adapter: which layers get a learnable N:M mask and how it is trained.
+
+    Every targeted linear layer keeps its frozen weight ``W [out, in]`` and gains logits ``[out*in/m, C(m, n)]``
+    over the N:M patterns of each group of ``m`` consecutive input weights. Training samples soft masks with
+    Gumbel-softmax (temperature ``tau`` and logit scale ``kappa`` annealed linearly from start to end over the
+    run); evaluation uses the hard argmax mask, which keeps exactly ``n`` of every ``m`` weights.
+    """
+
+    n: int = field(default=2, metadata={"help": "Weights kept in every group of m (N of N:M)."})
+    m: int = field(default=4, metadata={"help": "Group size along the input dimension (M of N:M), at most 8."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (suffixes) or a regex to mask; 'all-linear' for every linear but the output "
+            "layer. Default: the attention and MLP linears of known architectures (see DEFAULT_TARGET_MODULES)."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to leave dense."}
+    )
+    tau_start: float = field(default=4.0, metadata={"help": "Gumbel-softmax temperature at step 0."})
+    tau_end: float = field(default=0.05, metadata={"help": "Gumbel-softmax temperature at the last step."})
+    kappa_start: float = field(default=100.0, metadata={"help": "Logit scale at step 0."})
+    kappa_end: float = field(default=500.0, metadata={"help": "Logit scale at the last step."})
+    prior: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Initial mask the logits favour: None (random logits), 'magnitude', 'wanda', 'sparsegpt' "
+            "(the last two need `calibration`), or the local path / Hub id of a saved mask adapter (transfer)."
+        },
+    )
+    prior_strength: float = field(default=3.0, metadata={"help": "alpha of the prior formula (paper: 3)."})
+    logit_init_std: float = field(default=0.01, metadata={"help": "Std of the random initial logits."})
+    sparse_reg: float = field(
+        default=1e-5,
+        metadata={"help": "lambda of the sparse weight regulariser -lambda*sum||W*mask||^2, annealed linearly to 0."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained and saved in full besides the masks, e.g. a task head."}
+    )
+    save_logits: bool = field(
+        default=False,
+        metadata={"help": "Also save the float logits (to continue training); otherwise only the packed hard mask."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "Initialise the logits from `prior`. Saved adapters store False: their logits come from the "
+            "file, so loading one never recomputes its prior."
+        },
+    )
+    calibration: Optional[Any] = field(
+        default=None,
+        metadata={
+            "help": "Token ids [num_samples, seq_len] for the 'wanda'/'sparsegpt' priors (see "
+            "sparse_peft.priors.calibration_from_texts). Runtime only: not saved."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = mask_peft_type()
+        validate_n_m(self.n, self.m)
+        for name in ("tau_start", "tau_end", "kappa_start", "kappa_end", "logit_init_std"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"MaskConfig.{name} must be a positive number, got {value!r}.")
+        for name in ("prior_strength", "sparse_reg"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"MaskConfig.{name} must be a number >= 0, got {value!r}.")
+        if self.prior is not None and not (isinstance(self.prior, (str, os.PathLike)) and str(self.prior)):
+            raise ValueError(
+                f"MaskConfig.prior must be None, one of {ONE_SHOT_PRIORS} or the path / Hub id of a mask adapter, "
+                f"got {self.prior!r}."
+            )
+        if self.prior is not None:
+            self.prior = os.fspath(self.prior)
+        if isinstance(self.target_modules, list):
+            self.target_modules = list(self.target_modules)
+
+    @property
+    def prior_is_adapter(self) -> bool:
+        """True if ``prior`` names a saved mask adapter (the transfer path) rather than a one-shot pruner."""
+        return self.prior is not None and self.prior not in ONE_SHOT_PRIORS
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able fields; ``calibration`` is runtime data and is left out."""
+        data = super().to_dict()
+        data.pop("calibration", None)
+        return data
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` atomically, with ``init_weights=False`` (the logits are in the file)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
+        os.makedirs(save_directory, exist_ok=True)
+        data = self.to_dict()
+        data["init_weights"] = False
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)
+        if auto_mapping is not None:
+            data["auto_mapping"] = auto_mapping
+        data = {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
+        text = json.dumps(data, indent=2, sort_keys=True)
+        atomic_write(os.path.join(save_directory, CONFIG_NAME), lambda f: f.write(text.encode()))

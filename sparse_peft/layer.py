@@ -1,0 +1,246 @@
+"""``MaskedLinear``: a PEFT tuner layer that multiplies a frozen linear weight by a learnable N:M mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from transformers.pytorch_utils import Conv1D
+
+from .schedule import MaskSchedule
+from .patterns import (
+    candidate_patterns,
+    check_groupable,
+    hard_mask,
+    prior_logits,
+    random_logits,
+    soft_mask,
+)
+
+
+@dataclass
+class _AdapterSpec:
+    n: int
+    m: int
+    schedule: MaskSchedule
+
+
+class _SparseRegGrad(torch.autograd.Function):
+    """Identity on the masked weight whose backward adds the regulariser's gradient.
+
+    The loss is ``task_loss - lam * ||W * mask||^2``; with ``W`` frozen its gradient w.r.t. the masked weight
+    ``W_eff = W * mask`` is ``-2 * lam * W_eff``. Adding it here, next to the weight, keeps it exact under
+    gradient checkpointing of any kind (the term never has to travel through the model's outputs) and costs no
+    memory: ``F.linear`` saves ``W_eff`` for its own backward anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, masked_weight: torch.Tensor, lam: float) -> torch.Tensor:
+        ctx.save_for_backward(masked_weight)
+        ctx.lam = lam
+        return masked_weight.view_as(masked_weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (masked_weight,) = ctx.saved_tensors
+        return grad - (2.0 * ctx.lam) * masked_weight, None
+
+
+class MaskedLinear(nn.Module, BaseTunerLayer):
+    """Wraps an ``nn.Linear`` (or a GPT-2 ``Conv1D``) and masks its weight with the active mask adapter.
+
+    Per adapter it holds ``maskllm_logits[adapter]``: float32 ``[G, C]`` with ``G = out * in / m``. In training
+    mode the forward samples a soft mask (Gumbel-softmax, a fresh sample per call); in eval mode it uses the hard
+    argmax mask, cached until the logits change. The base weight is never trained.
+    """
+
+    adapter_layer_names = ("maskllm_logits",)
+    other_param_names = ("maskllm_spec",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        n: int,
+        m: int,
+        schedule: MaskSchedule,
+        init_std: float,
+        prior_mask: Optional[torch.Tensor] = None,
+        prior_strength: float = 3.0,
+        layer_name: str = "layer",
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.maskllm_logits = nn.ParameterDict()
+        self.maskllm_spec: dict[str, _AdapterSpec] = {}
+        self.layer_name = layer_name
+        # {adapter: (logits version key, hard mask [out, in] in the weight's dtype and device)}
+        self._hard_mask_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._unmerged_weight: Optional[torch.Tensor] = None
+        self._last_sparse_reg: Optional[torch.Tensor] = None
+        self.merged_adapters = []
+        self._disable_adapters = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, n, m, schedule, init_std, prior_mask, prior_strength)
+
+    # -- shape helpers --------------------------------------------------------------------------------------
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """``(out, in)`` of the base weight, whatever its storage layout."""
+        weight = self.get_base_layer().weight
+        return tuple(weight.T.shape) if self._is_conv1d else tuple(weight.shape)
+
+    @property
+    def _is_conv1d(self) -> bool:
+        return isinstance(self.get_base_layer(), Conv1D)
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight viewed as ``[out, in]``."""
+        weight = self.get_base_layer().weight
+        return weight.T if self._is_conv1d else weight
+
+    # -- adapters -------------------------------------------------------------------------------------------
+    def update_layer(
+        self,
+        adapter_name: str,
+        n: int,
+        m: int,
+        schedule: MaskSchedule,
+        init_std: float,
+        prior_mask: Optional[torch.Tensor] = None,
+        prior_strength: float = 3.0,
+    ) -> None:
+        """Add an adapter: logits from ``prior_mask`` (bool ``[out, in]``, exactly n:m) or random."""
+        num_groups = check_groupable(self.weight_shape, m, self.layer_name)
+        if prior_mask is not None:
+            if tuple(prior_mask.shape) != self.weight_shape:
+                raise ValueError(
+                    f"{self.layer_name}: prior mask has shape {tuple(prior_mask.shape)}, the weight is "
+                    f"{self.weight_shape}."
+                )
+            logits = prior_logits(prior_mask, n, m, prior_strength, init_std)
+        else:
+            logits = random_logits(num_groups, n, m, init_std)
+        device = self.get_base_layer().weight.device
+        if device.type == "meta":  # low_cpu_mem_usage: the values come from a checkpoint
+            device = torch.device("cpu")
+        self.maskllm_logits[adapter_name] = nn.Parameter(logits.to(device=device, dtype=torch.float32))
+        self.maskllm_spec[adapter_name] = _AdapterSpec(n=n, m=m, schedule=schedule)
+        self.set_adapter(self.active_adapters)
+
+    # -- masks ----------------------------------------------------------------------------------------------
+    def _candidates(self, adapter_name: str, device: torch.device) -> torch.Tensor:
+        spec = self.maskllm_spec[adapter_name]
+        return candidate_patterns(spec.n, spec.m, device=device)
+
+    def hard_mask(self, adapter_name: str) -> torch.Tensor:
+        """The eval mask ``[out, in]`` in the weight's dtype, exactly n ones in every group of m.
+
+        Cached; recomputed only when the logits change (tracked through their in-place version counter, which
+        optimizer steps and ``load_state_dict`` bump) or the weight moves to another device or dtype.
+        """
+        logits = self.maskllm_logits[adapter_name]
+        weight = self.get_base_layer().weight
+        key = (logits._version, logits.data_ptr(), weight.dtype, weight.device)
+        cached = self._hard_mask_cache.get(adapter_name)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                mask = hard_mask(logits, self._candidates(adapter_name, logits.device))
+                mask = mask.view(self.weight_shape).to(device=weight.device, dtype=weight.dtype)
+            cached = (key, mask)
+            self._hard_mask_cache[adapter_name] = cached
+        return cached[1]
+
+    def soft_mask(self, adapter_name: str) -> torch.Tensor:
+        """A fresh Gumbel-softmax sample ``[out, in]`` (float32) with the adapter's current tau and kappa."""
+        logits = self.maskllm_logits[adapter_name]
+        schedule = self.maskllm_spec[adapter_name].schedule
+        mask = soft_mask(logits, self._candidates(adapter_name, logits.device), schedule.tau, schedule.kappa)
+        return mask.view(self.weight_shape)
+
+    def masked_weight(self, adapter_name: str) -> torch.Tensor:
+        """``W * mask`` as ``[out, in]``: soft mask in training mode, cached hard mask in eval mode."""
+        weight = self.base_weight()
+        if not self.training:
+            return weight * self.hard_mask(adapter_name)
+        masked = weight * self.soft_mask(adapter_name).to(weight.dtype)
+        lam = self.maskllm_spec[adapter_name].schedule.sparse_reg
+        if lam > 0:
+            # The value is recorded for the reported loss in every training forward (also the no-grad first pass
+            # of reentrant checkpointing); the gradient is added by _SparseRegGrad wherever autograd records.
+            self._last_sparse_reg = lam * masked.detach().float().square().sum()
+            masked = _SparseRegGrad.apply(masked, lam)
+        return masked
+
+    def pop_sparse_reg(self) -> Optional[torch.Tensor]:
+        """``lam * ||W * soft_mask||^2`` of the last training forward (a detached scalar), then forget it."""
+        value, self._last_sparse_reg = self._last_sparse_reg, None
+        return value
+
+    def _active_mask_adapter(self) -> Optional[str]:
+        active = [name for name in self.active_adapters if name in self.maskllm_logits]
+        if len(active) > 1:
+            raise ValueError(
+                f"{self.layer_name}: {len(active)} mask adapters are active ({active}); a weight takes one mask at a "
+                "time. Use set_adapter(<one name>)."
+            )
+        return active[0] if active else None
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        adapter_name = self._active_mask_adapter()
+        if self.merged or adapter_name is None:
+            return self.base_layer(x, *args, **kwargs)
+        weight = self.masked_weight(adapter_name)
+        return F.linear(self._cast_input_dtype(x, weight.dtype), weight, self.get_base_layer().bias)
+
+    # -- merging --------------------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Write the hard mask of one adapter into the base weight (zeros where pruned).
+
+        With ``safe_merge=True`` the logits are checked first: NaN/inf logits still argmax to a valid-looking mask,
+        so they are rejected instead. The dense weight is kept for :meth:`unmerge`.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if len(adapter_names) > 1 or self.merged:
+            raise ValueError(
+                f"{self.layer_name}: cannot merge {adapter_names} on top of {self.merged_adapters}; a weight takes "
+                "one mask. Unmerge first, or merge a single adapter."
+            )
+        name = adapter_names[0]
+        if name not in self.maskllm_logits:
+            return
+        if safe_merge and not torch.isfinite(self.maskllm_logits[name]).all():
+            raise ValueError(
+                f"{self.layer_name}: adapter {name!r} has NaN or infinite mask logits; refusing to merge a mask "
+                "derived from them. The training run diverged: restore an earlier checkpoint."
+            )
+        base = self.get_base_layer()
+        mask = self.hard_mask(name)
+        with torch.no_grad():
+            self._unmerged_weight = base.weight.detach().clone()
+            base.weight.mul_(mask.T if self._is_conv1d else mask)
+        self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Restore the dense base weight saved by :meth:`merge`."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            self.get_base_layer().weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged_adapters = []
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._hard_mask_cache.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
