@@ -99,26 +99,34 @@ class MaskModel(BaseTuner):
             )
         return super()._prepare_adapter_config(peft_config, model_config)
 
-    def _pre_injection_hook(self, model: nn.Module, config: MaskConfig, adapter_name: str) -> None:
-        if "_schedules" not in self.__dict__:  # first adapter: BaseTuner.__init__ runs this hook before injecting
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """PEFT's injection, preceded by the per-adapter set-up: schedule, prior masks, regulariser hook.
+
+        Overridden rather than using PEFT's pre/post-injection hooks because ``PeftModel.add_adapter`` calls
+        ``inject_adapter`` without them.
+        """
+        if "_schedules" not in self.__dict__:  # first adapter
             self._schedules: dict[str, MaskSchedule] = {}  # adapter -> schedule shared by its layers
             self._prior_masks: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> {module name: bool [out, in]}
+            # On the wrapped model itself: PeftModel calls it directly when no task_type is set, bypassing us.
+            self._sparse_reg_hook = model.register_forward_hook(_add_sparse_reg_to_loss)
+        config = self.peft_config[adapter_name]
         self._schedules[adapter_name] = schedule_at(config, 0, 1)
-        if config.init_weights and config.prior is not None:
+        if config.init_weights and config.prior is not None and not low_cpu_mem_usage:
             config = self._prepare_adapter_config(config, self.get_model_config(model))
             config = _maybe_include_all_linear_layers(config, model)
             self._prior_masks[adapter_name] = self._compute_prior_masks(model, config)
-
-    def _post_injection_hook(self, model: nn.Module, config: MaskConfig, adapter_name: str) -> None:
-        self._prior_masks.pop(adapter_name, None)
-        if "_sparse_reg_hook" not in self.__dict__:
-            # On the wrapped model itself: PeftModel calls it directly when no task_type is set, bypassing us.
-            self._sparse_reg_hook = model.register_forward_hook(_add_sparse_reg_to_loss)
-        if not _mask_layers(model, adapter_name):
-            raise ValueError(
-                f"MaskConfig(target_modules={config.target_modules!r}) matched no nn.Linear / Conv1D layer of "
-                f"{_model_name(model)!r}; check the module names with `print(model)`."
-            )
+        try:
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+        finally:
+            self._prior_masks.pop(adapter_name, None)
 
     def _target_linears(self, model: nn.Module, config: MaskConfig) -> dict[str, str]:
         """``{target name: name of its linear module}`` for the layers ``config`` masks.

@@ -39,6 +39,33 @@ def mask_peft_type() -> PeftType:
     return member
 
 
+def _atomic_adapter_writes() -> None:
+    """Make ``PeftModel.save_pretrained`` write mask-adapter weights all-or-nothing.
+
+    PEFT writes ``adapter_model.safetensors`` in place with ``peft.peft_model.safe_save_file``; a crash or a full
+    disk mid-write would leave a truncated file where the user's previous adapter was. PEFT has no hook for the
+    writer, so for state dicts of this method (and only those) we route it through a temp file + rename. Other
+    PEFT methods get PEFT's writer unchanged.
+    """
+    import peft.peft_model
+
+    original = peft.peft_model.safe_save_file
+    if getattr(original, "_sparse_peft_atomic", False):
+        return
+    from .storage import atomic_write
+
+    def safe_save_file(tensors, filename, metadata=None):
+        if not any(f".{PREFIX}" in key for key in tensors):
+            return original(tensors, filename, metadata=metadata)
+        from safetensors.torch import save
+
+        data = save(tensors, metadata=metadata)
+        atomic_write(filename, lambda f: f.write(data))
+
+    safe_save_file._sparse_peft_atomic = True
+    peft.peft_model.safe_save_file = safe_save_file
+
+
 def register() -> None:
     """Register config, tuner and prefix with PEFT. Safe to call again (PEFT itself raises on a second call)."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
@@ -47,6 +74,7 @@ def register() -> None:
     from .config import MaskConfig
     from .model import MaskModel
 
+    _atomic_adapter_writes()
     peft_type = mask_peft_type()
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if registered is MaskModel:

@@ -1,0 +1,253 @@
+"""The masked layer inside a PEFT model: training vs eval masks, gradients, adapters, merging, dtypes."""
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import LlamaForCausalLM
+
+from conftest import LLAMA_TARGETS, tiny_gpt2, tiny_llama
+from sparse_peft import MaskConfig, MaskedLinear
+from sparse_peft.patterns import group_counts
+
+
+def mask_layers(model):
+    return [m for m in model.modules() if isinstance(m, MaskedLinear)]
+
+
+def test_only_logits_are_trainable_and_cover_every_target():
+    model = get_peft_model(tiny_llama(), MaskConfig())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".maskllm_logits.default" in n for n in trainable)
+    layers = mask_layers(model)
+    assert len(layers) == 2 * len(LLAMA_TARGETS)
+    for layer in layers:
+        out, inp = layer.weight_shape
+        assert layer.maskllm_logits["default"].shape == (out * inp // 4, 6)
+        assert layer.maskllm_logits["default"].dtype == torch.float32
+    assert not any("lm_head" in n or "embed" in n or "norm" in n for n in trainable)
+
+
+def test_gradients_reach_logits_never_weights(tokens):
+    model = get_peft_model(tiny_llama(), MaskConfig())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    logits_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    optimizer.step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n  # bit-identical
+        else:
+            assert not torch.equal(p, logits_before[n]), n
+
+
+def test_train_mode_is_stochastic_eval_mode_is_hard_and_cached(tokens):
+    model = get_peft_model(tiny_llama(), MaskConfig())
+    layer = mask_layers(model)[0]
+    model.train()
+    with torch.no_grad():
+        a, b = model(input_ids=tokens).logits, model(input_ids=tokens).logits
+    assert not torch.equal(a, b)  # fresh Gumbel sample per forward
+    model.eval()
+    with torch.no_grad():
+        c, d = model(input_ids=tokens).logits, model(input_ids=tokens).logits
+    assert torch.equal(c, d)
+    mask = layer.hard_mask("default")
+    assert mask is layer.hard_mask("default")  # cached
+    assert (group_counts(mask, 4) == 2).all()
+    # eval forward is exactly the base weight times the hard mask
+    x = torch.randn(3, layer.weight_shape[1])
+    expected = torch.nn.functional.linear(x, layer.base_weight() * mask)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    # an optimizer step changes the logits in place: the cache must follow
+    logits = layer.maskllm_logits["default"]
+    with torch.no_grad():
+        logits.copy_(torch.randn_like(logits))
+    new_mask = layer.hard_mask("default")
+    assert new_mask is not mask
+    assert torch.equal(new_mask.view(-1, 4), torch.eye(6)[logits.argmax(-1)] @ torch.tensor(
+        [[1., 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]]))
+
+
+def test_disable_adapters_gives_the_dense_model(tokens):
+    base = tiny_llama()
+    with torch.no_grad():
+        dense = base(input_ids=tokens).logits
+    model = get_peft_model(tiny_llama(), MaskConfig())
+    with torch.no_grad():
+        masked = model(input_ids=tokens).logits
+        with model.disable_adapter():
+            disabled = model(input_ids=tokens).logits
+    assert torch.equal(disabled, dense)
+    assert not torch.allclose(masked, dense)
+
+
+def test_two_adapters_switch_delete_and_only_one_active(tokens):
+    model = get_peft_model(tiny_llama(), MaskConfig())
+    model.add_adapter("other", MaskConfig(prior="magnitude"))
+    model.eval()
+    with torch.no_grad():
+        out_default = model(input_ids=tokens).logits
+        model.set_adapter("other")
+        out_other = model(input_ids=tokens).logits
+        model.set_adapter("default")
+        assert torch.equal(model(input_ids=tokens).logits, out_default)
+    assert not torch.equal(out_default, out_other)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".default") for n in trainable)
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match="one mask adapter|a weight takes one mask"):
+        model(input_ids=tokens)
+    model.base_model.set_adapter("default")
+    model.delete_adapter("other")
+    assert all("other" not in layer.maskllm_logits for layer in mask_layers(model))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, out_default)
+
+
+def test_merge_unmerge_and_merge_and_unload_equal_eval_forward(tokens):
+    model = get_peft_model(tiny_llama(), MaskConfig(prior="magnitude"))
+    model.eval()
+    dense_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits
+        model.merge_adapter()
+        assert torch.equal(model(input_ids=tokens).logits, expected)
+        model.unmerge_adapter()
+        for n, p in model.named_parameters():
+            if n in dense_weights:
+                assert torch.equal(p, dense_weights[n])
+        merged = model.merge_and_unload()
+    assert isinstance(merged, LlamaForCausalLM)
+    assert not any(isinstance(m, MaskedLinear) for m in merged.modules())
+    with torch.no_grad():
+        assert torch.equal(merged(input_ids=tokens).logits, expected)
+    for name, module in merged.named_modules():
+        if name.split(".")[-1] in LLAMA_TARGETS:
+            assert (group_counts(module.weight, 4) <= 2).all()  # physically 2:4 sparse
+            assert (module.weight == 0).float().mean() >= 0.5
+
+
+def test_unload_restores_the_dense_model(tokens):
+    base = tiny_llama()
+    with torch.no_grad():
+        dense = base(input_ids=tokens).logits
+    unloaded = get_peft_model(tiny_llama(), MaskConfig()).unload()
+    with torch.no_grad():
+        assert torch.equal(unloaded(input_ids=tokens).logits, dense)
+
+
+def test_safe_merge_rejects_nan_logits():
+    model = get_peft_model(tiny_llama(), MaskConfig())
+    layer = mask_layers(model)[3]
+    with torch.no_grad():
+        layer.maskllm_logits["default"][5, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.merge_and_unload(safe_merge=True)
+
+
+def test_bf16_base_weights_keep_fp32_logits(tokens):
+    base = tiny_llama().to(torch.bfloat16)
+    model = get_peft_model(base, MaskConfig(prior="magnitude"))
+    layer = mask_layers(model)[0]
+    assert layer.maskllm_logits["default"].dtype == torch.float32
+    assert layer.base_weight().dtype == torch.bfloat16
+    model.train()
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    assert layer.maskllm_logits["default"].grad.dtype == torch.float32
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=tokens).logits
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+        merged = model.merge_and_unload()
+        assert torch.equal(merged(input_ids=tokens).logits, out)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8)])
+def test_any_n_m_and_gpt2_conv1d(n, m, tokens):
+    model = get_peft_model(tiny_gpt2(), MaskConfig(n=n, m=m))
+    layers = mask_layers(model)
+    names = {name.split(".")[-1] for name, mod in model.named_modules() if isinstance(mod, MaskedLinear)}
+    assert names == {"c_attn", "c_proj", "c_fc"}
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits
+        merged = model.merge_and_unload()
+        assert torch.equal(merged(input_ids=tokens).logits, expected)
+    for layer in layers:
+        assert (group_counts(layer.hard_mask("default"), m) == n).all()
+    c_fc = merged.transformer.h[0].mlp.c_fc.weight  # Conv1D: [in, out], groups run along dim 0
+    assert (group_counts(c_fc.T, m) <= n).all()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokens):
+    def grads(checkpointing: bool, reentrant: bool = True):
+        model = get_peft_model(tiny_llama(), MaskConfig(prior="magnitude"))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        torch.manual_seed(123)
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref = grads(False)
+    for reentrant in (True, False):
+        loss, got = grads(True, reentrant)
+        torch.testing.assert_close(loss, ref_loss)
+        assert got.keys() == ref.keys()
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-8)
+
+
+def test_sparse_regulariser_matches_autograd_reference(tokens):
+    """loss = task - lambda * sum ||W * soft_mask||^2, value and gradient, against a direct computation."""
+    lam = 1e-2
+    model = get_peft_model(tiny_llama(), MaskConfig(sparse_reg=lam))
+    model.train()
+    torch.manual_seed(7)
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    # reference: same Gumbel noise (same seed), regulariser added explicitly to the loss, no custom backward
+    model.zero_grad()
+    model.base_model.set_mask_schedule(0, 1)
+    for layer in mask_layers(model):
+        layer.maskllm_spec["default"].schedule.sparse_reg = 0.0
+    penalty_terms = []
+    from sparse_peft import layer as layer_module
+    original = layer_module.MaskedLinear.soft_mask
+
+    def soft_mask_recording(self, adapter_name):
+        mask = original(self, adapter_name)
+        penalty_terms.append((self.base_weight() * mask).square().sum())
+        return mask
+
+    layer_module.MaskedLinear.soft_mask = soft_mask_recording
+    try:
+        torch.manual_seed(7)
+        task = model(input_ids=tokens, labels=tokens).loss
+    finally:
+        layer_module.MaskedLinear.soft_mask = original
+    reference = task - lam * torch.stack(penalty_terms).sum()
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach())
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-9)
+
+
+def test_lm_head_and_unsupported_layers_are_refused():
+    with pytest.raises(ValueError, match="lm_head.*never masked"):
+        get_peft_model(tiny_llama(), MaskConfig(target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(TypeError, match="Embedding"):
+        get_peft_model(tiny_llama(), MaskConfig(target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match="not divisible by m=8"):
+        get_peft_model(tiny_llama(hidden_size=36, num_attention_heads=2, num_key_value_heads=2, intermediate_size=72), MaskConfig(m=8, n=2))
+    model = get_peft_model(tiny_llama(), MaskConfig(target_modules="all-linear"))
+    assert len(mask_layers(model)) == 14  # every linear but lm_head

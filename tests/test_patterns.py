@@ -1,0 +1,118 @@
+"""Mask math against reference computations."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_peft.patterns import (
+    candidate_patterns,
+    group_counts,
+    hard_mask,
+    index_bits,
+    indices_from_mask,
+    num_candidates,
+    prior_logits,
+    soft_mask,
+    topn_mask,
+    validate_n_m,
+)
+
+N_M = [(2, 4), (1, 4), (4, 8)]
+
+
+def test_candidates_are_the_combinations_in_order():
+    assert candidate_patterns(2, 4).tolist() == [
+        [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]
+    ]
+    for n, m in N_M + [(3, 8), (1, 2)]:
+        table = candidate_patterns(n, m)
+        expected = [[1 if i in c else 0 for i in range(m)] for c in itertools.combinations(range(m), n)]
+        assert table.tolist() == expected
+        assert num_candidates(n, m) == math.comb(m, n) == table.shape[0]
+        assert index_bits(n, m) == math.ceil(math.log2(math.comb(m, n)))
+
+
+@pytest.mark.parametrize("n, m", [(0, 4), (4, 4), (5, 4), (2, 9), (2.0, 4)])
+def test_invalid_n_m_rejected(n, m):
+    with pytest.raises(ValueError, match="N:M|integers"):
+        validate_n_m(n, m)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n_m=st.sampled_from(N_M),
+    rows=st.integers(1, 17),
+    groups_per_row=st.integers(1, 9),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_hard_mask_keeps_exactly_n_of_every_m(n_m, rows, groups_per_row, seed):
+    n, m = n_m
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows * groups_per_row, num_candidates(n, m), generator=g)
+    mask = hard_mask(logits, candidate_patterns(n, m)).view(rows, groups_per_row * m)
+    assert torch.equal(group_counts(mask, m), torch.full((rows * groups_per_row,), n))
+    # indices round-trip
+    assert torch.equal(indices_from_mask(mask, n, m), logits.argmax(-1))
+    scores = torch.randn(rows, groups_per_row * m, generator=g)
+    assert (group_counts(topn_mask(scores, n, m), m) == n).all()
+
+
+@pytest.mark.parametrize("n, m", N_M)
+def test_soft_mask_groups_sum_to_n_and_are_fresh_samples(n, m):
+    logits = torch.randn(50, num_candidates(n, m))
+    s1 = soft_mask(logits, candidate_patterns(n, m), tau=4.0, kappa=100.0)
+    s2 = soft_mask(logits, candidate_patterns(n, m), tau=4.0, kappa=100.0)
+    torch.testing.assert_close(s1.sum(-1), torch.full((50,), float(n)))
+    assert ((s1 >= 0) & (s1 <= 1 + 1e-6)).all()
+    assert not torch.equal(s1, s2)
+
+
+def test_soft_mask_is_gumbel_softmax_of_scaled_logits():
+    logits = torch.randn(7, 6)
+    torch.manual_seed(3)
+    got = soft_mask(logits, candidate_patterns(2, 4), tau=0.5, kappa=10.0)
+    torch.manual_seed(3)
+    gumbels = -torch.empty_like(logits).exponential_().log()
+    y = torch.softmax((logits * 10.0 + gumbels) / 0.5, dim=-1)
+    torch.testing.assert_close(got, y @ candidate_patterns(2, 4))
+
+
+def test_topn_mask_matches_sorting_reference():
+    scores = torch.randn(6, 16)
+    mask = topn_mask(scores, 2, 4)
+    for r in range(6):
+        for g0 in range(0, 16, 4):
+            group = scores[r, g0:g0 + 4]
+            keep = set(torch.argsort(group, descending=True)[:2].tolist())
+            assert {i for i in range(4) if mask[r, g0 + i]} == keep
+
+
+def test_indices_from_mask_rejects_invalid_masks():
+    mask = torch.tensor([[1, 1, 1, 0, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="group 0 keeps 3 of 4"):
+        indices_from_mask(mask, 2, 4)
+
+
+def test_prior_formula_matches_reference_computation():
+    prior = topn_mask(torch.randn(8, 32), 2, 4)
+    g = torch.Generator().manual_seed(1)
+    got = prior_logits(prior, 2, 4, alpha=3.0, init_std=0.01, generator=g)
+    eps = torch.randn(64, 6, generator=torch.Generator().manual_seed(1)) * 0.01
+    S = candidate_patterns(2, 4)
+    overlap = prior.view(-1, 4).float() @ S.T
+    expected = eps + 3.0 * eps.std() * (overlap - 2 * 2 / 4)
+    torch.testing.assert_close(got, expected)
+
+
+def test_prior_argmax_agrees_for_most_groups_and_exactly_for_large_alpha():
+    prior = topn_mask(torch.randn(256, 256), 2, 4)
+    target = indices_from_mask(prior, 2, 4)
+    agree = lambda alpha: (prior_logits(prior, 2, 4, alpha, 0.01).argmax(-1) == target).float().mean().item()
+    torch.manual_seed(0)
+    assert 0.92 < agree(3.0) < 0.99  # paper: about 5% of groups start elsewhere, by design
+    assert agree(50.0) == 1.0
+    assert (prior_logits(prior, 2, 4, 3.0, 0.01, noise=False).argmax(-1) == target).all()

@@ -1,0 +1,384 @@
+"""Tests of the one-shot N:M pruners (magnitude, Wanda, SparseGPT) against by-hand reference computations."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from sparse_peft.patterns import group_counts, topn_mask
+from sparse_peft.priors import PRIOR_METHODS, calibration_from_texts, compute_prior_masks
+
+VOCAB = 128
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AIDREAMS = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "models" / "aidreams260K-hf"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def llama_targets(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules() if name.split(".")[-1] in LLAMA_PROJECTIONS]
+
+
+def calibration(samples: int = 16, seq_len: int = 32) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (samples, seq_len), generator=torch.Generator().manual_seed(1))
+
+
+class ToyBlock(nn.Module):
+    """A one-linear "transformer block"."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.proj(hidden)
+
+
+class ToyModel(nn.Module):
+    """Embedding + one block; the embedding rows are strongly correlated (rank-4 signal plus small noise)."""
+
+    def __init__(self, d_in: int = 32, d_out: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, d_in)
+        self.embed.weight.data = torch.randn(VOCAB, 4) @ torch.randn(4, d_in) + 0.1 * torch.randn(VOCAB, d_in)
+        self.layers = nn.ModuleList([ToyBlock(d_in, d_out)])
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool | None = None) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden)
+        return hidden
+
+
+def toy_inputs(model: ToyModel, calib: torch.Tensor) -> torch.Tensor:
+    """The layer inputs X, ``[tokens, in]``."""
+    with torch.no_grad():
+        return model.embed(calib).reshape(-1, model.embed.embedding_dim)
+
+
+def linear_inputs(model: nn.Module, names: list[str], calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run the whole model once and record each named linear's inputs ``[tokens, in]``."""
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        modules[name].register_forward_hook(
+            lambda mod, args, out, name=name: seen.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        model(input_ids=calib, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def wanda_by_hand(weight: torch.Tensor, inputs: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    return topn_mask(weight.abs() * inputs.pow(2).sum(dim=0).sqrt(), n, m)
+
+
+def naive_sparsegpt(
+    weight: torch.Tensor, inputs: torch.Tensor, n: int, m: int, percdamp: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unblocked float64 OBS: one column at a time, with the inverse of the remaining columns' Hessian."""
+    w = weight.double().clone()
+    x = inputs.double()
+    hessian = 2 * x.T @ x / x.shape[0]
+    hessian += percdamp * hessian.diagonal().mean() * torch.eye(hessian.shape[0], dtype=torch.float64)
+    columns = w.shape[1]
+    # Inverse Hessian of the columns j.. that are still unpruned when column j is reached.
+    remaining_inverse = [torch.linalg.inv(hessian[j:, j:]) for j in range(columns)]
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for j in range(columns):
+        if j % m == 0:
+            obs_diag = torch.stack([remaining_inverse[k][0, 0] for k in range(j, j + m)])
+            mask[:, j : j + m] = topn_mask(w[:, j : j + m] ** 2 / obs_diag, n, m)
+        inverse = remaining_inverse[j]
+        kept = w[:, j] * mask[:, j]
+        w[:, j:] -= ((w[:, j] - kept) / inverse[0, 0])[:, None] * inverse[0][None, :]
+        w[:, j] = kept
+    return mask, w
+
+
+def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, inputs: torch.Tensor) -> float:
+    return float(((inputs @ weight.T - inputs @ pruned.T) ** 2).sum())
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(50)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1-2. Exact N:M masks; magnitude by hand
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", PRIOR_METHODS)
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
+def test_every_mask_is_exactly_n_m(method, n, m):
+    model = tiny_llama()
+    names = llama_targets(model)
+    masks = compute_prior_masks(model, method, n, m, names, calibration(), show_progress=False)
+    modules = dict(model.named_modules())
+    assert set(masks) == set(names)
+    for name, mask in masks.items():
+        assert mask.dtype == torch.bool and mask.shape == modules[name].weight.shape
+        assert (group_counts(mask, m) == n).all(), name
+
+
+def test_magnitude_is_top_n_of_abs_weight_per_group():
+    model = tiny_llama()
+    names = llama_targets(model)
+    masks = compute_prior_masks(model, "magnitude", 2, 4, names)
+    for name in names:
+        groups = dict(model.named_modules())[name].weight.detach().abs().reshape(-1, 4)
+        expected = torch.zeros_like(groups, dtype=torch.bool)
+        expected.scatter_(1, groups.argsort(dim=1, descending=True)[:, :2], True)
+        assert torch.equal(masks[name], expected.view_as(masks[name])), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3-4. Wanda and SparseGPT on a single layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_wanda_equals_abs_weight_times_input_column_norm():
+    model, calib = ToyModel(), calibration()
+    masks = compute_prior_masks(model, "wanda", 2, 4, ["layers.0.proj"], calib, batch_size=5, show_progress=False)
+    expected = wanda_by_hand(model.layers[0].proj.weight.detach(), toy_inputs(model, calib), 2, 4)
+    assert torch.equal(masks["layers.0.proj"], expected)
+    assert not torch.equal(expected, topn_mask(model.layers[0].proj.weight.detach().abs(), 2, 4))  # not magnitude
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda():
+    model, calib = ToyModel(), calibration()
+    weight = model.layers[0].proj.weight.detach().clone()
+    inputs = toy_inputs(model, calib)
+    errors = {
+        method: reconstruction_error(weight, weight * mask, inputs)
+        for method in ("magnitude", "wanda")
+        for mask in [compute_prior_masks(model, method, 2, 4, ["layers.0.proj"], calib, show_progress=False)]
+        for mask in [mask["layers.0.proj"]]
+    }
+    compute_prior_masks(model, "sparsegpt", 2, 4, ["layers.0.proj"], calib, update_weights=True, show_progress=False)
+    sparsegpt = reconstruction_error(weight, model.layers[0].proj.weight.detach(), inputs)
+    assert sparsegpt < 0.5 * min(errors.values()), (sparsegpt, errors)
+
+
+@pytest.mark.parametrize("blocksize", [8, 12, 128])
+def test_blocked_sparsegpt_equals_naive_obs(blocksize):
+    model, calib = ToyModel(), calibration()
+    weight = model.layers[0].proj.weight.detach().clone()
+    expected_mask, expected_weight = naive_sparsegpt(weight, toy_inputs(model, calib), 2, 4)
+    masks = compute_prior_masks(
+        model, "sparsegpt", 2, 4, ["layers.0.proj"], calib, update_weights=True, blocksize=blocksize,
+        batch_size=3, show_progress=False,
+    )
+    assert torch.equal(masks["layers.0.proj"], expected_mask)
+    torch.testing.assert_close(model.layers[0].proj.weight.detach(), expected_weight.float(), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Mask-only leaves the model alone; update_weights writes sparse weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_mask_only_sparsegpt_leaves_model_bit_identical_and_restores_training_flag():
+    model = tiny_llama()
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    masks = compute_prior_masks(model, "sparsegpt", 2, 4, llama_targets(model), calibration(), show_progress=False)
+    after = model.state_dict()
+    assert set(masks) == set(llama_targets(model))
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    assert all(module.training for module in model.modules())
+
+
+def test_mask_only_sparsegpt_mask_equals_updating_run_mask():
+    model, calib = ToyModel(), calibration()
+    mask_only = compute_prior_masks(model, "sparsegpt", 2, 4, ["layers.0.proj"], calib, show_progress=False)
+    updated = compute_prior_masks(
+        model, "sparsegpt", 2, 4, ["layers.0.proj"], calib, update_weights=True, show_progress=False
+    )
+    assert torch.equal(mask_only["layers.0.proj"], updated["layers.0.proj"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_weights_writes_n_m_sparse_weights_matching_the_mask(dtype):
+    model = tiny_llama(dtype)
+    names = llama_targets(model)
+    before = copy.deepcopy(model.state_dict())
+    masks = compute_prior_masks(model, "sparsegpt", 2, 4, names, calibration(), update_weights=True, show_progress=False)
+    modules = dict(model.named_modules())
+    for name in names:
+        weight = modules[name].weight
+        assert weight.dtype == dtype
+        assert torch.equal(weight != 0, masks[name]), name
+        assert not torch.equal(weight, before[f"{name}.weight"] * masks[name])  # kept weights were updated
+    untouched = [key for key in before if not any(key.startswith(f"{name}.") for name in names)]
+    assert untouched and all(torch.equal(before[key], model.state_dict()[key]) for key in untouched)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Layer by layer: block 2 sees the pruned block 1
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_second_block_is_pruned_from_the_pruned_first_blocks_outputs():
+    model, calib = tiny_llama(), calibration()
+    names = llama_targets(model)
+    first = [name for name in names if name.startswith("model.layers.0.")]
+    second = [name for name in names if name.startswith("model.layers.1.")]
+    masks = compute_prior_masks(model, "wanda", 2, 4, names, calib, batch_size=8, show_progress=False)
+
+    modules = dict(model.named_modules())
+    dense_inputs = linear_inputs(model, names, calib)
+    expected_first = {name: wanda_by_hand(modules[name].weight.detach(), dense_inputs[name], 2, 4) for name in first}
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in first:
+            dict(pruned.named_modules())[name].weight.mul_(expected_first[name])
+    pruned_inputs = linear_inputs(pruned, second, calib)
+    expected_second = {name: wanda_by_hand(modules[name].weight.detach(), pruned_inputs[name], 2, 4) for name in second}
+    dense_second = {name: wanda_by_hand(modules[name].weight.detach(), dense_inputs[name], 2, 4) for name in second}
+
+    for name in first:
+        assert torch.equal(masks[name], expected_first[name]), name
+    for name in second:
+        assert torch.equal(masks[name], expected_second[name]), name
+    assert any(not torch.equal(masks[name], dense_second[name]) for name in second)  # the propagation matters
+
+
+def test_gpt_neo_blocks_under_transformer_h():
+    torch.manual_seed(0)
+    config = GPTNeoConfig(
+        hidden_size=64, num_layers=2, num_heads=4, vocab_size=VOCAB, intermediate_size=128,
+        attention_types=[[["global", "local"], 1]], max_position_embeddings=64, window_size=16,
+    )
+    model = GPTNeoForCausalLM(config)
+    names = [name for name, module in model.named_modules() if name.startswith("transformer.h.") and isinstance(module, nn.Linear)]
+    for method in ("wanda", "sparsegpt"):
+        masks = compute_prior_masks(model, method, 2, 4, names, calibration(), show_progress=False)
+        assert set(masks) == set(names) and all((group_counts(mask, 4) == 2).all() for mask in masks.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Clear errors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_method_lists_valid_ones():
+    with pytest.raises(ValueError, match="magnitude, wanda, sparsegpt"):
+        compute_prior_masks(ToyModel(), "obs", 2, 4, ["layers.0.proj"])
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_missing_calibration(method):
+    with pytest.raises(ValueError, match="needs calibration"):
+        compute_prior_masks(ToyModel(), method, 2, 4, ["layers.0.proj"])
+
+
+@pytest.mark.parametrize(
+    ("name", "message"), [("layers.0.nope", "not a module"), ("embed", "Embedding, not an nn.Linear")]
+)
+def test_bad_target_name(name, message):
+    with pytest.raises(ValueError, match=message):
+        compute_prior_masks(ToyModel(), "magnitude", 2, 4, [name])
+
+
+def test_in_features_not_divisible_by_m_names_the_module():
+    with pytest.raises(ValueError, match=r"layers\.0\.proj.*not divisible by m=4"):
+        compute_prior_masks(ToyModel(d_in=30), "magnitude", 2, 4, ["layers.0.proj"])
+
+
+def test_update_weights_only_for_sparsegpt():
+    with pytest.raises(ValueError, match="only defined for method='sparsegpt'"):
+        compute_prior_masks(ToyModel(), "wanda", 2, 4, ["layers.0.proj"], calibration(), update_weights=True)
+
+
+def test_blocksize_must_be_a_multiple_of_m():
+    with pytest.raises(ValueError, match="multiple of m=4"):
+        compute_prior_masks(ToyModel(), "sparsegpt", 2, 4, ["layers.0.proj"], calibration(), blocksize=6)
+
+
+def test_target_outside_the_blocks_needs_magnitude():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"lm_head.*method='magnitude'"):
+        compute_prior_masks(model, "wanda", 2, 4, [*llama_targets(model), "lm_head"], calibration())
+    assert "lm_head" in compute_prior_masks(model, "magnitude", 2, 4, ["lm_head"])
+
+
+def test_gpt2_conv1d_is_rejected():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0))
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn.*Conv1D.*\[in, out\]"):
+        compute_prior_masks(model, "wanda", 2, 4, ["transformer.h.0.attn.c_attn"], calibration())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Calibration windows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_calibration_windows_from_a_word_tokenizer():
+    tokenizer = word_tokenizer()
+    texts = [" ".join(f"w{(7 * i + j) % 50}" for j in range(40)) for i in range(5)]
+    corpus = tokenizer("\n\n".join(texts))["input_ids"]
+    calib = calibration_from_texts(texts, tokenizer, num_samples=6, seq_len=16, seed=3)
+    assert calib.shape == (6, 16) and calib.dtype == torch.long
+    windows = {tuple(corpus[s : s + 16]) for s in range(len(corpus) - 15)}
+    assert all(tuple(row) in windows for row in calib.tolist())
+    assert torch.equal(calib, calibration_from_texts(texts, tokenizer, num_samples=6, seq_len=16, seed=3))
+    assert not torch.equal(calib, calibration_from_texts(texts, tokenizer, num_samples=6, seq_len=16, seed=4))
+    assert calibration_from_texts(texts, tokenizer, num_samples=2, seq_len=len(corpus)).tolist() == [corpus] * 2
+
+
+def test_calibration_text_too_short():
+    with pytest.raises(ValueError, match="too short: it has 3 tokens.*seq_len=4"):
+        calibration_from_texts(["w1 w2", "w3"], word_tokenizer(), num_samples=1, seq_len=4)
+
+
+@pytest.mark.skipif(not AIDREAMS.is_dir(), reason=f"local model assets not found at {AIDREAMS}")
+def test_calibration_with_the_real_sentencepiece_tokenizer():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(AIDREAMS)
+    texts = ["Once upon a time there was a little girl who loved to play in the park."] * 4
+    calib = calibration_from_texts(texts, tokenizer, num_samples=3, seq_len=12, seed=0)
+    assert calib.shape == (3, 12) and calib.dtype == torch.long
+    assert int(calib.max()) < tokenizer.vocab_size
