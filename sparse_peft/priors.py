@@ -480,7 +480,7 @@ def _prune_column_block(
     diagonal = hinv.diagonal()
     for j in range(w.shape[1]):
         if j % m == 0:
-            mask[:, j : j + m] = topn_mask(w[:, j : j + m] ** 2, n, m)
+            mask[:, j : j + m] = topn_mask(w[:, j : j + m] ** 2 / diagonal[j : j + m] ** 2, n, m)
         kept = w[:, j] * mask[:, j]
         errors[:, j] = (w[:, j] - kept) / diagonal[j]
         w[:, j:] -= errors[:, j : j + 1] * hinv[j : j + 1, j:]
