@@ -140,8 +140,10 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
     def hard_mask(self, adapter_name: str) -> torch.Tensor:
         """The eval mask ``[out, in]`` in the weight's dtype, exactly n ones in every group of m.
 
-        Cached; recomputed only when the logits change (tracked through their in-place version counter, which
-        optimizer steps and ``load_state_dict`` bump) or the weight moves to another device or dtype.
+        Cached until the logits may have changed: the cache is dropped on every ``train()`` / ``eval()`` switch
+        and after ``load_state_dict`` (fused optimizers update in place without bumping the version counter), and
+        it is keyed on the logits' version counter and storage (in-place edits in eval mode) and on the weight's
+        device and dtype.
         """
         logits = self.maskllm_logits[adapter_name]
         weight = self.get_base_layer().weight
@@ -154,6 +156,14 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
             cached = (key, mask)
             self._hard_mask_cache[adapter_name] = cached
         return cached[1]
+
+    def train(self, mode: bool = True) -> "MaskedLinear":
+        self._hard_mask_cache.clear()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._hard_mask_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def soft_mask(self, adapter_name: str) -> torch.Tensor:
         """A fresh Gumbel-softmax sample ``[out, in]`` (float32) with the adapter's current tau and kappa."""

@@ -29,7 +29,7 @@ def schedule_at(config, step: int, max_steps: int) -> MaskSchedule:
     progress = min(1.0, max(0.0, step / max(1, max_steps - 1)))
 
     def lerp(start: float, end: float) -> float:
-        return start + (end - start) * progress
+        return start * (1.0 - progress) + end * progress  # exact at both ends
 
     return MaskSchedule(
         tau=lerp(config.tau_start, config.tau_end),

@@ -72,6 +72,25 @@ def test_train_mode_is_stochastic_eval_mode_is_hard_and_cached(tokens):
         [[1., 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]]))
 
 
+def test_eval_mask_follows_updates_that_bypass_the_version_counter(tokens):
+    """Fused optimizers update in place without bumping ``_version``; switching to eval must refresh the mask."""
+    model = get_peft_model(tiny_llama(), MaskConfig())
+    layer = mask_layers(model)[0]
+    model.eval()
+    stale = layer.hard_mask("default").clone()
+    model.train()
+    logits = layer.maskllm_logits["default"]
+    version = logits._version
+    logits.data.copy_(torch.randn_like(logits))
+    assert logits._version == version
+    model.eval()
+    fresh = layer.hard_mask("default")
+    assert not torch.equal(fresh, stale)
+    from sparse_peft.patterns import candidate_patterns, hard_mask
+
+    assert torch.equal(fresh, hard_mask(logits, candidate_patterns(2, 4)).view(layer.weight_shape))
+
+
 def test_disable_adapters_gives_the_dense_model(tokens):
     base = tiny_llama()
     with torch.no_grad():
