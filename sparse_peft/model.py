@@ -290,12 +290,37 @@ class MaskModel(BaseTuner):
             record = records[_plain_name(name)]
             if record.logits is not None:
                 logits = record.logits
-            else:  # hard mask only: the noise-free prior encoding, whose argmax is exactly the saved mask
-                alpha = config.prior_strength if config.prior_strength > 0 else 1.0
-                mask = record.mask(config.n, config.m)
-                logits = prior_logits(mask, config.n, config.m, alpha, config.logit_init_std, noise=False)
+            else:
+                logits = encode_mask(record.mask(config.n, config.m), config)
             rest[f"{name}.{LOGITS}.{adapter_name}"] = logits
         return rest
+
+
+def encode_mask(mask: torch.Tensor, config: MaskConfig) -> torch.Tensor:
+    """Logits ``[G, C]`` whose argmax is exactly the hard ``mask``: the prior formula without its noise.
+
+    Used where only a hard mask is known (a hard-mask-only adapter file, a one-shot pruner's output); training
+    from these logits treats the mask as a prior of strength ``config.prior_strength``.
+    """
+    alpha = config.prior_strength if config.prior_strength > 0 else 1.0
+    return prior_logits(mask, config.n, config.m, alpha, config.logit_init_std, noise=False)
+
+
+def set_masks(model: nn.Module, masks: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Make ``adapter_name``'s hard mask exactly ``masks`` (``{base-model module name: 0/1 [out, in]}``).
+
+    The logits become :func:`encode_mask` of each mask. Used to turn one-shot pruner masks into a mask adapter.
+    """
+    layers = _mask_layers(model, adapter_name)
+    if layers.keys() != masks.keys():
+        raise ValueError(
+            f"Masks given for {len(masks)} layers, the adapter has {len(layers)}; they differ at e.g. "
+            f"{sorted(layers.keys() ^ masks.keys())[:3]}."
+        )
+    config = model.peft_config[adapter_name]
+    for name, layer in layers.items():
+        with torch.no_grad():
+            layer.maskllm_logits[adapter_name].copy_(encode_mask(masks[name], config))
 
 
 def _add_sparse_reg_to_loss(model: nn.Module, args: Any, outputs: Any) -> Any:

@@ -1,7 +1,9 @@
 """One-shot N:M pruners: magnitude, Wanda and SparseGPT, as mask priors and as baselines.
 
-Every pruner turns a saliency score into an exact N:M mask with :func:`sparse_peft.patterns.topn_mask`
-(keep the ``n`` highest-scoring weights of every group of ``m`` consecutive input-dimension weights).
+Targets are ``nn.Linear`` layers or GPT-2 ``Conv1D`` layers (whose weight is stored ``[in, out]``); weights,
+scores and masks are always handled in the ``[out, in]`` layout. Every pruner turns a saliency score into an
+exact N:M mask with :func:`sparse_peft.patterns.topn_mask` (keep the ``n`` highest-scoring weights of every
+group of ``m`` consecutive input-dimension weights).
 
 * ``magnitude``: score ``|W|``. Needs no data.
 * ``wanda``: score ``|W_ij| * ||X_j||_2``, the norm of input feature ``j`` over all calibration tokens.
@@ -24,10 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from .patterns import check_groupable, topn_mask, validate_n_m
 
 PRIOR_METHODS = ("magnitude", "wanda", "sparsegpt")
+
+#: The layers a prior can prune: ``nn.Linear`` (weight ``[out, in]``) and GPT-2's ``Conv1D`` (weight ``[in, out]``).
+_Prunable = nn.Linear | Conv1D
 
 #: Where the transformer blocks live in common architectures (Llama-style, GPT-2-style), tried first.
 _KNOWN_BLOCK_PATHS = ("model.layers", "transformer.h")
@@ -86,7 +92,7 @@ def compute_prior_masks(
     batch_size: int = 8,
     show_progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Compute an N:M mask for every target ``nn.Linear`` with a one-shot pruner.
+    """Compute an N:M mask for every target linear layer with a one-shot pruner.
 
     Args:
         model: a causal LM (called as ``model(input_ids=..., use_cache=False)``) for ``wanda``/``sparsegpt``;
@@ -94,8 +100,9 @@ def compute_prior_masks(
             training flag is restored afterwards.
         method: one of :data:`PRIOR_METHODS`.
         n, m: keep ``n`` weights in every group of ``m`` consecutive input-dimension weights.
-        target_names: names as in ``model.named_modules()``, each an ``nn.Linear`` whose ``in_features`` is
-            divisible by ``m``. For ``wanda``/``sparsegpt`` all of them must sit inside the transformer blocks.
+        target_names: names as in ``model.named_modules()``, each an ``nn.Linear`` or a GPT-2 ``Conv1D`` whose
+            input dimension is divisible by ``m``. For ``wanda``/``sparsegpt`` all of them must sit inside the
+            transformer blocks.
         calibration: ``[num_samples, seq_len]`` token ids (see :func:`calibration_from_texts`); required by
             ``wanda`` and ``sparsegpt``.
         update_weights: ``sparsegpt`` only. ``False`` (MaskLLM's prior, "mask-only"): the model's weights stay
@@ -118,13 +125,13 @@ def compute_prior_masks(
     Raises:
         ValueError: for an unknown method, invalid ``n``/``m``/``blocksize``/``batch_size``, missing or
             malformed calibration, ``update_weights=True`` with a method other than ``sparsegpt``, a target that
-            is not an ``nn.Linear`` of the model or whose ``in_features`` is not divisible by ``m``, or (for the
-            data-driven methods) targets outside the transformer blocks.
+            is not an ``nn.Linear``/``Conv1D`` of the model or whose input dimension is not divisible by ``m``,
+            or (for the data-driven methods) targets outside the transformer blocks.
     """
     _validate_options(method, n, m, calibration, update_weights, blocksize, batch_size)
     linears = _resolve_targets(model, target_names, m)
     if method == "magnitude":
-        return {name: topn_mask(linear.weight.detach().abs().float(), n, m).cpu() for name, linear in linears.items()}
+        return {name: topn_mask(_weight_out_in(layer).abs().float(), n, m).cpu() for name, layer in linears.items()}
     with torch.no_grad(), _eval_mode(model):
         return _prune_block_by_block(
             model, method, n, m, linears, calibration, update_weights, blocksize, percdamp, batch_size, show_progress
@@ -166,27 +173,26 @@ def _validate_options(
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
 
 
-def _resolve_targets(model: nn.Module, target_names: list[str], m: int) -> dict[str, nn.Linear]:
-    """Map every target name to its ``nn.Linear``, checking that its input dimension splits into groups of ``m``."""
+def _resolve_targets(model: nn.Module, target_names: list[str], m: int) -> dict[str, _Prunable]:
+    """Map every target name to its layer, checking that its input dimension splits into groups of ``m``."""
     if not target_names:
-        raise ValueError("target_names is empty: name at least one nn.Linear of the model to prune.")
+        raise ValueError("target_names is empty: name at least one linear layer of the model to prune.")
     modules = dict(model.named_modules())
     linears = {}
     for name in target_names:
         module = modules.get(name)
         if module is None:
             raise ValueError(f"Target {name!r} is not a module of the model (names are as in model.named_modules()).")
-        if not isinstance(module, nn.Linear):
-            hint = (
-                " GPT-2-style Conv1D stores its weight as [in, out]; N:M masks are defined on nn.Linear [out, in] "
-                "weights only."
-                if type(module).__name__ == "Conv1D"
-                else ""
-            )
-            raise ValueError(f"Target {name!r} is a {type(module).__name__}, not an nn.Linear.{hint}")
-        check_groupable(module.weight.shape, m, name)
+        if not isinstance(module, _Prunable):
+            raise ValueError(f"Target {name!r} is a {type(module).__name__}, not an nn.Linear or a GPT-2 Conv1D.")
+        check_groupable(_weight_out_in(module).shape, m, name)
         linears[name] = module
     return linears
+
+
+def _weight_out_in(layer: _Prunable) -> torch.Tensor:
+    """The layer's weight data as ``[out, in]``: a view that shares storage (a transpose for ``Conv1D``)."""
+    return layer.weight.data.T if isinstance(layer, Conv1D) else layer.weight.data
 
 
 @contextlib.contextmanager
@@ -224,7 +230,7 @@ def _prune_block_by_block(
     method: str,
     n: int,
     m: int,
-    linears: dict[str, nn.Linear],
+    linears: dict[str, _Prunable],
     calibration: torch.Tensor,
     update_weights: bool,
     blocksize: int,
@@ -277,9 +283,9 @@ def _find_blocks(model: nn.Module, target_names: list[str]) -> tuple[str, nn.Mod
     )
 
 
-def _targets_per_block(prefix: str, num_blocks: int, linears: dict[str, nn.Linear]) -> list[dict[str, nn.Linear]]:
+def _targets_per_block(prefix: str, num_blocks: int, linears: dict[str, _Prunable]) -> list[dict[str, _Prunable]]:
     """Split the targets by block: entry ``i`` holds the targets named ``f"{prefix}.{i}.*"``."""
-    per_block: list[dict[str, nn.Linear]] = [{} for _ in range(num_blocks)]
+    per_block: list[dict[str, _Prunable]] = [{} for _ in range(num_blocks)]
     for name, linear in linears.items():
         per_block[int(name[len(prefix) + 1 :].split(".")[0])][name] = linear
     return per_block
@@ -312,31 +318,36 @@ def _capture_block_inputs(
 
 def _input_device(model: nn.Module) -> torch.device:
     """Where the model's input ids must live: the device of its input embeddings (else of its first parameter)."""
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
-    if embeddings is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
 
 
 def _run_block(block: nn.Module, inputs: list[_BlockInput]) -> list[_BlockInput]:
     """Run ``block`` on every mini-batch; the outputs, with the same extra arguments, are the next block's inputs."""
-    outputs = []
-    for batch in inputs:
-        hidden = block(batch.hidden, *batch.args, **batch.kwargs)
-        if isinstance(hidden, (tuple, list)):  # older-style blocks return (hidden_states, ...)
-            hidden = hidden[0]
-        outputs.append(_BlockInput(hidden, batch.args, batch.kwargs))
-    return outputs
+    return [_BlockInput(_call_block(block, batch), batch.args, batch.kwargs) for batch in inputs]
+
+
+def _call_block(block: nn.Module, batch: _BlockInput) -> torch.Tensor:
+    """The block's output hidden states ``[batch, seq_len, hidden_size]`` for one mini-batch."""
+    hidden = block(batch.hidden, *batch.args, **batch.kwargs)
+    if isinstance(hidden, (tuple, list)):  # older-style blocks return (hidden_states, ...)
+        hidden = hidden[0]
+    return hidden
 
 
 @contextlib.contextmanager
-def _masked_weights(linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Swap in ``W * mask`` for each named linear during the ``with`` body, then put the original tensors back."""
+def _masked_weights(linears: dict[str, _Prunable], masks: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Swap in ``W * mask`` for each named layer during the ``with`` body, then put the original tensors back.
+
+    ``masks`` are ``[out, in]``; the originals are kept by reference, so they come back bit-identical.
+    """
     originals = {name: linears[name].weight.data for name in masks}
     try:
         for name, mask in masks.items():
-            linears[name].weight.data = originals[name] * mask.to(originals[name].device, originals[name].dtype)
+            stored = mask.T if isinstance(linears[name], Conv1D) else mask  # the weight's own layout
+            linears[name].weight.data = originals[name] * stored.to(originals[name].device, originals[name].dtype)
         yield
     finally:
         for name, weight in originals.items():
@@ -351,8 +362,8 @@ def _masked_weights(linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor
 class _ColumnSquares:
     """Running ``sum over tokens of x_j^2`` per input feature: ``[in]`` float32 (Wanda's ``||X_j||_2^2``)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
-        self.total = torch.zeros(linear.in_features, dtype=torch.float32, device=linear.weight.device)
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.total = torch.zeros(in_features, dtype=torch.float32, device=device)
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of layer inputs ``[..., in]``."""
@@ -362,10 +373,8 @@ class _ColumnSquares:
 class _Hessian:
     """Running ``X X^T`` over tokens: ``[in, in]`` float32, and the number of tokens seen."""
 
-    def __init__(self, linear: nn.Linear) -> None:
-        self.xxt = torch.zeros(
-            linear.in_features, linear.in_features, dtype=torch.float32, device=linear.weight.device
-        )
+    def __init__(self, in_features: int, device: torch.device) -> None:
+        self.xxt = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -384,7 +393,7 @@ def _prune_block(
     method: str,
     n: int,
     m: int,
-    targets: dict[str, nn.Linear],
+    targets: dict[str, _Prunable],
     inputs: list[_BlockInput],
     update_weights: bool,
     blocksize: int,
@@ -396,27 +405,28 @@ def _prune_block(
     stats = _collect_stats(block, targets, inputs, _ColumnSquares if method == "wanda" else _Hessian)
     masks = {}
     for name, linear in targets.items():
-        weight = linear.weight.detach().float()
+        weight = _weight_out_in(linear).float()
         if method == "wanda":
             masks[name] = topn_mask(weight.abs() * stats[name].total.sqrt(), n, m)
             continue
         masks[name], pruned = _sparsegpt(weight, stats[name].hessian(), n, m, blocksize, percdamp)
         if update_weights:
-            linear.weight.data.copy_(pruned)
+            _weight_out_in(linear).copy_(pruned)
     return masks
 
 
 def _collect_stats(
-    block: nn.Module, targets: dict[str, nn.Linear], inputs: list[_BlockInput], stat_cls: type
+    block: nn.Module, targets: dict[str, _Prunable], inputs: list[_BlockInput], stat_cls: type
 ) -> dict[str, Any]:
-    """Run the (dense) block on every mini-batch and accumulate ``stat_cls`` over each target's inputs."""
-    stats = {name: stat_cls(linear) for name, linear in targets.items()}
+    """Accumulate ``stat_cls`` over each target's inputs while running the dense block on every mini-batch."""
+    stats = {name: stat_cls(_weight_out_in(layer).shape[1], layer.weight.device) for name, layer in targets.items()}
     handles = [
         linear.register_forward_hook(lambda module, args, output, stat=stats[name]: stat.add(args[0]))
         for name, linear in targets.items()
     ]
     try:
-        _run_block(block, inputs)
+        for batch in inputs:
+            _call_block(block, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -501,3 +511,43 @@ def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.T
             f"SparseGPT: the damped layer Hessian is not positive definite (percdamp={percdamp}); "
             "use a larger percdamp or more calibration data."
         ) from error
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A one-shot mask as a mask adapter
+# --------------------------------------------------------------------------------------------------------------
+
+
+def prune(
+    model: nn.Module,
+    method: str,
+    calibration: torch.Tensor | None = None,
+    *,
+    n: int = 2,
+    m: int = 4,
+    target_modules: list[str] | str | None = None,
+    update_weights: bool = False,
+    show_progress: bool = True,
+):
+    """Prune ``model`` one-shot and return it as a ``PeftModel`` whose mask adapter is exactly that mask.
+
+    The standalone form of ``MaskConfig(prior=method, calibration=...)``: the adapter's hard masks equal the
+    pruner's masks (no prior noise), so ``save_pretrained`` stores the one-shot mask and ``sparse-peft eval``
+    measures it. With ``update_weights=True`` (SparseGPT only) the base weights are also changed in place; use
+    ``merge_and_unload()`` and save the model, since such an adapter only fits the updated weights.
+    """
+    from peft import get_peft_model
+
+    from .config import MaskConfig
+    from .model import _adapters_disabled, _mask_layers, set_masks
+
+    config = MaskConfig(n=n, m=m, target_modules=target_modules, prior=method, init_weights=False)
+    peft_model = get_peft_model(model, config)
+    names = list(_mask_layers(peft_model))
+    with _adapters_disabled(peft_model):
+        masks = compute_prior_masks(
+            peft_model, method, n, m, [f"base_model.model.{name}.base_layer" for name in names], calibration,
+            update_weights=update_weights, show_progress=show_progress,
+        )
+    set_masks(peft_model, {name: masks[f"base_model.model.{name}.base_layer"] for name in names})
+    return peft_model

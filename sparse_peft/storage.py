@@ -225,3 +225,16 @@ def load_mask_adapter(name_or_path: str | os.PathLike, revision: str | None = No
     if not records:
         raise ValueError(f"{weights_file} holds no masks.")
     return MaskAdapter(source=source, config=config, records=records)
+
+
+def adapter_size(name_or_path: str | os.PathLike, revision: str | None = None) -> dict[str, float]:
+    """Bytes of a saved adapter's weights file and what that is per masked weight.
+
+    Returns ``{"bytes": file size, "masked_weights": sum of out * in, "bits_per_weight": 8 * bytes / weights}``.
+    """
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+    adapter = load_mask_adapter(name_or_path, revision)
+    size = os.path.getsize(_resolve(os.fspath(name_or_path), SAFETENSORS_WEIGHTS_NAME, revision))
+    weights = sum(r.shape[0] * r.shape[1] for r in adapter.records.values())
+    return {"bytes": size, "masked_weights": weights, "bits_per_weight": 8 * size / weights}
