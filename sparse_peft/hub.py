@@ -1,0 +1,304 @@
+"""Sharing mask adapters on the Hugging Face Hub: push with a sparse-peft model card, download with clear errors.
+
+:func:`push_mask_adapter` uploads ``adapter_config.json``, ``adapter_model.safetensors`` and a ``README.md``
+rendered from ``hub_cards/mask_adapter.md`` (front matter with ``library_name: peft``, ``base_model`` and the tags
+the Hub uses for PEFT adapters). Use it instead of ``peft_model.push_to_hub``: with transformers 5.x that call
+replaces the card of a new repo with transformers' generic one (``library_name: transformers``, no ``base_model``).
+
+The Hub endpoint is ``huggingface_hub``'s (``HF_ENDPOINT``, default https://huggingface.co); the token is the one
+passed, else ``HF_TOKEN`` / ``hf auth login``'s. Pulling needs nothing from this module:
+``PeftModel.from_pretrained(base, "user/repo")`` and ``MaskConfig(prior="user/repo")`` download the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import string
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import torch.nn as nn
+
+from .stats import LayerMaskStats, format_stats, mask_stats
+from .storage import load_mask_adapter
+
+#: Model-card template used by :func:`push_mask_adapter` (a file in ``hub_cards/``).
+DEFAULT_TEMPLATE = "mask_adapter.md"
+#: The files of a mask adapter that are uploaded (PEFT's names), besides the rendered ``README.md``.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Hub pipeline tag and transformers auto class per PEFT task_type (the card's metadata and load snippet).
+_TASKS = {
+    "CAUSAL_LM": ("text-generation", "AutoModelForCausalLM"),
+    "SEQ_CLS": ("text-classification", "AutoModelForSequenceClassification"),
+    "TOKEN_CLS": ("token-classification", "AutoModelForTokenClassification"),
+    "QUESTION_ANS": ("question-answering", "AutoModelForQuestionAnswering"),
+    "SEQ_2_SEQ_LM": ("text2text-generation", "AutoModelForSeq2SeqLM"),
+    "FEATURE_EXTRACTION": ("feature-extraction", "AutoModel"),
+}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # namespace/name
+_MODEL_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[\w.-]+$")  # also legacy ids without namespace ("gpt2")
+
+
+def hub_endpoint() -> str:
+    """The Hub URL ``huggingface_hub`` talks to (``HF_ENDPOINT`` at its import, default https://huggingface.co)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def template_path(name: str = DEFAULT_TEMPLATE) -> Path:
+    """Path of a model-card template: ``sparse_peft/hub_cards/<name>``.
+
+    ``hub_cards/`` at the repository root is the source of truth; ``sparse_peft/hub_cards`` is a symlink to it,
+    which wheels and sdists store as real files (package data).
+    """
+    path = Path(__file__).resolve().parent / "hub_cards" / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Model-card template {name!r} not found in {path.parent}: pass the name of a file there, or reinstall "
+            "sparse-peft if the folder is missing."
+        )
+    return path
+
+
+def render_card(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    template: str = DEFAULT_TEMPLATE,
+) -> str:
+    """The ``README.md`` text for the mask adapter saved in ``folder``, to be pushed to ``repo_id``.
+
+    ``base_model`` (a Hub model id) defaults to the adapter's ``base_model_name_or_path``; ``metrics`` maps metric
+    names to measured values (e.g. ``{"wikitext-2 PPL": 6.72}``) and is rendered as a table as given, units and all.
+    The sparsity section is computed from the adapter file itself with :func:`~sparse_peft.mask_stats`.
+    """
+    from huggingface_hub import ModelCardData
+
+    adapter = load_mask_adapter(folder)
+    config = adapter.config
+    base = _base_model_id(base_model if base_model is not None else config.get("base_model_name_or_path"))
+    n, m = adapter.n, adapter.m
+    stats = mask_stats(adapter)
+    pipeline_tag, auto_class = _TASKS.get(config.get("task_type") or "", (None, "AutoModel"))
+    tags = ["peft", "sparse-peft", "maskllm", "n:m-sparsity", f"{n}:{m}-sparsity", "transformers",
+            f"base_model:adapter:{base}"]
+    card_data = ModelCardData(library_name="peft", base_model=base, pipeline_tag=pipeline_tag, tags=tags)
+    num_weights = sum(row.shape[0] * row.shape[1] for row in stats)
+    file_bytes = os.path.getsize(Path(folder) / ADAPTER_FILES[1])
+    values = {
+        "card_data": card_data.to_yaml(),
+        "title": f"{n}:{m} sparsity mask for {base}",
+        "base_model": base,
+        "repo_id": repo_id,
+        "n": n,
+        "m": m,
+        "n_m": f"{n}:{m}",
+        "bits_per_group": math.ceil(math.log2(math.comb(m, n))),
+        "targets": _targets(config.get("target_modules")),
+        "num_layers": len(stats),
+        "num_weights": f"{num_weights:,}",
+        "prior": _prior(config.get("prior")),
+        "file_bytes": f"{file_bytes:,}",
+        "bits_per_weight": f"{8 * file_bytes / num_weights:.3f}",
+        "valid_layers": sum(row.valid_n_m for row in stats),
+        "sparsity": f"{_overall_sparsity(stats):.4f}",
+        "layer_table": format_stats(stats),
+        "metrics": _metrics_table(metrics),
+        "auto_class": auto_class,
+    }
+    return string.Template(template_path(template).read_text(encoding="utf-8")).substitute(values)
+
+
+def push_mask_adapter(
+    model_or_folder: Union[nn.Module, str, os.PathLike],
+    repo_id: str,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    base_model: str | None = None,
+    adapter_name: str = "default",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str = "Upload sparse-peft mask adapter",
+    template: str = DEFAULT_TEMPLATE,
+) -> str:
+    """Upload a mask adapter and its model card to the Hub model repo ``repo_id`` (created if missing).
+
+    ``model_or_folder`` is a ``PeftModel`` holding mask adapter ``adapter_name`` (saved to a temporary folder
+    first) or the folder of a saved mask adapter, which is only read. One commit adds ``adapter_config.json``,
+    ``adapter_model.safetensors`` and ``README.md`` (:func:`render_card` with ``metrics`` and ``base_model``);
+    other files already in the repo stay. ``private`` applies when the repo is created.
+
+    Returns the commit URL (a ``huggingface_hub.CommitInfo``, which is a ``str``). Raises ``ConnectionError`` if
+    the Hub cannot be reached, ``PermissionError`` if the token may not write to ``repo_id``; a failed push
+    changes no local file.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not (isinstance(repo_id, str) and _REPO_ID.match(repo_id)):
+        raise ValueError(f"repo_id must be 'namespace/name' (a Hub user or organisation and a repo name), got {repo_id!r}.")
+    if metrics is not None:
+        _metrics_table(metrics)  # validate before any network call
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="sparse-peft-push-") as staging:
+        _stage_adapter(model_or_folder, adapter_name, staging)
+        card = render_card(staging, repo_id, metrics=metrics, base_model=base_model, template=template)
+        Path(staging, "README.md").write_text(card, encoding="utf-8")
+        operations = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(staging, name))
+            for name in (*ADAPTER_FILES, "README.md")
+        ]
+        try:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            return api.create_commit(repo_id, operations, commit_message=commit_message)
+        except HfHubHTTPError as err:
+            status = err.response.status_code if err.response is not None else None
+            where = f"the Hub model repo {repo_id!r} at {api.endpoint}"
+            if status in (401, 403):
+                raise PermissionError(
+                    f"Not allowed to push to {where} (HTTP {status}): pass token= a write token for that namespace, "
+                    "or log in with `hf auth login`. Nothing was changed locally."
+                ) from err
+            raise RuntimeError(f"Pushing the mask adapter to {where} failed: {err} Nothing was changed locally.") from err
+        except Exception as err:
+            if not _is_network_error(err):
+                raise
+            raise ConnectionError(
+                f"Could not reach the Hub at {api.endpoint} to push {repo_id!r} ({type(err).__name__}: {err}). "
+                "Check the network and HF_ENDPOINT, then push again; nothing was changed locally."
+            ) from err
+
+
+def hub_download(repo_id: str, filename: str, revision: str | None = None) -> str:
+    """Download ``filename`` of the Hub model repo ``repo_id`` into the Hub cache and return its local path.
+
+    ``hf_hub_download`` with errors that name the repo, the endpoint and the fix: ``FileNotFoundError`` for a
+    missing (or inaccessible) repo, revision or file, ``ConnectionError`` if the Hub cannot be reached and the file
+    is not cached.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"the Hub at {hub_endpoint()}"
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    except RepositoryNotFoundError as err:
+        raise FileNotFoundError(
+            f"There is no model repo {repo_id!r} on {where} (or it is private or gated and the current token has no "
+            "access: pass a token via HF_TOKEN or `hf auth login`). Check the repo id, or pass a local folder."
+        ) from err
+    except RevisionNotFoundError as err:
+        raise FileNotFoundError(f"The model repo {repo_id!r} on {where} has no revision {revision!r}.") from err
+    except LocalEntryNotFoundError as err:
+        raise ConnectionError(
+            f"Could not download {filename} of {repo_id!r} from {where} and it is not in the local cache "
+            f"({err.__cause__ or err}). Check the network and HF_ENDPOINT."
+        ) from err
+    except EntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"The model repo {repo_id!r} on {where} has no {filename}: it is not a mask adapter."
+        ) from err
+
+
+def _stage_adapter(model_or_folder: Union[nn.Module, str, os.PathLike], adapter_name: str, staging: str) -> None:
+    """Put the adapter's :data:`ADAPTER_FILES` into the empty folder ``staging`` (never writes to the source)."""
+    if isinstance(model_or_folder, nn.Module):
+        if adapter_name not in getattr(model_or_folder, "peft_config", {}):
+            raise ValueError(
+                f"The model has no adapter {adapter_name!r}; pass a PeftModel from get_peft_model / "
+                "PeftModel.from_pretrained and one of its adapter names, or a saved adapter folder."
+            )
+        saved = os.path.join(staging, "saved")
+        model_or_folder.save_pretrained(saved, selected_adapters=[adapter_name])
+        source = saved if adapter_name == "default" else os.path.join(saved, adapter_name)
+    else:
+        source = os.fspath(model_or_folder)
+        if not os.path.isdir(source):
+            raise FileNotFoundError(f"{source!r} is not a folder; pass a saved mask adapter folder or a PeftModel.")
+    for name in ADAPTER_FILES:
+        if not os.path.isfile(os.path.join(source, name)):
+            raise FileNotFoundError(f"{source!r} has no {name}: it is not a saved mask adapter (save_pretrained writes it).")
+        shutil.copyfile(os.path.join(source, name), os.path.join(staging, name))
+    with open(os.path.join(staging, ADAPTER_FILES[0])) as f:
+        config = json.load(f)
+    prior = config.get("prior")
+    if config.get("save_delta") and config.get("prior_sha256") and not _is_hub_adapter(prior):
+        raise ValueError(
+            f"{source!r} is delta-coded against the general mask {prior!r}, a local folder that users of the Hub repo "
+            "cannot download. Push the general mask first, then set \"prior\" in this adapter's adapter_config.json "
+            "to its Hub id (or re-save it from a MaskConfig whose prior is that Hub id), and push again."
+        )
+
+
+def _base_model_id(name: str | None) -> str:
+    """``name`` if it is a Hub model id; otherwise a ValueError asking for ``base_model=``."""
+    if not name or os.path.isabs(name) or os.path.exists(name) or not _MODEL_ID.match(name):
+        raise ValueError(
+            f"The adapter's base model {name!r} is not a Hub model id, so the card cannot link it "
+            "and the Hub would reject it as base_model. Pass base_model='namespace/name' (the Hub id of the base)."
+        )
+    return name
+
+
+def _targets(targets: Any) -> str:
+    if isinstance(targets, (list, tuple, set)):
+        return ", ".join(f"`{t}`" for t in sorted(targets))
+    return f"`{targets}`" if targets else "the defaults for this architecture"
+
+
+def _prior(prior: str | None) -> str:
+    if prior is None:
+        return "none (random initial logits)"
+    if prior in ("magnitude", "wanda", "sparsegpt"):
+        return f"one-shot `{prior}` mask"
+    if _is_hub_adapter(prior):
+        return f"mask adapter [`{prior}`](/{prior}) (transfer from a general mask)"
+    return f"local mask adapter `{os.path.basename(os.path.normpath(prior))}` (not on the Hub)"
+
+
+def _is_hub_adapter(prior: str | None) -> bool:
+    """Whether a config's ``prior`` names a mask adapter on the Hub (a repo id that is not a local path)."""
+    return bool(prior) and _REPO_ID.match(prior) is not None and not os.path.exists(prior)
+
+
+def _overall_sparsity(stats: list[LayerMaskStats]) -> float:
+    weights = [row.shape[0] * row.shape[1] for row in stats]
+    return sum(row.sparsity * w for row, w in zip(stats, weights)) / sum(weights)
+
+
+def _metrics_table(metrics: Mapping[str, Any] | None) -> str:
+    """A Markdown table of ``{name: value}``; floats with 4 significant digits, other numbers and strings as is."""
+    if not metrics:
+        return "No metrics were reported with this upload."
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping {{name: value}}, got {type(metrics).__name__}.")
+    lines = ["| metric | value |", "|---|---|"]
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(f"metrics[{name!r}] is {value!r}; metric values must be numbers or strings.")
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"| {str(name).replace('|', '/')} | {shown.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """Whether ``err`` means the server could not be reached.
+
+    ``OSError`` covers ``requests``' connection errors; ``TransportError`` is the base of the network errors of
+    ``httpx`` and its fork ``httpx2``, which newer ``huggingface_hub`` releases use.
+    """
+    return isinstance(err, OSError) or any(cls.__name__ == "TransportError" for cls in type(err).__mro__)
