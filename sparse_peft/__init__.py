@@ -5,6 +5,7 @@
 """
 
 from .config import MaskConfig
+from .hub import push_mask_adapter
 from .layer import MaskedLinear
 from .model import MaskModel
 from .registration import mask_peft_type, register
