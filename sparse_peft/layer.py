@@ -15,10 +15,14 @@ from .schedule import MaskSchedule
 from .patterns import (
     candidate_patterns,
     check_groupable,
+    draw_seed,
     hard_mask,
+    mask_from_probs,
     prior_logits,
     random_logits,
     soft_mask,
+    soft_mask_logit_grad,
+    soft_mask_probs,
 )
 
 
@@ -29,25 +33,72 @@ class _AdapterSpec:
     schedule: MaskSchedule
 
 
-class _SparseRegGrad(torch.autograd.Function):
-    """Identity on the masked weight whose backward adds the regulariser's gradient.
+@dataclass
+class _Sample:
+    """Everything that fixes one training forward's soft mask besides the logits."""
 
-    The loss is ``task_loss - lam * ||W * mask||^2``; with ``W`` frozen its gradient w.r.t. the masked weight
-    ``W_eff = W * mask`` is ``-2 * lam * W_eff``. Adding it here, next to the weight, keeps it exact under
-    gradient checkpointing of any kind (the term never has to travel through the model's outputs) and costs no
-    memory: ``F.linear`` saves ``W_eff`` for its own backward anyway.
+    tau: float
+    kappa: float
+    seed: int  # Gumbel noise seed (see patterns.gumbel_noise)
+    sparse_reg: float  # lambda of the regulariser
+    save_probs: bool  # keep the [C, G] Gumbel-softmax weights for backward instead of recomputing them
+
+
+def _masked_weight(weight: torch.Tensor, probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``W * soft_mask``: ``[out, in]`` weight and ``[C, G]`` candidate weights -> ``[out, in]`` in W's dtype."""
+    mask = mask_from_probs(probs, candidates).to(weight.dtype)  # [G, M]
+    return (weight.reshape(mask.shape) * mask).view(weight.shape)
+
+
+class _MaskedLinearFunction(torch.autograd.Function):
+    """``F.linear(x, W * soft_mask(logits), bias)`` with a hand-written backward that keeps no mask activations.
+
+    The straightforward autograd graph keeps, per layer until backward, the ``[G, C]`` Gumbel-softmax weights and
+    the ``[out, in]`` masked weight (10 bytes per fp32 weight for 2:4) plus large temporaries. This function saves
+    only references to tensors that exist anyway (``x``, which any linear keeps, ``W``, ``bias``, the logits) and
+    the noise seed; backward regenerates the same Gumbel sample from the seed, rebuilds ``W * mask`` and computes
+    ``dL/dlogits`` with :func:`~sparse_peft.patterns.soft_mask_logit_grad`. ``W`` and ``bias`` are frozen (no
+    gradient). With ``save_probs`` it keeps the
+    ``[C, G]`` float32 weights instead (6 bytes per weight for 2:4) and skips regenerating them.
+
+    It also adds the sparse regulariser: the loss is ``task_loss - lam * ||W * mask||^2`` with ``W`` frozen, whose
+    gradient w.r.t. the masked weight is ``-2 * lam * W_eff``. Adding it here keeps it exact under gradient
+    checkpointing of any kind. The second output is the regulariser's value ``lam * ||W_eff||^2`` (float32 scalar,
+    not differentiable; zero when ``lam == 0``).
     """
 
     @staticmethod
-    def forward(ctx, masked_weight: torch.Tensor, lam: float) -> torch.Tensor:
-        ctx.save_for_backward(masked_weight)
-        ctx.lam = lam
-        return masked_weight.view_as(masked_weight)
+    def forward(ctx, x, weight, bias, logits, candidates, sample: _Sample):
+        probs = soft_mask_probs(logits, sample.tau, sample.kappa, sample.seed)
+        masked = _masked_weight(weight, probs, candidates)
+        reg = torch.zeros((), device=weight.device)
+        if sample.sparse_reg > 0:
+            reg = sample.sparse_reg * torch.linalg.vector_norm(masked, dtype=torch.float32).square()
+        out = F.linear(x, masked, bias)
+        ctx.save_for_backward(x, weight, bias, logits, candidates, probs if sample.save_probs else None)
+        ctx.sample = sample
+        ctx.mark_non_differentiable(reg)
+        return out, reg
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (masked_weight,) = ctx.saved_tensors
-        return grad - (2.0 * ctx.lam) * masked_weight, None
+    def backward(ctx, grad_out, _grad_reg):
+        x, weight, bias, logits, candidates, probs = ctx.saved_tensors
+        sample = ctx.sample
+        if probs is None:
+            probs = soft_mask_probs(logits, sample.tau, sample.kappa, sample.seed)
+        masked = _masked_weight(weight, probs, candidates)
+        grad_x = grad_logits = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ masked.to(grad_out.dtype)
+        if ctx.needs_input_grad[3]:
+            # the weight-gradient GEMM: dL/dW_eff [out, in], then dL/dmask = dL/dW_eff * W
+            grad_masked = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            grad_masked = grad_masked.to(weight.dtype)
+            if sample.sparse_reg > 0:
+                grad_masked.sub_(masked, alpha=2.0 * sample.sparse_reg)
+            grad_mask = grad_masked.mul_(weight).reshape(-1, candidates.shape[1])  # [G, M]
+            grad_logits = soft_mask_logit_grad(grad_mask, probs, candidates, sample.tau, sample.kappa)
+        return grad_x, None, None, grad_logits, None, None
 
 
 class MaskedLinear(nn.Module, BaseTunerLayer):
@@ -60,6 +111,11 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("maskllm_logits",)
     other_param_names = ("maskllm_spec",)
+    #: Memory option of the training forward. True (default): backward regenerates the Gumbel sample from its seed,
+    #: so no mask activation stays alive between forward and backward. False: keep the ``[C, G]`` float32
+    #: Gumbel-softmax weights (6 bytes per masked weight for 2:4) and skip regenerating them. See
+    #: :func:`set_soft_mask_memory`.
+    recompute_soft_mask: bool = True
 
     def __init__(
         self,
@@ -165,26 +221,44 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         self._hard_mask_cache.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
-    def soft_mask(self, adapter_name: str) -> torch.Tensor:
-        """A fresh Gumbel-softmax sample ``[out, in]`` (float32) with the adapter's current tau and kappa."""
+    def soft_mask(self, adapter_name: str, seed: Optional[int] = None) -> torch.Tensor:
+        """A Gumbel-softmax sample ``[out, in]`` (float32) with the adapter's current tau and kappa.
+
+        ``seed`` fixes the noise (the training forward draws a fresh one per call; the same seed gives the sample
+        that forward used). Plain autograd: the reference for the fused training forward.
+        """
         logits = self.maskllm_logits[adapter_name]
         schedule = self.maskllm_spec[adapter_name].schedule
-        mask = soft_mask(logits, self._candidates(adapter_name, logits.device), schedule.tau, schedule.kappa)
-        return mask.view(self.weight_shape)
+        candidates = self._candidates(adapter_name, logits.device)
+        return soft_mask(logits, candidates, schedule.tau, schedule.kappa, seed).view(self.weight_shape)
 
-    def masked_weight(self, adapter_name: str) -> torch.Tensor:
-        """``W * mask`` as ``[out, in]``: soft mask in training mode, cached hard mask in eval mode."""
-        weight = self.base_weight()
-        if not self.training:
-            return weight * self.hard_mask(adapter_name)
-        masked = weight * self.soft_mask(adapter_name).to(weight.dtype)
-        lam = self.maskllm_spec[adapter_name].schedule.sparse_reg
-        if lam > 0:
-            # The value is recorded for the reported loss in every training forward (also the no-grad first pass
-            # of reentrant checkpointing); the gradient is added by _SparseRegGrad wherever autograd records.
-            self._last_sparse_reg = lam * masked.detach().float().square().sum()
-            masked = _SparseRegGrad.apply(masked, lam)
-        return masked
+    def _train_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``F.linear(x, W * soft_mask, bias)`` through :class:`_MaskedLinearFunction` (fresh Gumbel sample)."""
+        base = self.get_base_layer()
+        weight, bias = self.base_weight(), base.bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            raise ValueError(
+                f"{self.layer_name}: the base weight or bias requires grad, but mask training keeps them frozen and "
+                "computes no gradient for them. Call requires_grad_(False) on the base layer (get_peft_model does)."
+            )
+        logits = self.maskllm_logits[adapter_name]
+        schedule = self.maskllm_spec[adapter_name].schedule
+        sample = _Sample(
+            tau=schedule.tau,
+            kappa=schedule.kappa,
+            seed=draw_seed(),
+            sparse_reg=schedule.sparse_reg,
+            save_probs=not self.recompute_soft_mask,
+        )
+        candidates = self._candidates(adapter_name, logits.device)
+        out, reg = _MaskedLinearFunction.apply(
+            self._cast_input_dtype(x, weight.dtype), weight, bias, logits, candidates, sample
+        )
+        if sample.sparse_reg > 0:
+            # Recorded in every training forward (also the no-grad first pass of reentrant checkpointing) for the
+            # reported loss; the gradient is added inside _MaskedLinearFunction wherever autograd records.
+            self._last_sparse_reg = reg
+        return out
 
     def pop_sparse_reg(self) -> Optional[torch.Tensor]:
         """``lam * ||W * soft_mask||^2`` of the last training forward (a detached scalar), then forget it."""
@@ -209,7 +283,9 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         adapter_name = self._active_mask_adapter()
         if self.merged or adapter_name is None:
             return self.base_layer(x, *args, **kwargs)
-        weight = self.masked_weight(adapter_name)
+        if self.training:
+            return self._train_forward(x, adapter_name)
+        weight = self.base_weight() * self.hard_mask(adapter_name)
         return F.linear(self._cast_input_dtype(x, weight.dtype), weight, self.get_base_layer().bias)
 
     # -- merging --------------------------------------------------------------------------------------------
@@ -254,3 +330,17 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         self._hard_mask_cache.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
+
+
+def set_soft_mask_memory(model: nn.Module, recompute: bool) -> None:
+    """Choose what every mask layer of ``model`` keeps between a training forward and its backward.
+
+    ``recompute=True`` (the default): nothing but the noise seed; backward regenerates the Gumbel sample (more
+    compute: the soft mask is sampled twice per step). ``recompute=False``: the ``[C, G]`` float32 Gumbel-softmax
+    weights, 4 * C / M bytes per masked weight (6 for 2:4), for a cheaper backward. Gradients are the same.
+    """
+    layers = [module for module in model.modules() if isinstance(module, MaskedLinear)]
+    if not layers:
+        raise ValueError("The model has no mask layers: wrap it with get_peft_model(model, MaskConfig(...)) first.")
+    for layer in layers:
+        layer.recompute_soft_mask = recompute

@@ -72,20 +72,92 @@ def check_groupable(shape: tuple[int, ...] | torch.Size, m: int, name: str = "we
     return out_features * in_features // m
 
 
-def soft_mask(logits: torch.Tensor, candidates: torch.Tensor, tau: float, kappa: float) -> torch.Tensor:
-    """Sample a differentiable soft mask with Gumbel-softmax: a fresh sample on every call.
+def draw_seed() -> int:
+    """A seed for one Gumbel sample, drawn from torch's global CPU generator.
+
+    Drawing it from the global generator makes samples reproducible under ``torch.manual_seed`` and replayable by
+    gradient checkpointing (which restores that generator's state before recomputing a forward).
+    """
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def gumbel_noise(num_groups: int, num_candidates: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log(U))``, candidate-major ``[C, G]`` float32, fully determined by ``seed``.
+
+    Candidate-major because every per-group reduction over the ``C`` candidates is then an elementwise operation
+    over ``C`` contiguous vectors of length ``G`` (several times faster than reducing rows of length 6). The same
+    ``seed`` on the same device type always gives the same noise, so a backward pass can regenerate it instead of
+    keeping it alive.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.empty(num_candidates, num_groups, device=device, dtype=torch.float32)
+    noise.uniform_(generator=generator)
+    return noise.log_().neg_().log_().neg_()
+
+
+def soft_mask(
+    logits: torch.Tensor, candidates: torch.Tensor, tau: float, kappa: float, seed: int | None = None
+) -> torch.Tensor:
+    """Sample a differentiable soft mask with Gumbel-softmax: the straightforward autograd implementation.
+
+    ``y = softmax((kappa * logits + g) / tau)`` over the candidates with ``g = gumbel_noise(G, C, seed)``, and the
+    mask is ``y @ S``. Training uses the fused, memory-lean :func:`soft_mask_probs` / :func:`soft_mask_logit_grad`
+    pair instead; this function is their reference (same ``seed`` -> same sample).
 
     Args:
         logits: ``[G, C]`` float logits over the candidates.
         candidates: ``[C, M]`` patterns from :func:`candidate_patterns` (same device as ``logits``).
         tau: Gumbel-softmax temperature (> 0); smaller is closer to one-hot.
         kappa: logit scale applied before sampling.
+        seed: the noise seed; ``None`` draws a fresh one (:func:`draw_seed`), i.e. a fresh sample per call.
 
     Returns:
         ``[G, M]`` mask in ``[0, 1]`` whose every row sums to ``N`` (up to rounding).
     """
-    weights = F.gumbel_softmax(logits * kappa, tau=tau, hard=False, dim=-1)  # [G, C]
+    seed = draw_seed() if seed is None else seed
+    noise = gumbel_noise(logits.shape[0], logits.shape[1], seed, logits.device).t()  # [G, C]
+    weights = torch.softmax((logits * kappa + noise) / tau, dim=-1)  # [G, C]
     return weights @ candidates.to(weights.dtype)
+
+
+def soft_mask_probs(logits: torch.Tensor, tau: float, kappa: float, seed: int) -> torch.Tensor:
+    """The Gumbel-softmax candidate weights ``y`` of :func:`soft_mask`, computed without autograd, in place.
+
+    Args:
+        logits: ``[G, C]`` logits (float32 or bfloat16; computed in float32).
+        tau, kappa, seed: as in :func:`soft_mask`.
+
+    Returns:
+        ``[C, G]`` float32 (candidate-major), every column sums to 1. One ``[C, G]`` buffer is allocated; all
+        steps after the noise run in place on it.
+    """
+    with torch.no_grad():
+        z = gumbel_noise(logits.shape[0], logits.shape[1], seed, logits.device)  # [C, G]
+        z.add_(logits.t(), alpha=kappa)
+        z.sub_(z.amax(dim=0)).mul_(1.0 / tau).clamp_(min=-80.0).exp_()
+        return z.div_(z.sum(dim=0))
+
+
+def mask_from_probs(probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """``[C, G]`` candidate weights (from :func:`soft_mask_probs`) -> the ``[G, M]`` soft mask ``y.T @ S``.
+
+    Computed candidate-major as ``S.T @ y`` (``[M, G]``, a fast GEMM) and returned as its transposed ``[G, M]``
+    view; use ``.reshape`` to change its shape.
+    """
+    return (candidates.to(probs.dtype).t() @ probs).t()
+
+
+def soft_mask_logit_grad(
+    grad_mask: torch.Tensor, probs: torch.Tensor, candidates: torch.Tensor, tau: float, kappa: float
+) -> torch.Tensor:
+    """Backward of :func:`soft_mask` by hand: ``dL/dmask [G, M]`` -> ``dL/dlogits [G, C]`` (float32).
+
+    With ``mask = y @ S`` and ``y = softmax((kappa * logits + g) / tau)``: ``dL/dy = dL/dmask @ S.T`` and
+    ``dL/dlogits = (kappa / tau) * y * (dL/dy - sum_c y_c dL/dy_c)``. ``probs`` is ``y`` as ``[C, G]``.
+    """
+    grad_y = candidates.to(torch.float32) @ grad_mask.to(torch.float32).t()  # [C, G]
+    grad_y.sub_((grad_y * probs).sum(dim=0))
+    return grad_y.mul_(probs).mul_(kappa / tau).t().contiguous()
 
 
 def pattern_indices(logits: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,18 @@ from hypothesis import strategies as st
 
 from sparse_peft.patterns import (
     candidate_patterns,
+    draw_seed,
     group_counts,
+    gumbel_noise,
     hard_mask,
     index_bits,
     indices_from_mask,
+    mask_from_probs,
     num_candidates,
     prior_logits,
     soft_mask,
+    soft_mask_logit_grad,
+    soft_mask_probs,
     topn_mask,
     validate_n_m,
 )
@@ -73,12 +78,43 @@ def test_soft_mask_groups_sum_to_n_and_are_fresh_samples(n, m):
 
 def test_soft_mask_is_gumbel_softmax_of_scaled_logits():
     logits = torch.randn(7, 6)
-    torch.manual_seed(3)
-    got = soft_mask(logits, candidate_patterns(2, 4), tau=0.5, kappa=10.0)
-    torch.manual_seed(3)
-    gumbels = -torch.empty_like(logits).exponential_().log()
+    got = soft_mask(logits, candidate_patterns(2, 4), tau=0.5, kappa=10.0, seed=3)
+    u = torch.empty(6, 7).uniform_(generator=torch.Generator().manual_seed(3))
+    gumbels = -torch.log(-torch.log(u)).t()
     y = torch.softmax((logits * 10.0 + gumbels) / 0.5, dim=-1)
     torch.testing.assert_close(got, y @ candidate_patterns(2, 4))
+    torch.manual_seed(0)
+    fresh = soft_mask(logits, candidate_patterns(2, 4), tau=0.5, kappa=10.0)
+    torch.manual_seed(0)
+    assert torch.equal(fresh, soft_mask(logits, candidate_patterns(2, 4), tau=0.5, kappa=10.0, seed=draw_seed()))
+
+
+def test_gumbel_noise_is_standard_gumbel_and_fixed_by_its_seed():
+    noise = gumbel_noise(100_000, 6, seed=11, device="cpu")
+    assert noise.shape == (6, 100_000) and noise.dtype == torch.float32
+    assert torch.equal(noise, gumbel_noise(100_000, 6, seed=11, device="cpu"))
+    assert not torch.equal(noise, gumbel_noise(100_000, 6, seed=12, device="cpu"))
+    assert abs(noise.mean().item() - 0.5772) < 0.01  # Euler-Mascheroni constant
+    assert abs(noise.var().item() - math.pi**2 / 6) < 0.03
+
+
+@pytest.mark.parametrize("n, m", N_M)
+@pytest.mark.parametrize("tau, kappa", [(4.0, 100.0), (0.05, 500.0)])
+def test_fused_soft_mask_and_hand_written_backward_match_autograd(n, m, tau, kappa):
+    """soft_mask_probs -> mask_from_probs and soft_mask_logit_grad against autograd through soft_mask."""
+    c = num_candidates(n, m)
+    logits = (torch.randn(300, c, generator=torch.Generator().manual_seed(1)) * 0.02).requires_grad_()
+    S = candidate_patterns(n, m)
+    upstream = torch.randn(300, m, generator=torch.Generator().manual_seed(2))
+    reference = soft_mask(logits, S, tau, kappa, seed=5)
+    (reference * upstream).sum().backward()
+
+    probs = soft_mask_probs(logits.detach(), tau, kappa, seed=5)
+    assert probs.shape == (c, 300)
+    torch.testing.assert_close(mask_from_probs(probs, S), reference.detach(), rtol=1e-4, atol=1e-5)
+    grad = soft_mask_logit_grad(upstream, probs, S, tau, kappa)
+    scale = logits.grad.abs().max()
+    torch.testing.assert_close(grad, logits.grad, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_topn_mask_matches_sorting_reference():
