@@ -15,6 +15,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import sparse_peft  # noqa: F401  (registers the method)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The shipped 231K-parameter real Llama (hidden 64, 5 layers, sentencepiece vocab 512) with its tokenizer.
+AIDREAMS = REPO_ROOT.parent / "shared" / "assets" / "models" / "aidreams260K-hf"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

