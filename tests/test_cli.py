@@ -1,0 +1,89 @@
+"""The ``sparse-peft`` command line end to end on the shipped 231K-parameter real model (seconds per command)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import AIDREAMS
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sparse_peft.cli import main, run
+from sparse_peft.data import load_texts
+from sparse_peft.evaluation import perplexity
+from sparse_peft.priors import calibration_from_texts, compute_prior_masks
+from sparse_peft.storage import load_mask_adapter
+
+STORY = (
+    "The little robot looked at the stars and dreamed of flying. Every night it counted the lights in the sky "
+    "and wished to visit them. One day a bird taught it to jump, and the robot laughed.\n"
+) * 40
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "story.txt"
+    path.write_text(STORY)
+    return str(path)
+
+
+def common(text_file):
+    return ["--model", str(AIDREAMS), "--calibration", text_file, "--num-samples", "4", "--calibration-len", "32"]
+
+
+def test_prune_writes_exactly_the_one_shot_mask(tmp_path, text_file):
+    out = tmp_path / "sparsegpt"
+    run(["prune", *common(text_file), "--method", "sparsegpt", "--output", str(out)])
+    adapter = load_mask_adapter(str(out))
+    # Reference: the pruner called directly on the same calibration windows.
+    model = AutoModelForCausalLM.from_pretrained(AIDREAMS)
+    calibration = calibration_from_texts(
+        load_texts(text_file), AutoTokenizer.from_pretrained(AIDREAMS), num_samples=4, seq_len=32
+    )
+    names = [name for name in adapter.records]
+    assert len(names) == 4 * 7  # every attention and MLP projection of the 4 blocks
+    expected = compute_prior_masks(model, "sparsegpt", 2, 4, names, calibration, show_progress=False)
+    for name in names:
+        assert torch.equal(adapter.records[name].mask(2, 4), expected[name])
+
+
+def test_learn_eval_and_inspect(tmp_path, text_file, capsys):
+    prior, learned = tmp_path / "magnitude", tmp_path / "learned"
+    run(["prune", "--model", str(AIDREAMS), "--method", "magnitude", "--output", str(prior)])
+    result = run(["learn", *common(text_file), "--prior", str(prior), "--data", text_file, "--steps", "4",
+                  "--batch-size", "2", "--seq-len", "32", "--output", str(learned)])
+    assert result["tokens"] == 4 * 2 * 32
+    rows = run(["eval", "--model", str(AIDREAMS), "--eval-data", text_file, "--window", "32",
+                "--adapter", str(prior), "--adapter", str(learned), "--json", str(tmp_path / "ppl.json")])
+    assert [r["model"] for r in rows] == ["dense", str(prior), str(learned)]
+    assert json.loads((tmp_path / "ppl.json").read_text()) == rows
+    # The adapter rows are the PPL of the merged model, i.e. of the hard mask.
+    base = AutoModelForCausalLM.from_pretrained(AIDREAMS)
+    merged = PeftModel.from_pretrained(base, str(learned)).merge_and_unload()
+    reference = perplexity(merged, AutoTokenizer.from_pretrained(AIDREAMS), load_texts(text_file), window=32,
+                           show_progress=False)
+    assert rows[2]["ppl"] == pytest.approx(reference["ppl"], rel=1e-5)
+    capsys.readouterr()
+    payload = run(["inspect", str(learned), "--reference", str(prior)])
+    assert payload["valid"] and payload["bits_per_weight"] < 1.0
+    assert "| layer | shape | sparsity | N:M valid | hamming |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--model", "/no/such/folder"], "/no/such/folder"),
+        (["prune", "--model", str(AIDREAMS), "--method", "magnitude", "--targets", "nonexistent", "--output", "x"],
+         "nonexistent"),
+        (["prune", "--model", str(AIDREAMS), "--method", "magnitude", "--n", "2", "--m", "6", "--output", "x"],
+         "not divisible by m=6"),
+        (["inspect", "/no/such/adapter"], "/no/such/adapter"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_status_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars
+    assert last_line.startswith(f"sparse-peft {argv[0]}: error:") and message in last_line
