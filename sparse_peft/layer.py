@@ -254,10 +254,10 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         out, reg = _MaskedLinearFunction.apply(
             self._cast_input_dtype(x, weight.dtype), weight, bias, logits, candidates, sample
         )
-        if sample.sparse_reg > 0:
-            # Recorded in every training forward (also the no-grad first pass of reentrant checkpointing) for the
-            # reported loss; the gradient is added inside _MaskedLinearFunction wherever autograd records.
-            self._last_sparse_reg = reg
+        # Recorded in every training forward (also the no-grad first pass of reentrant checkpointing) for the
+        # reported loss, and replaced by None when lambda is 0 so that a value left by a checkpointing recompute
+        # is never reported; the gradient is added inside _MaskedLinearFunction wherever autograd records.
+        self._last_sparse_reg = reg if sample.sparse_reg > 0 else None
         return out
 
     def pop_sparse_reg(self) -> Optional[torch.Tensor]:

@@ -228,6 +228,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokens):
             torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-8)
 
 
+def test_checkpoint_recompute_leaves_no_stale_regulariser_in_the_reported_loss(tokens):
+    """Recomputing a forward in backward records a penalty; once lambda is 0 it must not reach the next loss."""
+    model = get_peft_model(tiny_llama(), MaskConfig(sparse_reg=1e-2))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model(input_ids=tokens, labels=tokens).loss.backward()  # lambda > 0: the recompute records a penalty
+    model.base_model.set_mask_schedule(1, 2)  # the last step: lambda = 0
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        losses.append(model(input_ids=tokens, labels=tokens).loss.detach())
+    assert torch.equal(losses[0], losses[1])
+
+
 @contextmanager
 def straightforward_training_forward(penalties: list):
     """Swap the fused training forward for plain autograd: ``F.linear(x, W * soft_mask(seed), b)``.

@@ -1,0 +1,67 @@
+"""What a mask layer keeps alive between forward and backward, measured with saved-tensor hooks."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft import get_peft_model
+
+from sparse_peft import MaskConfig, MaskedLinear
+from sparse_peft.layer import set_soft_mask_memory
+from sparse_peft.patterns import draw_seed
+
+OUT, IN, TOKENS = 96, 64, 8
+GROUPS, CANDIDATES = OUT * IN // 4, 6
+
+
+def masked_layer(recompute: bool = True) -> MaskedLinear:
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(IN, OUT)), MaskConfig(target_modules=["0"], sparse_reg=1e-3))
+    set_soft_mask_memory(model, recompute=recompute)
+    layer = next(m for m in model.modules() if isinstance(m, MaskedLinear))
+    return layer.train()
+
+
+def saved_activation_bytes(forward) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves for backward while ``forward()`` runs."""
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = forward()
+    params = {p.untyped_storage().data_ptr() for p in forward.__self__.parameters()}
+    activations = [t for ptr, t in saved.items() if ptr not in params]
+    assert out.requires_grad
+    return sum(t.untyped_storage().nbytes() for t in activations)
+
+
+class Forward:
+    """``layer(x)`` as a bound callable (``__self__`` is the layer, for the parameter lookup)."""
+
+    def __init__(self, layer, x, straightforward=False):
+        self.__self__, self.x, self.straightforward = layer, x, straightforward
+
+    def __call__(self):
+        layer = self.__self__
+        if not self.straightforward:
+            return layer(self.x)
+        weight = layer.base_weight()
+        return F.linear(self.x, weight * layer.soft_mask("default", seed=draw_seed()), layer.get_base_layer().bias)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_fused_forward_keeps_only_the_input_or_the_candidate_weights(recompute):
+    layer = masked_layer(recompute)
+    x = torch.randn(TOKENS, IN, requires_grad=True)
+    x_bytes = x.numel() * 4
+    fused = saved_activation_bytes(Forward(layer, x))
+    expected = x_bytes + CANDIDATES * 4 * 4  # the input and the [C, M] candidate table
+    if not recompute:
+        expected += GROUPS * CANDIDATES * 4  # the [C, G] float32 Gumbel-softmax weights
+    assert fused == expected
+    # plain autograd keeps at least the [G, C] softmax output and the [out, in] masked weight besides x
+    straightforward = saved_activation_bytes(Forward(layer, x, straightforward=True))
+    assert straightforward >= x_bytes + GROUPS * CANDIDATES * 4 + OUT * IN * 4
