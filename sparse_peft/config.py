@@ -80,6 +80,21 @@ class MaskConfig(PeftConfig):
         default=False,
         metadata={"help": "Also save the float logits (to continue training); otherwise only the packed hard mask."},
     )
+    save_delta: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Save only the groups whose pattern differs from the general mask `prior` (a saved mask adapter) "
+            "plus a reference to it (`prior` and `prior_sha256`); loading then needs that general mask. Default "
+            "(None): True when `prior` is a saved mask adapter, else False."
+        },
+    )
+    prior_sha256: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "sha256 of the prior mask adapter's adapter_model.safetensors, recorded when the prior is loaded; "
+            "a delta-coded adapter is only decoded against a general mask with this hash. Set automatically."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -114,6 +129,11 @@ class MaskConfig(PeftConfig):
             )
         if self.prior is not None:
             self.prior = os.fspath(self.prior)
+        if self.save_delta and not self.prior_is_adapter:
+            raise ValueError(
+                f"MaskConfig(save_delta=True) stores masks as changes to a general mask, but prior={self.prior!r} is "
+                "not a saved mask adapter. Pass prior='<path or Hub id of the general mask adapter>', or drop save_delta."
+            )
         if isinstance(self.target_modules, list):
             self.target_modules = list(self.target_modules)
 

@@ -7,6 +7,7 @@ the packed file format (PEFT's ``_get_adapter_state_dict`` / ``_remap_adapter_st
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any, Optional
 
@@ -18,14 +19,16 @@ from transformers.pytorch_utils import Conv1D
 from .config import CALIBRATED_PRIORS, DEFAULT_TARGET_MODULES, MaskConfig
 from .layer import MaskedLinear
 from .patterns import pattern_indices, prior_logits
+from .published import published_mask_file, read_published_masks
 from .registration import PREFIX
 from .schedule import MaskSchedule, schedule_at
 from .storage import (
     LOGITS,
     MaskRecord,
-    decode_record,
+    decode_records,
     encode_record,
     fingerprints_match,
+    load_general_mask,
     load_mask_adapter,
     split_records,
     weight_fingerprint,
@@ -165,27 +168,57 @@ class MaskModel(BaseTuner):
     def _masks_from_prior_adapter(
         self, model: nn.Module, config: MaskConfig, targets: dict[str, str]
     ) -> dict[str, torch.Tensor]:
-        prior = load_mask_adapter(config.prior)
-        if (prior.n, prior.m) != (config.n, config.m):
-            raise ValueError(
-                f"The prior mask adapter {config.prior!r} is {prior.n}:{prior.m} sparse but this MaskConfig asks for "
-                f"{config.n}:{config.m}; use a prior with the same N:M."
-            )
+        """Prior masks from a saved mask adapter or a published MaskLLM ``mask_compressed.npz`` (``config.prior``).
+
+        For a mask adapter this also records what a delta-coded save refers to: ``config.prior`` becomes an absolute
+        path if it is a local one, ``config.prior_sha256`` the hash of its weights file, and ``save_delta`` defaults
+        to True.
+        """
         weights = {name: _weight_out_in(model.get_submodule(linear)) for name, linear in targets.items()}
-        shared = weights.keys() & prior.records.keys()
-        made_for, what = prior.config.get("base_model_name_or_path"), f"The prior mask adapter {config.prior!r}"
-        if not shared:
-            _raise_wrong_base(base_mismatches(prior.records, weights), made_for, model, what)
-        problems = base_mismatches({name: prior.records[name] for name in shared}, {n: weights[n] for n in shared})
-        if problems:
-            _raise_wrong_base(problems, made_for, model, what)
+        npz = published_mask_file(config.prior)
+        if npz is not None:
+            if config.save_delta:
+                raise ValueError(
+                    f"save_delta=True needs a mask adapter as the general mask, but {config.prior!r} is a published "
+                    "MaskLLM mask file. Import it once with sparse_peft.published.import_published_masks(prior, base_model, "
+                    "'general-mask') and pass prior='general-mask' (or its Hub id after pushing it)."
+                )
+            config.save_delta = False
+            masks = read_published_masks(npz, model, config.n, config.m)
+            shared = weights.keys() & masks.keys()
+            if not shared:
+                raise ValueError(
+                    f"The MaskLLM mask file {config.prior!r} has masks for {len(masks)} layers (e.g. "
+                    f"{sorted(masks)[0]}), none of which is a target of this MaskConfig (e.g. {sorted(weights)[0]}). "
+                    "Set target_modules to the layers the file covers."
+                )
+        else:
+            prior = load_mask_adapter(config.prior)
+            if (prior.n, prior.m) != (config.n, config.m):
+                raise ValueError(
+                    f"The prior mask adapter {config.prior!r} is {prior.n}:{prior.m} sparse but this MaskConfig asks "
+                    f"for {config.n}:{config.m}; use a prior with the same N:M."
+                )
+            shared = weights.keys() & prior.records.keys()
+            made_for, what = prior.config.get("base_model_name_or_path"), f"The prior mask adapter {config.prior!r}"
+            if not shared:
+                _raise_wrong_base(base_mismatches(prior.records, weights), made_for, model, what)
+            problems = base_mismatches({name: prior.records[name] for name in shared}, {n: weights[n] for n in shared})
+            if problems:
+                _raise_wrong_base(problems, made_for, model, what)
+            masks = prior.masks()
+            if os.path.isdir(config.prior):
+                config.prior = os.path.abspath(config.prior)
+            config.prior_sha256 = prior.sha256
+            if config.save_delta is None:
+                config.save_delta = True
         uncovered = sorted(weights.keys() - shared)
         if uncovered:
             warnings.warn(
-                f"The prior mask adapter {config.prior!r} has no mask for {len(uncovered)} target layer(s) "
+                f"The prior {config.prior!r} has no mask for {len(uncovered)} target layer(s) "
                 f"(e.g. {uncovered[0]}); they start from random logits."
             )
-        return {name: prior.records[name].mask(config.n, config.m) for name in shared}
+        return {name: masks[name] for name in shared}
 
     def _create_and_replace(
         self,
@@ -246,7 +279,9 @@ class MaskModel(BaseTuner):
     # -- the adapter file format (PEFT's internal save / load hooks) -----------------------------------------
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Replace each layer's float logits by its packed hard mask, shape and base fingerprint."""
+        """Replace each layer's float logits by its packed hard mask (or its delta to the general mask), shape and
+        base fingerprint."""
+        general = _general_for_save(config)
         to_return = {}
         for name, module in model.named_modules():
             if not (isinstance(module, MaskedLinear) and adapter_name in module.maskllm_logits):
@@ -267,21 +302,29 @@ class MaskModel(BaseTuner):
                 fingerprint=weight_fingerprint(base_weight),
                 logits=logits if config.save_logits else None,
             )
+            general_record = None if general is None else general.records.get(_plain_name(key))
+            if general is not None and (general_record is None or general_record.shape != record.shape):
+                raise ValueError(
+                    f"{_plain_name(key)}: the general mask {config.prior!r} has no mask of shape {record.shape} for "
+                    "this layer, so it cannot be saved as a delta to it; nothing was saved. Set "
+                    f"model.peft_config[{adapter_name!r}].save_delta = False to save the full mask."
+                )
             spec = module.maskllm_spec[adapter_name]
-            for field, tensor in encode_record(record, spec.n, spec.m).items():
+            general_indices = None if general_record is None else general_record.indices
+            for field, tensor in encode_record(record, spec.n, spec.m, general_indices).items():
                 to_return[f"{key}.{field}.{adapter_name}"] = tensor.cpu()
         return to_return
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Check the file matches this base model, then turn packed masks back into logits."""
+        """Check the file matches this base model, then turn packed masks (or deltas) back into logits."""
         grouped, rest = split_records(state_dict)
         layers = {
             name: module
             for name, module in model.named_modules()
             if isinstance(module, MaskedLinear) and adapter_name in module.maskllm_logits
         }
-        records = {name: decode_record(name, tensors, config.n, config.m) for name, tensors in grouped.items()}
+        records = decode_records(grouped, config.n, config.m, config.prior, config.prior_sha256)
         weights = {_plain_name(name): module.base_weight() for name, module in layers.items()}
         problems = base_mismatches(records, weights)
         if problems:
@@ -294,6 +337,21 @@ class MaskModel(BaseTuner):
                 logits = encode_mask(record.mask(config.n, config.m), config)
             rest[f"{name}.{LOGITS}.{adapter_name}"] = logits
         return rest
+
+
+def _general_for_save(config: MaskConfig):
+    """The general mask (a :class:`~sparse_peft.storage.MaskAdapter`) a delta-coded save refers to, or None.
+
+    Checks it is still the file whose hash was recorded when the adapter was initialised from it (recording the
+    hash now if there is none), so that the saved delta and its reference agree.
+    """
+    if not config.save_delta:
+        return None
+    if config.prior_sha256 is None:
+        general = load_mask_adapter(config.prior)
+        config.prior_sha256 = general.sha256
+        return general
+    return load_general_mask(config.prior, config.prior_sha256, config.n, config.m)
 
 
 def encode_mask(mask: torch.Tensor, config: MaskConfig) -> torch.Tensor:

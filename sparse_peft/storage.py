@@ -11,10 +11,33 @@ A mask adapter is a PEFT adapter folder: ``adapter_config.json`` (a :class:`~spa
 * ``<name>.maskllm_fingerprint`` — float32 ``[FINGERPRINT_SIZE]``: base-weight values at fixed positions, so
   loading onto a different base model fails with a clear error instead of silently producing a bad model.
 * ``<name>.maskllm_logits`` — float32 ``[G, C]``: only with ``save_logits=True``, to continue training.
+
+Delta-coded adapters
+--------------------
+A task adapter learned from a general mask (``MaskConfig(prior=<mask adapter>)``, ``save_delta``) stores, instead of
+``maskllm_pattern_bits``, only the ``K`` groups whose pattern differs from the general mask's:
+
+* ``<name>.maskllm_delta_info`` — int64 ``[3]``: ``[K, coding, gap_bits]``.
+* ``<name>.maskllm_delta_positions`` — uint8: which groups changed, in the cheaper of two codings (``coding``):
+
+  * ``0`` (gaps): the sorted changed-group indices ``p_0 < ... < p_{K-1}`` as gaps ``p_0, p_1 - p_0 - 1, ...``,
+    each packed at ``gap_bits = max(1, bit_length(largest gap))`` bits like the pattern indices;
+    ``ceil(K * gap_bits / 8)`` bytes;
+  * ``1`` (bitmap): one bit per group (1 = changed), packed like the pattern indices; ``ceil(G / 8)`` bytes,
+    ``gap_bits`` is 0.
+
+* ``<name>.maskllm_delta_patterns`` — uint8 ``[ceil(K * b / 8)]``: the new pattern index of each changed group, in
+  position order, ``b`` bits each as in ``maskllm_pattern_bits``.
+
+``shape`` and ``fingerprint`` are stored as for full adapters (the base check does not need the general mask).
+``adapter_config.json`` names the general mask: ``prior`` (its local path or Hub id) and ``prior_sha256`` (sha256
+of its ``adapter_model.safetensors``). Reading a delta adapter loads that general mask, refuses it if its hash
+differs, and applies the changes. A general mask may itself be delta-coded against another one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -31,7 +54,13 @@ PATTERN_BITS = "maskllm_pattern_bits"
 SHAPE = "maskllm_shape"
 FINGERPRINT = "maskllm_fingerprint"
 LOGITS = "maskllm_logits"
-RECORD_FIELDS = (PATTERN_BITS, SHAPE, FINGERPRINT, LOGITS)
+DELTA_INFO = "maskllm_delta_info"
+DELTA_POSITIONS = "maskllm_delta_positions"
+DELTA_PATTERNS = "maskllm_delta_patterns"
+DELTA_FIELDS = (DELTA_INFO, DELTA_POSITIONS, DELTA_PATTERNS)
+RECORD_FIELDS = (PATTERN_BITS, SHAPE, FINGERPRINT, LOGITS, *DELTA_FIELDS)
+#: ``coding`` values of ``maskllm_delta_info``: how the changed-group positions are stored.
+DELTA_GAPS, DELTA_BITMAP = 0, 1
 #: PEFT's prefix in front of base-model module names in adapter files.
 PEFT_KEY_PREFIX = "base_model.model."
 # Relative tolerance of the fingerprint check: a bf16 copy of the same base differs by < 0.4%.
@@ -110,21 +139,87 @@ class MaskRecord:
         return groups.view(self.shape)
 
 
-def encode_record(record: MaskRecord, n: int, m: int) -> dict[str, torch.Tensor]:
-    """The tensors stored for one layer, keyed by :data:`RECORD_FIELDS` suffix."""
-    tensors = {
-        PATTERN_BITS: pack_indices(record.indices, index_bits(n, m)),
-        SHAPE: torch.tensor(record.shape, dtype=torch.int64),
-        FINGERPRINT: record.fingerprint.float(),
+def encode_delta(indices: torch.Tensor, general: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """The delta-coded form of ``indices`` against ``general`` (both int ``[G]``): see the module docstring.
+
+    Returns the :data:`DELTA_FIELDS` tensors: info int64 ``[3]``, positions uint8, new patterns uint8.
+    """
+    if indices.shape != general.shape:
+        raise ValueError(f"Cannot delta-code {tuple(indices.shape)} pattern indices against {tuple(general.shape)}.")
+    changed = (indices != general).nonzero().flatten().cpu()  # sorted [K]
+    gaps = torch.diff(changed, prepend=torch.tensor([-1])) - 1
+    gap_bits = max(1, int(gaps.max()).bit_length()) if changed.numel() else 1
+    if (changed.numel() * gap_bits + 7) // 8 <= (general.numel() + 7) // 8:
+        coding, positions = DELTA_GAPS, pack_indices(gaps, gap_bits)
+    else:
+        bitmap = torch.zeros(general.numel(), dtype=torch.long)
+        bitmap[changed] = 1
+        coding, gap_bits, positions = DELTA_BITMAP, 0, pack_indices(bitmap, 1)
+    return {
+        DELTA_INFO: torch.tensor([changed.numel(), coding, gap_bits], dtype=torch.int64),
+        DELTA_POSITIONS: positions,
+        DELTA_PATTERNS: pack_indices(indices.cpu()[changed], bits),
     }
+
+
+def decode_delta(tensors: dict[str, torch.Tensor], general: torch.Tensor, bits: int) -> torch.Tensor:
+    """Invert :func:`encode_delta`: apply the stored changes to ``general`` (int ``[G]``) -> int64 ``[G]``.
+
+    Raises ``ValueError`` (without the layer name; callers add it) if the tensors are inconsistent.
+    """
+    info = tensors[DELTA_INFO]
+    if info.dtype != torch.int64 or info.shape != (3,):
+        raise ValueError(f"delta info has dtype {info.dtype} and shape {tuple(info.shape)}, expected int64 [3]")
+    count, coding, gap_bits = (int(v) for v in info)
+    num_groups = general.numel()
+    if not 0 <= count <= num_groups:
+        raise ValueError(f"delta claims {count} changed groups of {num_groups}")
+    if coding == DELTA_GAPS and 1 <= gap_bits <= 63:
+        changed = torch.cumsum(unpack_indices(tensors[DELTA_POSITIONS], count, gap_bits) + 1, 0) - 1
+    elif coding == DELTA_BITMAP and gap_bits == 0:
+        changed = unpack_indices(tensors[DELTA_POSITIONS], num_groups, 1).nonzero().flatten()
+        if changed.numel() != count:
+            raise ValueError(f"delta bitmap marks {changed.numel()} changed groups, its info says {count}")
+    else:
+        raise ValueError(f"unknown delta coding {coding} with gap_bits {gap_bits}")
+    if count and int(changed[-1]) >= num_groups:
+        raise ValueError(f"delta changes group {int(changed[-1])} of a layer with {num_groups} groups")
+    indices = general.clone().long()
+    indices[changed] = unpack_indices(tensors[DELTA_PATTERNS], count, bits)
+    return indices
+
+
+def encode_record(
+    record: MaskRecord, n: int, m: int, general: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors stored for one layer, keyed by :data:`RECORD_FIELDS` suffix.
+
+    With ``general`` (the general mask's pattern indices, int ``[G]``) the mask is delta-coded against it.
+    """
+    tensors = {SHAPE: torch.tensor(record.shape, dtype=torch.int64), FINGERPRINT: record.fingerprint.float()}
+    if general is None:
+        tensors[PATTERN_BITS] = pack_indices(record.indices, index_bits(n, m))
+    else:
+        tensors.update(encode_delta(record.indices, general, index_bits(n, m)))
     if record.logits is not None:
         tensors[LOGITS] = record.logits.float().contiguous()
     return tensors
 
 
-def decode_record(name: str, tensors: dict[str, torch.Tensor], n: int, m: int) -> MaskRecord:
-    """Parse and validate one layer's tensors (keys: :data:`RECORD_FIELDS` suffixes); clear error if corrupt."""
-    missing = [f for f in (PATTERN_BITS, SHAPE, FINGERPRINT) if f not in tensors]
+def is_delta(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether one layer's stored tensors are delta-coded against a general mask."""
+    return DELTA_INFO in tensors
+
+
+def decode_record(
+    name: str, tensors: dict[str, torch.Tensor], n: int, m: int, general: MaskRecord | None = None
+) -> MaskRecord:
+    """Parse and validate one layer's tensors (keys: :data:`RECORD_FIELDS` suffixes); clear error if corrupt.
+
+    A delta-coded entry needs ``general``, the general mask's record for the same layer.
+    """
+    delta = is_delta(tensors)
+    missing = [f for f in ((*DELTA_FIELDS,) if delta else (PATTERN_BITS,)) + (SHAPE, FINGERPRINT) if f not in tensors]
     if missing:
         raise ValueError(f"Mask adapter entry for {name!r} lacks {missing}: the adapter file is incomplete or corrupt.")
     shape = tuple(int(v) for v in tensors[SHAPE].tolist())
@@ -132,10 +227,17 @@ def decode_record(name: str, tensors: dict[str, torch.Tensor], n: int, m: int) -
         raise ValueError(f"Mask adapter entry for {name!r} has invalid shape {shape} for {n}:{m} masks.")
     num_groups = shape[0] * shape[1] // m
     try:
-        indices = unpack_indices(tensors[PATTERN_BITS], num_groups, index_bits(n, m))
+        if not delta:
+            indices = unpack_indices(tensors[PATTERN_BITS], num_groups, index_bits(n, m))
+        elif general is None:
+            raise ValueError("it is delta-coded and no general mask was given to decode it against")
+        elif general.shape != shape:
+            raise ValueError(f"its general mask is for weight shape {general.shape}, the entry for {shape}")
+        else:
+            indices = decode_delta(tensors, general.indices, index_bits(n, m))
     except ValueError as err:
-        raise ValueError(f"Mask adapter entry for {name!r}: {err}") from None
-    if int(indices.max()) >= num_candidates(n, m):
+        raise ValueError(f"Mask adapter entry for {name!r}: {err}. The adapter file is corrupt.") from None
+    if indices.numel() and int(indices.max()) >= num_candidates(n, m):
         raise ValueError(f"Mask adapter entry for {name!r} holds pattern indices >= C({m},{n}): the file is corrupt.")
     logits = tensors.get(LOGITS)
     if logits is not None and tuple(logits.shape) != (num_groups, num_candidates(n, m)):
@@ -161,13 +263,47 @@ def split_records(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[s
     return records, rest
 
 
+def decode_records(
+    grouped: dict[str, dict[str, torch.Tensor]],
+    n: int,
+    m: int,
+    prior: str | None = None,
+    prior_sha256: str | None = None,
+) -> dict[str, MaskRecord]:
+    """Decode every layer of :func:`split_records`' output; delta-coded layers are resolved against the general mask.
+
+    ``prior`` / ``prior_sha256`` come from the adapter's config: the general mask's path or Hub id and the hash it
+    must have. Raises ``FileNotFoundError`` / ``ValueError`` naming the general mask if it is missing, changed, or
+    lacks a layer.
+    """
+    general = None
+    if any(is_delta(tensors) for tensors in grouped.values()):
+        general = load_general_mask(prior, prior_sha256, n, m)
+    records = {}
+    for name, tensors in grouped.items():
+        general_record = None
+        if is_delta(tensors):
+            general_record = general.records.get(name)
+            if general_record is None:
+                raise ValueError(
+                    f"The mask adapter is delta-coded against the general mask {prior!r}, which has no mask for "
+                    f"{name!r}. The general mask there is not the one this adapter was made from; restore it."
+                )
+        records[name] = decode_record(name, tensors, n, m, general_record)
+    return records
+
+
 @dataclass
 class MaskAdapter:
-    """A mask adapter read from disk or the Hub: its config (as a dict) and one record per masked layer."""
+    """A mask adapter read from disk or the Hub: its config (as a dict) and one record per masked layer.
+
+    ``sha256`` is the hash of its ``adapter_model.safetensors`` (what delta-coded adapters refer to).
+    """
 
     source: str
     config: dict[str, Any]
     records: dict[str, MaskRecord]  # base-model module name -> record
+    sha256: str = ""
 
     @property
     def n(self) -> int:
@@ -176,6 +312,11 @@ class MaskAdapter:
     @property
     def m(self) -> int:
         return int(self.config["m"])
+
+    @property
+    def is_delta(self) -> bool:
+        """Whether its file stores changes to a general mask (``config["prior"]``) rather than full masks."""
+        return bool(self.config.get("save_delta")) and bool(self.config.get("prior_sha256"))
 
     def masks(self) -> dict[str, torch.Tensor]:
         """``{module_name: bool [out, in]}`` hard masks."""
@@ -200,10 +341,13 @@ def _resolve(name_or_path: str, filename: str, revision: str | None) -> str:
 
 
 def load_mask_adapter(name_or_path: str | os.PathLike, revision: str | None = None) -> MaskAdapter:
-    """Read a saved mask adapter (local folder or Hub repo id) without a model: config and hard masks."""
+    """Read a saved mask adapter (local folder or Hub repo id) without a model: config and hard masks.
+
+    A delta-coded adapter is resolved against its general mask (``prior`` in its config, checked by hash).
+    """
     from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from .registration import mask_peft_type
 
@@ -215,22 +359,58 @@ def load_mask_adapter(name_or_path: str | os.PathLike, revision: str | None = No
             f"{source!r} is a {config.get('peft_type')!r} adapter, not a sparse_peft mask adapter."
         )
     weights_file = _resolve(source, SAFETENSORS_WEIGHTS_NAME, revision)
+    with open(weights_file, "rb") as f:
+        data = f.read()
     try:
-        state_dict = load_file(weights_file)
+        state_dict = load(data)
     except SafetensorError as err:
         raise ValueError(f"{weights_file} is not a readable safetensors file ({err}); re-save or re-download it.") from None
     n, m = int(config["n"]), int(config["m"])
     grouped, _ = split_records(state_dict)
-    records = {name: decode_record(name, tensors, n, m) for name, tensors in grouped.items()}
-    if not records:
+    if not grouped:
         raise ValueError(f"{weights_file} holds no masks.")
-    return MaskAdapter(source=source, config=config, records=records)
+    records = decode_records(grouped, n, m, config.get("prior"), config.get("prior_sha256"))
+    return MaskAdapter(source=source, config=config, records=records, sha256=hashlib.sha256(data).hexdigest())
+
+
+def load_general_mask(prior: str | None, prior_sha256: str | None, n: int, m: int) -> MaskAdapter:
+    """The general mask a delta-coded adapter refers to, checked against the hash the adapter recorded.
+
+    Raises ``FileNotFoundError`` if it cannot be found and ``ValueError`` if it is not the same file any more; both
+    messages name the general mask, the hash, and how to fix it.
+    """
+    if not prior or not prior_sha256:
+        raise ValueError(
+            "The mask adapter is delta-coded but its adapter_config.json lacks the general mask reference "
+            f"(prior={prior!r}, prior_sha256={prior_sha256!r}); the file is incomplete. Re-save the adapter."
+        )
+    fix = (
+        "Restore that general mask, or, if it moved, set \"prior\" in the task adapter's adapter_config.json to "
+        "its new path or Hub id."
+    )
+    try:
+        general = load_mask_adapter(prior)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"The mask adapter is delta-coded against the general mask {prior!r} (sha256 {prior_sha256}), which is "
+            f"missing: {err}\n{fix}"
+        ) from None
+    if general.sha256 != prior_sha256:
+        raise ValueError(
+            f"The mask adapter is delta-coded against the general mask {prior!r} with sha256 {prior_sha256}, but the "
+            f"adapter_model.safetensors found there has sha256 {general.sha256}: the general mask changed since the "
+            f"task adapter was made, so its changes cannot be applied.\n{fix}"
+        )
+    if (general.n, general.m) != (n, m):
+        raise ValueError(f"The general mask {prior!r} is {general.n}:{general.m}, the delta adapter {n}:{m}.")
+    return general
 
 
 def adapter_size(name_or_path: str | os.PathLike, revision: str | None = None) -> dict[str, float]:
     """Bytes of a saved adapter's weights file and what that is per masked weight.
 
     Returns ``{"bytes": file size, "masked_weights": sum of out * in, "bits_per_weight": 8 * bytes / weights}``.
+    For a delta-coded adapter the bytes are its own file's, without the general mask it refers to.
     """
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
 

@@ -14,9 +14,14 @@ from sparse_peft.patterns import group_counts
 from sparse_peft.storage import pack_indices, unpack_indices
 
 
-def trained_adapter(path, seed=0, **config):
-    """A mask adapter whose logits moved away from their init, saved to ``path``; returns the live model."""
+def trained_adapter(path, seed=0, noise_seed=None, **config):
+    """A mask adapter whose logits moved away from their init, saved to ``path``; returns the live model.
+
+    ``seed`` fixes the base weights (and, by default, the logits); ``noise_seed`` draws other logits on that base.
+    """
     model = get_peft_model(tiny_llama(seed), MaskConfig(**config))
+    if noise_seed is not None:
+        torch.manual_seed(noise_seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
