@@ -181,13 +181,14 @@ def push_mask_adapter(
 def hub_download(repo_id: str, filename: str, revision: str | None = None) -> str:
     """Download ``filename`` of the Hub model repo ``repo_id`` into the Hub cache and return its local path.
 
-    ``hf_hub_download`` with errors that name the repo, the endpoint and the fix: ``FileNotFoundError`` for a
-    missing (or inaccessible) repo, revision or file, ``ConnectionError`` if the Hub cannot be reached and the file
-    is not cached.
+    ``hf_hub_download`` with errors that name the repo, the endpoint and the fix: ``FileNotFoundError`` for an
+    invalid id or a missing (or inaccessible) repo, revision or file, ``ConnectionError`` if the Hub cannot be
+    reached and the file is not cached. Meant for names that are not local folders (see ``storage._resolve``).
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -196,10 +197,12 @@ def hub_download(repo_id: str, filename: str, revision: str | None = None) -> st
     where = f"the Hub at {hub_endpoint()}"
     try:
         return hf_hub_download(repo_id, filename, revision=revision)
+    except HFValidationError as err:
+        raise FileNotFoundError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({err}).") from err
     except RepositoryNotFoundError as err:
         raise FileNotFoundError(
-            f"There is no model repo {repo_id!r} on {where} (or it is private or gated and the current token has no "
-            "access: pass a token via HF_TOKEN or `hf auth login`). Check the repo id, or pass a local folder."
+            f"{repo_id!r} is neither a local folder nor a model repo on {where} (if the repo is private or gated, "
+            "set a token with access: HF_TOKEN or `hf auth login`). Check the path or repo id."
         ) from err
     except RevisionNotFoundError as err:
         raise FileNotFoundError(f"The model repo {repo_id!r} on {where} has no revision {revision!r}.") from err

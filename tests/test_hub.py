@@ -153,7 +153,9 @@ def test_pull_in_a_fresh_process_with_hf_endpoint(hub, trained, tmp_path, tokens
 def test_missing_repo_or_file_gives_errors_naming_repo_and_endpoint(hub):
     with pytest.raises(FileNotFoundError) as err:
         hub_download("user/missing", "adapter_config.json")
-    assert "'user/missing'" in str(err.value) and hub.endpoint in str(err.value)
+    assert "'user/missing' is neither a local folder nor a model repo on the Hub at " + hub.endpoint in str(err.value)
+    with pytest.raises(FileNotFoundError, match="'./no/such/folder' is neither a local folder nor a valid Hub repo id"):
+        hub_download("./no/such/folder", "adapter_config.json")
     with pytest.raises(FileNotFoundError, match="user/missing"):
         load_mask_adapter("user/missing")
 
@@ -243,3 +245,12 @@ def test_card_template_is_the_root_hub_cards_file_seen_from_the_package():
     assert template_path().samefile(REPO_ROOT / "hub_cards" / "mask_adapter.md")
     with pytest.raises(FileNotFoundError, match="'nope.md' not found"):
         template_path("nope.md")
+
+
+def test_push_a_named_adapter_of_a_live_model(hub, tmp_path):
+    model = get_peft_model(tiny_llama(1), MaskConfig(task_type="CAUSAL_LM"), adapter_name="task")
+    model.save_pretrained(tmp_path)  # PEFT puts a non-default adapter in a subfolder of its name
+    push_mask_adapter(model, "user/named", adapter_name="task", base_model=BASE_ID, token=hub.token)
+    assert hub.files("user/named")["adapter_model.safetensors"] == (tmp_path / "task" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="no adapter 'default'"):
+        push_mask_adapter(model, "user/named", base_model=BASE_ID, token=hub.token)
