@@ -65,3 +65,26 @@ def test_fused_forward_keeps_only_the_input_or_the_candidate_weights(recompute):
     # plain autograd keeps at least the [G, C] softmax output and the [out, in] masked weight besides x
     straightforward = saved_activation_bytes(Forward(layer, x, straightforward=True))
     assert straightforward >= x_bytes + GROUPS * CANDIDATES * 4 + OUT * IN * 4
+
+
+def test_cost_benchmark_counts_24_bytes_of_trainable_state_per_masked_weight():
+    """benchmarks/cost.py on a tiny model (one untimed step per method): the trainable-state accounting."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("cost", REPO_ROOT / "benchmarks" / "cost.py")
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    args = cost.parse_args(["--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--seq-len", "16"])
+    results = {method: cost.measure(method, args) for method in ("mask", "lora", "full")}
+    masked = results["mask"]["masked_weights"]
+    assert masked == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)  # per block: q, o; k, v; gate, up, down
+    # fp32 logits (1.5 per weight for 2:4) + fp32 grads + two fp32 AdamW moments; the step counters are scalars
+    assert 24.0 <= results["mask"]["trainable_state_bytes_per_masked_weight"] < 24.01
+    for method in ("lora", "full"):
+        r = results[method]
+        assert r["trainable_state_bytes"] >= 16 * r["trainable_params"]
+        assert r["trainable_state_bytes"] < 16 * r["trainable_params"] + 4096
+    assert results["full"]["trainable_params"] == sum(p.numel() for p in cost.load_model(args)[0].parameters())
+    assert all(r["step_time_s"] > 0 and len(r["losses"]) == 1 for r in results.values())
