@@ -1,0 +1,172 @@
+"""Step 2 of mask transfer: task-specific 2:4 masks learned from the general mask, compared on two tasks.
+
+Tasks (shipped data, or any file / Hub dataset with the same columns):
+
+* ``tinystories`` — a causal-LM domain: the task mask is learned on 80% of the TinyStories documents and scored
+  by perplexity on the other 20%.
+* ``sst2`` — classification as language modelling: training texts are ``"Review: <sentence>\\nSentiment: <word>"``;
+  the score is the accuracy (an ``evaluate`` metric) of predicting the likelier label word after the prompt.
+
+For each task it compares the dense model, the general mask alone, the task mask learned from the general mask
+(``MaskConfig(prior=<general>)``, the transfer) and a task mask learned "from scratch" (from the one-shot SparseGPT
+prior the general mask itself started from), all with the same budget. All adapters live on one base model
+(``load_adapter`` / ``set_adapter``). Writes ``transfer.md``, ``transfer.json`` and ``transfer.png`` (per-layer
+agreement of each task mask with the general mask, and the metric bars) into ``--output``.
+
+    python examples/general_mask.py --output runs/general --prior-output runs/oneshot-sparsegpt
+    python examples/task_transfer.py --general runs/general --scratch-prior runs/oneshot-sparsegpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from peft import PeftModel, get_peft_model
+
+import sparse_peft
+from sparse_peft.data import assets_dir, load_model_and_tokenizer, load_table, load_texts
+from sparse_peft.evaluation import label_word_predictions, metric_scores, perplexity
+from sparse_peft.stats import mask_stats
+from sparse_peft.storage import adapter_size, atomic_write
+from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
+
+LABEL_WORDS = ("negative", "positive")
+
+
+def sst2_prompt(sentence: str) -> str:
+    return f"Review: {sentence.strip()}\nSentiment:"
+
+
+def load_tasks(args, tokenizer) -> dict[str, dict]:
+    """Per task: training texts and an ``evaluate(model) -> {metric: value}`` function."""
+    stories = load_texts(args.lm_data, split="train")
+    cut = int(0.8 * len(stories))
+    train_table = load_table(args.sst2_train, split="train").shuffle(seed=0)
+    dev = load_table(args.sst2_dev, split="validation").select(range(args.eval_examples))
+
+    def lm_metric(model) -> dict:
+        result = perplexity(model, tokenizer, stories[cut:], window=args.window, max_windows=args.eval_windows)
+        return {"ppl": result["ppl"]}
+
+    def sst2_metric(model) -> dict:
+        prompts = [sst2_prompt(s) for s in dev["sentence"]]
+        predictions = label_word_predictions(model, tokenizer, prompts, LABEL_WORDS, batch_size=16)
+        return metric_scores(predictions, dev["label"], metrics=("accuracy",))
+
+    sst2_texts = [f"{sst2_prompt(s)} {LABEL_WORDS[label]}" for s, label in zip(train_table["sentence"], train_table["label"])]
+    return {
+        "tinystories": {"texts": stories[:cut], "evaluate": lm_metric},
+        "sst2": {"texts": sst2_texts, "evaluate": sst2_metric},
+    }
+
+
+def train_mask(model, tokenizer, prior: str, texts: list[str], output: str, args) -> tuple[PeftModel, float]:
+    """Learn a task mask from ``prior`` on ``texts``; save it to ``output``; return the model and the seconds."""
+    peft_model = get_peft_model(model, sparse_peft.MaskConfig(prior=prior, task_type="CAUSAL_LM"))
+    windows = text_windows(texts, tokenizer, args.seq_len, max_windows=args.steps * args.batch_size)
+    training_args = mask_training_arguments(
+        os.path.join(output, "trainer"), args.steps, args.batch_size, learning_rate=args.lr,
+        logging_steps=max(1, args.steps // 5), use_cpu=args.device == "cpu",
+    )
+    start = time.perf_counter()
+    learn_mask(peft_model, windows, training_args)
+    seconds = time.perf_counter() - start
+    peft_model.save_pretrained(output)
+    return peft_model, seconds
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="Hub id or folder (default: the shipped SmolLM2-135M-Instruct)")
+    p.add_argument("--general", default="runs/general", help="the general mask adapter (path or Hub id)")
+    p.add_argument("--scratch-prior", default="runs/oneshot-sparsegpt", help="prior of the from-scratch task masks")
+    p.add_argument("--lm-data", default="tinystories")
+    p.add_argument("--sst2-train", default=os.path.join("{assets}", "sst2", "train.tsv"))
+    p.add_argument("--sst2-dev", default=os.path.join("{assets}", "sst2", "dev.tsv"))
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--eval-examples", type=int, default=400, help="SST-2 dev examples scored")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", default="runs/transfer")
+    args = p.parse_args(argv)
+    args.sst2_train = args.sst2_train.format(assets=assets_dir())
+    args.sst2_dev = args.sst2_dev.format(assets=assets_dir())
+
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    tasks = load_tasks(args, tokenizer)
+    results = {task: {"dense": spec["evaluate"](model)} for task, spec in tasks.items()}
+
+    adapters, seconds = {}, {}
+    for task, spec in tasks.items():
+        for source, prior in (("transfer", args.general), ("scratch", args.scratch_prior)):
+            name = f"{task}-{source}"
+            adapters[name] = os.path.join(args.output, name)
+            peft_model, seconds[name] = train_mask(model, tokenizer, prior, spec["texts"], adapters[name], args)
+            model = peft_model.unload()
+
+    # Every adapter on one base model; switch between them.
+    peft_model = PeftModel.from_pretrained(model, args.general, adapter_name="general")
+    for name, path in adapters.items():
+        peft_model.load_adapter(path, adapter_name=name)
+    for task, spec in tasks.items():
+        for adapter in ("general", f"{task}-transfer", f"{task}-scratch"):
+            peft_model.set_adapter(adapter)
+            results[task][adapter.replace(f"{task}-", "task mask ")] = spec["evaluate"](peft_model)
+
+    agreement = {
+        task: {row.name: row.agreement for row in mask_stats(adapters[f"{task}-transfer"], args.general)}
+        for task in tasks
+    }
+    sizes = {name: adapter_size(path) for name, path in adapters.items()}
+    payload = {"settings": vars(args), "results": results, "train_seconds": seconds, "adapter_sizes": sizes,
+               "agreement_with_general": agreement}
+    table = markdown(results, sizes)
+    print(table)
+    os.makedirs(args.output, exist_ok=True)
+    atomic_write(os.path.join(args.output, "transfer.md"), lambda f: f.write((table + "\n").encode()))
+    atomic_write(os.path.join(args.output, "transfer.json"), lambda f: f.write(json.dumps(payload, indent=2).encode()))
+    plot(results, agreement, os.path.join(args.output, "transfer.png"))
+    return payload
+
+
+def markdown(results: dict, sizes: dict) -> str:
+    lines = ["| task | metric | dense | general mask | task mask (from general) | task mask (from scratch) |",
+             "|---|---|---|---|---|---|"]
+    for task, by_model in results.items():
+        metric = next(iter(by_model["dense"]))
+        cells = [by_model[k][metric] for k in ("dense", "general", "task mask transfer", "task mask scratch")]
+        lines.append(f"| {task} | {metric} | " + " | ".join(f"{c:.4g}" for c in cells) + " |")
+    lines += ["", "| adapter | bytes | bits per masked weight |", "|---|---|---|"]
+    lines += [f"| {name} | {s['bytes']} | {s['bits_per_weight']:.3f} |" for name, s in sizes.items()]
+    return "\n".join(lines)
+
+
+def plot(results: dict, agreement: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 1 + len(results), figsize=(5 * (1 + len(results)), 4))
+    for task, per_layer in agreement.items():
+        axes[0].plot(list(per_layer.values()), marker=".", label=task)
+    axes[0].set(title="task mask vs general mask", xlabel="masked layer (model order)", ylabel="agreement")
+    axes[0].legend()
+    for ax, (task, by_model) in zip(axes[1:], results.items()):
+        metric = next(iter(by_model["dense"]))
+        ax.bar(list(by_model), [v[metric] for v in by_model.values()])
+        ax.set(title=task, ylabel=metric)
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
