@@ -180,8 +180,8 @@ class MaskModel(BaseTuner):
             if config.save_delta:
                 raise ValueError(
                     f"save_delta=True needs a mask adapter as the general mask, but {config.prior!r} is a published "
-                    "MaskLLM mask file. Import it once with sparse_peft.published.import_published_masks(prior, base_model, "
-                    "'general-mask') and pass prior='general-mask' (or its Hub id after pushing it)."
+                    "MaskLLM mask file. Import it once with sparse_peft.published.import_published_masks(prior, "
+                    "base_model, 'general-mask') and pass prior='general-mask' (or its Hub id after pushing it)."
                 )
             config.save_delta = False
             masks = read_published_masks(npz, model, config.n, config.m)

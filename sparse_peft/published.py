@@ -55,12 +55,13 @@ def published_mask_file(source: str | os.PathLike, revision: Optional[str] = Non
         npz = os.path.join(source, PUBLISHED_MASK_FILE)
         is_adapter = os.path.isfile(os.path.join(source, CONFIG_NAME))
         return npz if os.path.isfile(npz) and not is_adapter else None
-    for filename, found in ((CONFIG_NAME, None), (PUBLISHED_MASK_FILE, "path")):
+    # A Hub repo id: a mask adapter if it has adapter_config.json, else published masks if it has the npz.
+    for filename in (CONFIG_NAME, PUBLISHED_MASK_FILE):
         try:
             path = hf_hub_download(source, filename, revision=revision)
         except Exception:  # the Hub client raises many types; all mean "not available"
             continue
-        return path if found else None
+        return None if filename == CONFIG_NAME else path
     return None
 
 

@@ -313,11 +313,6 @@ class MaskAdapter:
     def m(self) -> int:
         return int(self.config["m"])
 
-    @property
-    def is_delta(self) -> bool:
-        """Whether its file stores changes to a general mask (``config["prior"]``) rather than full masks."""
-        return bool(self.config.get("save_delta")) and bool(self.config.get("prior_sha256"))
-
     def masks(self) -> dict[str, torch.Tensor]:
         """``{module_name: bool [out, in]}`` hard masks."""
         return {name: record.mask(self.n, self.m) for name, record in self.records.items()}
