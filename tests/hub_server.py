@@ -22,8 +22,8 @@ that** ``huggingface_hub`` **calls to create a model repo, commit small files an
 Writes need ``Authorization: Bearer <HubServer.token>`` (else 401, as the Hub answers). Every request is logged in
 ``HubServer.requests``; a request to any other endpoint gets 501 and is also recorded in ``HubServer.unhandled``, so a
 test can assert that the client needed nothing more. Not implemented: LFS / Xet uploads (the real Hub stores
-``*.safetensors`` through them), branches and pull requests, private-repo access rules, rate limits, repo listing
-and model-info APIs.
+``*.safetensors`` through them), branches and pull requests, private-repo access rules, rate limits, and the
+listing, tree and search APIs.
 """
 
 from __future__ import annotations

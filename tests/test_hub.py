@@ -202,17 +202,37 @@ def test_bad_arguments_fail_before_any_request(hub, trained, tmp_path):
     assert hub.requests == []
 
 
-def test_delta_adapter_of_a_local_general_mask_is_refused_before_any_request(hub, trained, tmp_path):
-    _, folder = trained
-    config = json.loads((folder / "adapter_config.json").read_text())
-    delta = tmp_path / "delta"
-    delta.mkdir()
-    (delta / "adapter_model.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes())
-    local_general = {**config, "save_delta": True, "prior": str(folder), "prior_sha256": "0" * 64}
-    (delta / "adapter_config.json").write_text(json.dumps(local_general))
+def test_task_mask_delta_coded_against_a_hub_general_mask_round_trips(hub, trained, tmp_path):
+    _, general = trained
+    push_mask_adapter(general, "user/general", base_model=BASE_ID, token=hub.token)
+
+    # A delta against a local general mask could not be decoded by anyone pulling it: refused before any upload.
+    get_peft_model(tiny_llama(0), MaskConfig(prior=str(general))).save_pretrained(tmp_path / "local-task")
+    commits = len(hub.repos["user/general"].commits)
     with pytest.raises(ValueError, match="delta-coded against the general mask .* Push the general mask first"):
-        push_mask_adapter(delta, "user/task", base_model=BASE_ID, token=hub.token)
-    assert hub.requests == []
+        push_mask_adapter(tmp_path / "local-task", "user/task", base_model=BASE_ID, token=hub.token)
+    assert "user/task" not in hub.repos and len(hub.repos["user/general"].commits) == commits
+
+    # The documented path: the task mask starts from the general mask's Hub id, so its delta refers to it.
+    torch.manual_seed(1)
+    task = get_peft_model(tiny_llama(0), MaskConfig(prior="user/general")).eval()
+    with torch.no_grad():
+        for p in task.parameters():
+            if p.requires_grad:
+                p[:3] = torch.randn(3, p.shape[1]) * 100  # new patterns in a few groups
+    task.save_pretrained(tmp_path / "task")
+    saved = json.loads((tmp_path / "task" / "adapter_config.json").read_text())
+    assert saved["save_delta"] and saved["prior"] == "user/general"
+    push_mask_adapter(tmp_path / "task", "user/task", base_model=BASE_ID, token=hub.token)
+    assert "mask adapter [`user/general`](/user/general)" in hub.files("user/task")["README.md"].decode()
+
+    pulled = load_mask_adapter("user/task").masks()  # resolves the delta against user/general, hash-checked
+    expected = {n: m.hard_mask("default").bool() for n, m in task.named_modules() if isinstance(m, MaskedLinear)}
+    assert pulled.keys() == {n.removeprefix("base_model.model.") for n in expected}
+    assert all(torch.equal(pulled[n.removeprefix("base_model.model.")], m) for n, m in expected.items())
+    general_masks = load_mask_adapter(general).masks()
+    assert any(not torch.equal(pulled[k], general_masks[k]) for k in pulled)  # the delta is not empty
+    assert ("GET", "/user/task/resolve/main/adapter_model.safetensors") in hub.requests
 
 
 def test_card_records_a_hub_prior_as_a_link(trained, tmp_path):
