@@ -58,8 +58,8 @@ class _MaskedLinearFunction(torch.autograd.Function):
     only references to tensors that exist anyway (``x``, which any linear keeps, ``W``, ``bias``, the logits) and
     the noise seed; backward regenerates the same Gumbel sample from the seed, rebuilds ``W * mask`` and computes
     ``dL/dlogits`` with :func:`~sparse_peft.patterns.soft_mask_logit_grad`. ``W`` and ``bias`` are frozen (no
-    gradient). With ``save_probs`` it keeps the
-    ``[C, G]`` float32 weights instead (6 bytes per weight for 2:4) and skips regenerating them.
+    gradient). With ``save_probs`` it keeps the ``[C, G]`` float32 weights instead (6 bytes per weight for 2:4) and
+    skips regenerating them. Under autocast the linear runs in the autocast dtype and so do both backward GEMMs.
 
     It also adds the sparse regulariser: the loss is ``task_loss - lam * ||W * mask||^2`` with ``W`` frozen, whose
     gradient w.r.t. the masked weight is ``-2 * lam * W_eff``. Adding it here keeps it exact under gradient
@@ -75,14 +75,14 @@ class _MaskedLinearFunction(torch.autograd.Function):
         if sample.sparse_reg > 0:
             reg = sample.sparse_reg * torch.linalg.vector_norm(masked, dtype=torch.float32).square()
         out = F.linear(x, masked, bias)
-        ctx.save_for_backward(x, weight, bias, logits, candidates, probs if sample.save_probs else None)
+        ctx.save_for_backward(x, weight, logits, candidates, probs if sample.save_probs else None)
         ctx.sample = sample
         ctx.mark_non_differentiable(reg)
         return out, reg
 
     @staticmethod
     def backward(ctx, grad_out, _grad_reg):
-        x, weight, bias, logits, candidates, probs = ctx.saved_tensors
+        x, weight, logits, candidates, probs = ctx.saved_tensors
         sample = ctx.sample
         if probs is None:
             probs = soft_mask_probs(logits, sample.tau, sample.kappa, sample.seed)
@@ -92,7 +92,7 @@ class _MaskedLinearFunction(torch.autograd.Function):
             grad_x = grad_out @ masked.to(grad_out.dtype)
         if ctx.needs_input_grad[3]:
             # the weight-gradient GEMM: dL/dW_eff [out, in], then dL/dmask = dL/dW_eff * W
-            grad_masked = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            grad_masked = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
             grad_masked = grad_masked.to(weight.dtype)
             if sample.sparse_reg > 0:
                 grad_masked.sub_(masked, alpha=2.0 * sample.sparse_reg)

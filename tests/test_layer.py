@@ -279,26 +279,29 @@ def assert_grads_match(got: torch.Tensor, ref: torch.Tensor, low_precision: bool
 
 
 @pytest.mark.parametrize(
-    "make, recompute",
+    "make, recompute, autocast",
     [
-        (tiny_llama, True),
-        (tiny_llama, False),
-        (tiny_gpt2, True),  # Conv1D: [in, out] weights, with biases
-        (lambda: tiny_llama().to(torch.bfloat16), True),  # bf16 weights, fp32 logits
+        (tiny_llama, True, False),
+        (tiny_llama, False, False),
+        (tiny_gpt2, True, False),  # Conv1D: [in, out] weights, with biases
+        (lambda: tiny_llama().to(torch.bfloat16), True, False),  # bf16 weights, fp32 logits
+        (tiny_llama, True, True),  # fp32 weights under bf16 autocast
     ],
-    ids=["llama", "llama-saved-probs", "gpt2-conv1d", "llama-bf16"],
+    ids=["llama", "llama-saved-probs", "gpt2-conv1d", "llama-bf16", "llama-autocast-bf16"],
 )
-def test_fused_training_forward_matches_straightforward_autograd(make, recompute, tokens):
+def test_fused_training_forward_matches_straightforward_autograd(make, recompute, autocast, tokens):
     """Same seed -> same loss (task - lambda * sum ||W * mask||^2) and same logit gradients as plain autograd."""
     lam = 1e-2
     model = get_peft_model(make(), MaskConfig(sparse_reg=lam, prior="magnitude"))
     set_soft_mask_memory(model, recompute=recompute)
     model.train()
-    loss, got = loss_and_grads(model, tokens)
-    low_precision = mask_layers(model)[0].base_weight().dtype == torch.bfloat16
+    context = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with context():
+        loss, got = loss_and_grads(model, tokens)
+    low_precision = autocast or mask_layers(model)[0].base_weight().dtype == torch.bfloat16
 
     penalties = []
-    with straightforward_training_forward(penalties):
+    with straightforward_training_forward(penalties), context():
         task, _ = loss_and_grads(model, tokens)  # reported loss = task loss: no penalty was recorded
         model.zero_grad()
         penalties.clear()
