@@ -26,6 +26,7 @@ __all__ = [
     "load_mask_adapter",
     "mask_peft_type",
     "mask_stats",
+    "push_mask_adapter",
     "schedule_at",
     "update_mask_schedule",
 ]
