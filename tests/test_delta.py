@@ -145,6 +145,14 @@ def test_save_delta_options(tmp_path):
     trained_adapter(tmp_path / "general")
     task_from(tmp_path / "general", save_delta=False).save_pretrained(tmp_path / "raw")
     assert any(k.endswith("maskllm_pattern_bits") for k in load_file(tmp_path / "raw" / "adapter_model.safetensors"))
+    # without a prior loaded at init (init_weights=False) the hash is recorded when the delta is saved
+    late = get_peft_model(tiny_llama(0), MaskConfig(prior=str(tmp_path / "general"), init_weights=False, save_delta=True))
+    assert late.peft_config["default"].prior_sha256 is None
+    late.eval().save_pretrained(tmp_path / "late")
+    assert json.loads((tmp_path / "late" / "adapter_config.json").read_text())["prior_sha256"] == weights_sha256(
+        tmp_path / "general")
+    assert all(torch.equal(load_mask_adapter(tmp_path / "late").masks()[k.removeprefix("base_model.model.")], v.bool())
+               for k, v in hard_masks(late).items())
     shutil.rmtree(tmp_path / "general")
     assert load_mask_adapter(tmp_path / "raw").records  # a raw adapter does not need its prior
     with pytest.raises(ValueError, match="not a saved mask adapter"):
