@@ -8,6 +8,7 @@ from .config import MaskConfig
 from .hub import push_mask_adapter
 from .layer import MaskedLinear
 from .model import MaskModel
+from .published import import_published_masks
 from .registration import mask_peft_type, register
 from .schedule import MaskSchedule, MaskScheduleCallback, schedule_at, update_mask_schedule
 from .stats import mask_stats
@@ -23,6 +24,7 @@ __all__ = [
     "MaskSchedule",
     "MaskScheduleCallback",
     "MaskedLinear",
+    "import_published_masks",
     "load_mask_adapter",
     "mask_peft_type",
     "mask_stats",

@@ -324,15 +324,12 @@ def _resolve(name_or_path: str, filename: str, revision: str | None) -> str:
         if not os.path.isfile(local):
             raise FileNotFoundError(f"{name_or_path!r} is a folder but has no {filename}: it is not a mask adapter.")
         return local
-    from huggingface_hub import hf_hub_download
+    from .hub import hub_download
 
     try:
-        return hf_hub_download(name_or_path, filename, revision=revision)
-    except Exception as err:  # the Hub client raises many types; all mean "not available"
-        raise FileNotFoundError(
-            f"No mask adapter at {name_or_path!r}: it is not a local folder, and fetching {filename} from the "
-            f"Hugging Face Hub failed ({type(err).__name__}: {err})."
-        ) from err
+        return hub_download(name_or_path, filename, revision)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"No mask adapter at {name_or_path!r}: {err}") from err
 
 
 def load_mask_adapter(name_or_path: str | os.PathLike, revision: str | None = None) -> MaskAdapter:
