@@ -68,7 +68,16 @@ def main(argv=None) -> dict:
     def ppl(m) -> float:
         return perplexity(m, tokenizer, eval_texts, window=args.window, max_windows=args.eval_windows)["ppl"]
 
-    rows = [{"mask": "dense", "kind": "-", "ppl": ppl(model)}]
+    rows: list[dict] = []
+    result = {"settings": vars(args), "device": str(args.device), "torch_threads": torch.get_num_threads(),
+              "rows": rows}
+
+    def add(row: dict) -> None:
+        """Record a row and rewrite the JSON, so an interrupted run keeps what it measured."""
+        rows.append(row)
+        atomic_write(os.path.join(args.output, "quality.json"), lambda f: f.write(json.dumps(result, indent=2).encode()))
+
+    add({"mask": "dense", "kind": "-", "ppl": ppl(model)})
     calibration = calibration_from_texts(
         load_texts(args.calibration, split="train"), tokenizer, args.num_samples, args.calibration_len
     )
@@ -79,12 +88,12 @@ def main(argv=None) -> dict:
         seconds = time.perf_counter() - start
         priors[method] = os.path.join(args.output, f"oneshot-{method}")
         peft_model.save_pretrained(priors[method])
-        rows.append({"mask": method, "kind": "one-shot", "ppl": ppl(peft_model), "seconds": seconds})
+        add({"mask": method, "kind": "one-shot", "ppl": ppl(peft_model), "seconds": seconds})
         model = peft_model.unload()
     start = time.perf_counter()
     updated = prune(copy.deepcopy(model), "sparsegpt", calibration, update_weights=True).merge_and_unload()
-    rows.append({"mask": "sparsegpt+update", "kind": "one-shot, weights changed", "ppl": ppl(updated),
-                 "seconds": time.perf_counter() - start})
+    add({"mask": "sparsegpt+update", "kind": "one-shot, weights changed", "ppl": ppl(updated),
+         "seconds": time.perf_counter() - start})
     del updated
 
     windows = text_windows(
@@ -107,16 +116,14 @@ def main(argv=None) -> dict:
         learn_mask(peft_model, windows.select(range(steps * args.batch_size)), training_args)
         seconds = time.perf_counter() - start
         peft_model.save_pretrained(os.path.join(args.output, f"learned-{prior}-{steps}"))
-        rows.append({"mask": f"learned from {prior}", "kind": "learned", "ppl": ppl(peft_model), "seconds": seconds,
-                     "steps": steps, "tokens": steps * args.batch_size * args.seq_len})
+        add({"mask": f"learned from {prior}", "kind": "learned", "ppl": ppl(peft_model), "seconds": seconds,
+             "steps": steps, "tokens": steps * args.batch_size * args.seq_len})
         model = peft_model.unload()
 
     dense, sparsegpt = rows[0]["ppl"], next(r["ppl"] for r in rows if r["mask"] == "sparsegpt")
     for row in rows:
-        if row["kind"] == "learned":
+        if row["kind"] == "learned" and sparsegpt > dense:  # no gap to close if the one-shot mask is not worse
             row["gap_closed"] = (sparsegpt - row["ppl"]) / (sparsegpt - dense)
-    result = {"settings": vars(args), "device": str(args.device), "torch_threads": torch.get_num_threads(),
-              "rows": rows}
     table = markdown(rows)
     print(table)
     atomic_write(os.path.join(args.output, "quality.md"), lambda f: f.write((table + "\n").encode()))
