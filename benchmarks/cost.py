@@ -137,6 +137,7 @@ def measure(method: str, args) -> dict:
     from sparse_peft import update_mask_schedule
 
     model, batch = load_model(args)
+    torch.manual_seed(0)  # the same initial logits / LoRA weights and Gumbel noise in every run
     masked_weights = sum(
         module.weight.numel() for name, module in model.named_modules() if name.split(".")[-1] in TARGETS
     )
