@@ -16,8 +16,9 @@ from .patterns import (
     candidate_patterns,
     check_groupable,
     draw_seed,
-    hard_mask,
+    hard_mask_from_indices,
     mask_from_probs,
+    pattern_indices,
     prior_logits,
     random_logits,
     soft_mask,
@@ -101,12 +102,21 @@ class _MaskedLinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_logits, None, None
 
 
+def stored_indices(state: torch.Tensor) -> torch.Tensor:
+    """int64 ``[G]`` pattern indices of an adapter's stored state: float logits ``[G, C]`` or uint8 indices ``[G]``."""
+    return pattern_indices(state) if state.is_floating_point() else state.long()
+
+
 class MaskedLinear(nn.Module, BaseTunerLayer):
     """Wraps an ``nn.Linear`` (or a GPT-2 ``Conv1D``) and masks its weight with the active mask adapter.
 
     Per adapter it holds ``maskllm_logits[adapter]``: float32 ``[G, C]`` with ``G = out * in / m``. In training
     mode the forward samples a soft mask (Gumbel-softmax, a fresh sample per call); in eval mode it uses the hard
     argmax mask, cached until the logits change. The base weight is never trained.
+
+    An adapter created for inference only (``inference_mode=True``, e.g. ``PeftModel.from_pretrained`` without
+    ``is_trainable=True``) holds its hard mask instead: uint8 pattern indices ``[G]`` (0.25 byte per masked weight
+    for 2:4, against 6 for float32 logits). It evaluates, merges and saves like any adapter, but cannot train.
     """
 
     adapter_layer_names = ("maskllm_logits",)
@@ -128,20 +138,21 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         prior_mask: Optional[torch.Tensor] = None,
         prior_strength: float = 3.0,
         layer_name: str = "layer",
+        inference_only: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.maskllm_logits = nn.ParameterDict()
         self.maskllm_spec: dict[str, _AdapterSpec] = {}
         self.layer_name = layer_name
-        # {adapter: (logits version key, hard mask [out, in] in the weight's dtype and device)}
+        # {adapter: (logits version key, hard mask [out, in] in the weight's dtype and device)}, one adapter at most
         self._hard_mask_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
         self._unmerged_weight: Optional[torch.Tensor] = None
         self._last_sparse_reg: Optional[torch.Tensor] = None
         self.merged_adapters = []
         self._disable_adapters = False
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, n, m, schedule, init_std, prior_mask, prior_strength)
+        self.update_layer(adapter_name, n, m, schedule, init_std, prior_mask, prior_strength, inference_only)
 
     # -- shape helpers --------------------------------------------------------------------------------------
     @property
@@ -169,8 +180,12 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         init_std: float,
         prior_mask: Optional[torch.Tensor] = None,
         prior_strength: float = 3.0,
+        inference_only: bool = False,
     ) -> None:
-        """Add an adapter: logits from ``prior_mask`` (bool ``[out, in]``, exactly n:m) or random."""
+        """Add an adapter: logits from ``prior_mask`` (bool ``[out, in]``, exactly n:m) or random.
+
+        With ``inference_only`` the adapter keeps only the argmax of those logits, as uint8 indices ``[G]``.
+        """
         num_groups = check_groupable(self.weight_shape, m, self.layer_name)
         if prior_mask is not None:
             if tuple(prior_mask.shape) != self.weight_shape:
@@ -184,7 +199,11 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         device = self.get_base_layer().weight.device
         if device.type == "meta":  # low_cpu_mem_usage: the values come from a checkpoint
             device = torch.device("cpu")
-        self.maskllm_logits[adapter_name] = nn.Parameter(logits.to(device=device, dtype=torch.float32))
+        if inference_only:
+            state = nn.Parameter(pattern_indices(logits).to(device=device, dtype=torch.uint8), requires_grad=False)
+        else:
+            state = nn.Parameter(logits.to(device=device, dtype=torch.float32))
+        self.maskllm_logits[adapter_name] = state
         self.maskllm_spec[adapter_name] = _AdapterSpec(n=n, m=m, schedule=schedule)
         self.set_adapter(self.active_adapters)
 
@@ -199,7 +218,8 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         Cached until the logits may have changed: the cache is dropped on every ``train()`` / ``eval()`` switch
         and after ``load_state_dict`` (fused optimizers update in place without bumping the version counter), and
         it is keyed on the logits' version counter and storage (in-place edits in eval mode) and on the weight's
-        device and dtype.
+        device and dtype. Only the most recently used adapter's mask is kept, so switching between many adapters
+        costs one mask, not one per adapter.
         """
         logits = self.maskllm_logits[adapter_name]
         weight = self.get_base_layer().weight
@@ -207,11 +227,26 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         cached = self._hard_mask_cache.get(adapter_name)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                mask = hard_mask(logits, self._candidates(adapter_name, logits.device))
+                candidates = self._candidates(adapter_name, logits.device)
+                mask = hard_mask_from_indices(self.pattern_indices(adapter_name), candidates)
                 mask = mask.view(self.weight_shape).to(device=weight.device, dtype=weight.dtype)
             cached = (key, mask)
-            self._hard_mask_cache[adapter_name] = cached
+            self._hard_mask_cache = {adapter_name: cached}
         return cached[1]
+
+    def holds_indices(self, adapter_name: str) -> bool:
+        """True if ``adapter_name`` was created for inference only and holds uint8 pattern indices, not logits."""
+        return not self.maskllm_logits[adapter_name].is_floating_point()
+
+    def pattern_indices(self, adapter_name: str) -> torch.Tensor:
+        """The hard choice of every group, int64 ``[G]`` (the argmax of the logits, or the stored indices)."""
+        return stored_indices(self.maskllm_logits[adapter_name])
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """PEFT's ``set_adapter``; adapters that hold indices stay frozen (integer tensors cannot require grad)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        frozen = any(name in self.maskllm_logits and self.holds_indices(name) for name in names)
+        super().set_adapter(adapter_names, inference_mode=inference_mode or frozen)
 
     def train(self, mode: bool = True) -> "MaskedLinear":
         self._hard_mask_cache.clear()
@@ -240,6 +275,11 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
             raise ValueError(
                 f"{self.layer_name}: the base weight or bias requires grad, but mask training keeps them frozen and "
                 "computes no gradient for them. Call requires_grad_(False) on the base layer (get_peft_model does)."
+            )
+        if self.holds_indices(adapter_name):
+            raise ValueError(
+                f"{self.layer_name}: adapter {adapter_name!r} was loaded for inference and holds only its hard mask, so "
+                "it cannot train. Load it with is_trainable=True (PeftModel.from_pretrained / load_adapter) to train."
             )
         logits = self.maskllm_logits[adapter_name]
         schedule = self.maskllm_spec[adapter_name].schedule

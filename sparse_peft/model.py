@@ -17,8 +17,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_a
 from transformers.pytorch_utils import Conv1D
 
 from .config import CALIBRATED_PRIORS, DEFAULT_TARGET_MODULES, MaskConfig
-from .layer import MaskedLinear
-from .patterns import pattern_indices, prior_logits
+from .layer import MaskedLinear, stored_indices
+from .patterns import indices_from_mask, prior_logits
 from .published import published_mask_file, read_published_masks
 from .registration import PREFIX
 from .schedule import MaskSchedule, schedule_at
@@ -251,6 +251,7 @@ class MaskModel(BaseTuner):
             init_std=peft_config.logit_init_std,
             prior_mask=self._prior_masks.get(adapter_name, {}).get(current_key),
             prior_strength=peft_config.prior_strength,
+            inference_only=peft_config.inference_mode,
         )
         if isinstance(target, MaskedLinear):
             target.update_layer(adapter_name, **layer_kwargs)
@@ -287,7 +288,12 @@ class MaskModel(BaseTuner):
             if not (isinstance(module, MaskedLinear) and adapter_name in module.maskllm_logits):
                 continue
             key = name.removeprefix(_FSDP_PREFIX)
-            logits = state_dict[f"{key}.{LOGITS}.{adapter_name}"]
+            logits = state_dict[f"{key}.{LOGITS}.{adapter_name}"]  # or uint8 indices, if loaded for inference
+            if config.save_logits and not logits.is_floating_point():
+                raise ValueError(
+                    f"{key}: adapter {adapter_name!r} was loaded for inference and holds no logits, so save_logits=True "
+                    "cannot be honoured; nothing was saved. Load it with is_trainable=True, or set save_logits=False."
+                )
             if not torch.isfinite(logits).all():
                 raise ValueError(
                     f"{key}: adapter {adapter_name!r} has NaN or infinite mask logits; nothing was saved. The "
@@ -298,7 +304,7 @@ class MaskModel(BaseTuner):
                 base_weight = base_weight.T
             record = MaskRecord(
                 shape=module.weight_shape,
-                indices=pattern_indices(logits),
+                indices=stored_indices(logits),
                 fingerprint=weight_fingerprint(base_weight),
                 logits=logits if config.save_logits else None,
             )
@@ -317,7 +323,8 @@ class MaskModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Check the file matches this base model, then turn packed masks (or deltas) back into logits."""
+        """Check the file matches this base model, then turn packed masks (or deltas) back into logits, or into
+        uint8 pattern indices for layers that hold an inference-only adapter."""
         grouped, rest = split_records(state_dict)
         layers = {
             name: module
@@ -331,7 +338,9 @@ class MaskModel(BaseTuner):
             _raise_wrong_base(problems, config.base_model_name_or_path, model, "This mask adapter")
         for name, module in layers.items():
             record = records[_plain_name(name)]
-            if record.logits is not None:
+            if module.holds_indices(adapter_name):
+                logits = record.indices.to(torch.uint8)
+            elif record.logits is not None:
                 logits = record.logits
             else:
                 logits = encode_mask(record.mask(config.n, config.m), config)
@@ -378,7 +387,11 @@ def set_masks(model: nn.Module, masks: dict[str, torch.Tensor], adapter_name: st
     config = model.peft_config[adapter_name]
     for name, layer in layers.items():
         with torch.no_grad():
-            layer.maskllm_logits[adapter_name].copy_(encode_mask(masks[name], config))
+            state = layer.maskllm_logits[adapter_name]
+            if layer.holds_indices(adapter_name):
+                state.copy_(indices_from_mask(masks[name], config.n, config.m))
+            else:
+                state.copy_(encode_mask(masks[name], config))
 
 
 def _add_sparse_reg_to_loss(model: nn.Module, args: Any, outputs: Any) -> Any:

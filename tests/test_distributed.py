@@ -58,7 +58,8 @@ def test_two_process_training_syncs_logits_and_rank0_saves_a_valid_adapter(mode,
     for initial in (rank0["initial"], rank1["initial"]):
         assert any(not torch.equal(final[n], initial[n]) for n in final)  # training moved the logits
 
-    model = PeftModel.from_pretrained(tiny_llama(), out / "adapter").eval()
+    # is_trainable=True: the float logits (saved with save_logits=True) are kept, not only the hard mask
+    model = PeftModel.from_pretrained(tiny_llama(), out / "adapter", is_trainable=True).eval()
     loaded = {n: p for n, p in model.named_parameters() if "maskllm_logits" in n}
     assert loaded.keys() == final.keys()
     for name, logits in final.items():

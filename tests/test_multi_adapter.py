@@ -1,5 +1,6 @@
 """Many task adapters on one base model: shared weights, memory per adapter, switching equals separate loading."""
 
+import pytest
 import torch
 from peft import PeftModel
 
@@ -32,10 +33,11 @@ def test_many_adapters_share_the_base_and_switch_exactly(tmp_path, tokens):
     for task in TASKS[1:]:
         model.load_adapter(tmp_path / task, adapter_name=task)
     layers = [m for m in model.modules() if isinstance(m, MaskedLinear)]
-    # each adapter adds its float32 logits [G, C] per layer and nothing else: no weight copies
-    logit_bytes = sum(4 * layer.weight_shape[0] * layer.weight_shape[1] // 4 * num_candidates(2, 4) for layer in layers)
-    assert one_adapter == logit_bytes
-    assert tensor_bytes(model) - dense_bytes == len(TASKS) * logit_bytes
+    groups = sum(layer.weight_shape[0] * layer.weight_shape[1] // 4 for layer in layers)
+    # each inference-only adapter adds its hard mask as uint8 pattern indices [G] per layer (0.25 byte per masked
+    # weight) and nothing else: no weight copies, no float logits
+    assert one_adapter == groups
+    assert tensor_bytes(model) - dense_bytes == len(TASKS) * groups
     for layer in layers:
         assert layer.maskllm_logits.keys() == set(TASKS)
     # every base weight is still the original tensor, shared by all adapters
@@ -51,4 +53,26 @@ def test_many_adapters_share_the_base_and_switch_exactly(tmp_path, tokens):
         for task in [*TASKS, *reversed(TASKS)]:
             model.set_adapter(task)
             assert torch.equal(model(input_ids=tokens).logits, separate[task])
-    assert tensor_bytes(model) - dense_bytes == len(TASKS) * logit_bytes
+            assert all(layer._hard_mask_cache.keys() == {task} for layer in layers)  # one cached eval mask
+    assert tensor_bytes(model) - dense_bytes == len(TASKS) * groups
+    # an adapter loaded for training holds float32 logits [G, C] instead
+    model.load_adapter(tmp_path / "a", adapter_name="trainable", is_trainable=True)
+    assert tensor_bytes(model) - dense_bytes == len(TASKS) * groups + 4 * num_candidates(2, 4) * groups
+
+
+def test_inference_only_adapter_resaves_byte_for_byte_and_refuses_training(tmp_path, tokens):
+    trained_adapter(tmp_path / "a")
+    model = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "a")
+    assert all(layer.holds_indices("default") for layer in model.modules() if isinstance(layer, MaskedLinear))
+    model.save_pretrained(tmp_path / "again")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+    merged = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "a").merge_and_unload()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, merged(input_ids=tokens).logits)
+    model.train()
+    with pytest.raises(ValueError, match="is_trainable=True"):
+        model(input_ids=tokens)
+    model.peft_config["default"].save_logits = True
+    with pytest.raises(ValueError, match="holds no logits"):
+        model.save_pretrained(tmp_path / "logits")
