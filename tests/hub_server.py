@@ -166,23 +166,27 @@ class HubServer:
             repo.commits.append((oid, files))
         return 200, {}, {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid}
 
-    def _repo_info(self, repo_id: str, revision: str) -> tuple[int, dict, dict]:
+    def _snapshot(self, repo_id: str, revision: str):
+        """``(repo, {path: bytes})`` of ``repo_id`` at ``revision``, or ``(None, error response)``."""
         repo = self.repos.get(repo_id)
         if repo is None:
-            return _error(404, "Repository not found", code="RepoNotFound")
+            return None, _error(404, "Repository not found", code="RepoNotFound")
         files = repo.snapshot(revision)
         if files is None:
-            return _error(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
+            return None, _error(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
+        return repo, files
+
+    def _repo_info(self, repo_id: str, revision: str) -> tuple[int, dict, dict]:
+        repo, files = self._snapshot(repo_id, revision)
+        if repo is None:
+            return files
         info = {"id": repo_id, "sha": repo.head if revision == MAIN else revision, "private": repo.private}
         return 200, {}, {**info, "siblings": [{"rfilename": path} for path in sorted(files)]}
 
     def _resolve(self, repo_id: str, revision: str, path: str) -> tuple[int, dict, bytes | dict]:
-        repo = self.repos.get(repo_id)
+        repo, files = self._snapshot(repo_id, revision)
         if repo is None:
-            return _error(404, "Repository not found", code="RepoNotFound")
-        files = repo.snapshot(revision)
-        if files is None:
-            return _error(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
+            return files
         if path not in files:
             return _error(404, "Entry not found", code="EntryNotFound")
         data = files[path]
