@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +18,13 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from conftest import AIDREAMS
+
 from sparse_peft.patterns import group_counts, topn_mask
 from sparse_peft.priors import PRIOR_METHODS, calibration_from_texts, compute_prior_masks
 
 VOCAB = 128
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-AIDREAMS = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "models" / "aidreams260K-hf"
 
 
 # ----------------------------------------------------------------------------------------------------------------
