@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curve-steps", default="30,60,120", help="budgets (steps) of the SparseGPT-prior curve")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--tau-start", type=float, default=4.0)
     p.add_argument("--tau-end", type=float, default=0.05)
     p.add_argument("--kappa-start", type=float, default=100.0)

@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="runs/general")
     p.add_argument("--prior-output", default="runs/oneshot-sparsegpt")

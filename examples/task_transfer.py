@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-examples", type=int, default=400, help="SST-2 dev examples scored")

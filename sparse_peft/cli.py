@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--output", default="runs/demo")
     p.set_defaults(func=cmd_demo, num_samples=32, calibration_len=256, window=512, max_windows=8)
     return parser
