@@ -16,7 +16,6 @@ import math
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 
 def validate_n_m(n: int, m: int) -> None:
