@@ -8,23 +8,18 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
     GPTNeoConfig,
     GPTNeoForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 from transformers.pytorch_utils import Conv1D
 
-from conftest import AIDREAMS
+from conftest import AIDREAMS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 
 from sparse_peft.patterns import group_counts, topn_mask
 from sparse_peft.priors import PRIOR_METHODS, calibration_from_texts, compute_prior_masks
 
 VOCAB = 128
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -32,27 +27,8 @@ LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    )
-    return LlamaForCausalLM(config).to(dtype)
-
-
 def llama_targets(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_modules() if name.split(".")[-1] in LLAMA_PROJECTIONS]
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config).eval()
+    return [name for name, _ in model.named_modules() if name.split(".")[-1] in LLAMA_TARGETS]
 
 
 def gpt2_targets(model: nn.Module) -> list[str]:
@@ -256,7 +232,7 @@ def test_mask_only_sparsegpt_mask_equals_updating_run_mask():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_update_weights_writes_n_m_sparse_weights_matching_the_mask(dtype):
-    model = tiny_llama(dtype)
+    model = tiny_llama().to(dtype)
     names = llama_targets(model)
     before = copy.deepcopy(model.state_dict())
     masks = compute_prior_masks(
