@@ -95,6 +95,13 @@ class MaskConfig(PeftConfig):
             "a delta-coded adapter is only decoded against a general mask with this hash. Set automatically."
         },
     )
+    prior_revision: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Commit of the prior's Hub repo to use (default: its main branch). Recorded when the prior is a "
+            "mask adapter on the Hub, so a delta-coded adapter keeps decoding after its general mask's repo moves on."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={

@@ -43,6 +43,7 @@ _TASKS = {
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # namespace/name
 _MODEL_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[\w.-]+$")  # also legacy ids without namespace ("gpt2")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def hub_endpoint() -> str:
@@ -215,6 +216,17 @@ def hub_download(repo_id: str, filename: str, revision: str | None = None) -> st
         raise FileNotFoundError(
             f"The model repo {repo_id!r} on {where} has no {filename}: it is not a mask adapter."
         ) from err
+
+
+def downloaded_commit(path: str) -> str | None:
+    """The commit a file returned by :func:`hub_download` was downloaded at, or None if ``path`` is not such a file.
+
+    The Hub cache keeps every downloaded file under ``<repo folder>/snapshots/<commit hash>/<path in the repo>``
+    (huggingface_hub's documented cache layout); this reads the hash for a file at the repo's root.
+    """
+    commit = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    parent = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    return commit if parent == "snapshots" and _COMMIT.fullmatch(commit) else None
 
 
 def _stage_adapter(model_or_folder: Union[nn.Module, str, os.PathLike], adapter_name: str, staging: str) -> None:

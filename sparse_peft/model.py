@@ -171,11 +171,11 @@ class MaskModel(BaseTuner):
         """Prior masks from a saved mask adapter or a published MaskLLM ``mask_compressed.npz`` (``config.prior``).
 
         For a mask adapter this also records what a delta-coded save refers to: ``config.prior`` becomes an absolute
-        path if it is a local one, ``config.prior_sha256`` the hash of its weights file, and ``save_delta`` defaults
-        to True.
+        path if it is a local one, ``config.prior_sha256`` the hash of its weights file, ``config.prior_revision``
+        the commit it was read at if it is a Hub id, and ``save_delta`` defaults to True.
         """
         weights = {name: _weight_out_in(model.get_submodule(linear)) for name, linear in targets.items()}
-        npz = published_mask_file(config.prior)
+        npz = published_mask_file(config.prior, config.prior_revision)
         if npz is not None:
             if config.save_delta:
                 raise ValueError(
@@ -193,7 +193,7 @@ class MaskModel(BaseTuner):
                     "Set target_modules to the layers the file covers."
                 )
         else:
-            prior = load_mask_adapter(config.prior)
+            prior = load_mask_adapter(config.prior, config.prior_revision)
             if (prior.n, prior.m) != (config.n, config.m):
                 raise ValueError(
                     f"The prior mask adapter {config.prior!r} is {prior.n}:{prior.m} sparse but this MaskConfig asks "
@@ -210,6 +210,7 @@ class MaskModel(BaseTuner):
             if os.path.isdir(config.prior):
                 config.prior = os.path.abspath(config.prior)
             config.prior_sha256 = prior.sha256
+            config.prior_revision = prior.revision  # pins a Hub prior to the commit read now
             if config.save_delta is None:
                 config.save_delta = True
         uncovered = sorted(weights.keys() - shared)
@@ -331,7 +332,9 @@ class MaskModel(BaseTuner):
             for name, module in model.named_modules()
             if isinstance(module, MaskedLinear) and adapter_name in module.maskllm_logits
         }
-        records = decode_records(grouped, config.n, config.m, config.prior, config.prior_sha256)
+        records = decode_records(
+            grouped, config.n, config.m, config.prior, config.prior_sha256, config.prior_revision
+        )
         weights = {_plain_name(name): module.base_weight() for name, module in layers.items()}
         problems = base_mismatches(records, weights)
         if problems:
@@ -357,10 +360,11 @@ def _general_for_save(config: MaskConfig):
     if not config.save_delta:
         return None
     if config.prior_sha256 is None:
-        general = load_mask_adapter(config.prior)
+        general = load_mask_adapter(config.prior, config.prior_revision)
         config.prior_sha256 = general.sha256
+        config.prior_revision = general.revision
         return general
-    return load_general_mask(config.prior, config.prior_sha256, config.n, config.m)
+    return load_general_mask(config.prior, config.prior_sha256, config.n, config.m, config.prior_revision)
 
 
 def encode_mask(mask: torch.Tensor, config: MaskConfig) -> torch.Tensor:

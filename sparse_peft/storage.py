@@ -269,16 +269,17 @@ def decode_records(
     m: int,
     prior: str | None = None,
     prior_sha256: str | None = None,
+    prior_revision: str | None = None,
 ) -> dict[str, MaskRecord]:
     """Decode every layer of :func:`split_records`' output; delta-coded layers are resolved against the general mask.
 
-    ``prior`` / ``prior_sha256`` come from the adapter's config: the general mask's path or Hub id and the hash it
-    must have. Raises ``FileNotFoundError`` / ``ValueError`` naming the general mask if it is missing, changed, or
+    ``prior`` / ``prior_sha256`` / ``prior_revision`` come from the adapter's config: the general mask's path or Hub
+    id, the hash it must have and, for a Hub id, the commit it was read at. Raises ``FileNotFoundError`` / ``ValueError`` naming the general mask if it is missing, changed, or
     lacks a layer.
     """
     general = None
     if any(is_delta(tensors) for tensors in grouped.values()):
-        general = load_general_mask(prior, prior_sha256, n, m)
+        general = load_general_mask(prior, prior_sha256, n, m, prior_revision)
     records = {}
     for name, tensors in grouped.items():
         general_record = None
@@ -297,13 +298,15 @@ def decode_records(
 class MaskAdapter:
     """A mask adapter read from disk or the Hub: its config (as a dict) and one record per masked layer.
 
-    ``sha256`` is the hash of its ``adapter_model.safetensors`` (what delta-coded adapters refer to).
+    ``sha256`` is the hash of its ``adapter_model.safetensors`` (what delta-coded adapters refer to); ``revision``
+    the commit it was read at when it came from the Hub (None for a local folder).
     """
 
     source: str
     config: dict[str, Any]
     records: dict[str, MaskRecord]  # base-model module name -> record
     sha256: str = ""
+    revision: str | None = None
 
     @property
     def n(self) -> int:
@@ -341,6 +344,7 @@ def load_mask_adapter(name_or_path: str | os.PathLike, revision: str | None = No
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    from .hub import downloaded_commit
     from .registration import mask_peft_type
 
     source = os.fspath(name_or_path)
@@ -361,12 +365,23 @@ def load_mask_adapter(name_or_path: str | os.PathLike, revision: str | None = No
     grouped, _ = split_records(state_dict)
     if not grouped:
         raise ValueError(f"{weights_file} holds no masks.")
-    records = decode_records(grouped, n, m, config.get("prior"), config.get("prior_sha256"))
-    return MaskAdapter(source=source, config=config, records=records, sha256=hashlib.sha256(data).hexdigest())
+    records = decode_records(
+        grouped, n, m, config.get("prior"), config.get("prior_sha256"), config.get("prior_revision")
+    )
+    return MaskAdapter(
+        source=source,
+        config=config,
+        records=records,
+        sha256=hashlib.sha256(data).hexdigest(),
+        revision=None if os.path.isdir(source) else downloaded_commit(weights_file),
+    )
 
 
-def load_general_mask(prior: str | None, prior_sha256: str | None, n: int, m: int) -> MaskAdapter:
-    """The general mask a delta-coded adapter refers to, checked against the hash the adapter recorded.
+def load_general_mask(
+    prior: str | None, prior_sha256: str | None, n: int, m: int, prior_revision: str | None = None
+) -> MaskAdapter:
+    """The general mask a delta-coded adapter refers to (at commit ``prior_revision`` if it is a Hub id), checked
+    against the hash the adapter recorded.
 
     Raises ``FileNotFoundError`` if it cannot be found and ``ValueError`` if it is not the same file any more; both
     messages name the general mask, the hash, and how to fix it.
@@ -381,11 +396,12 @@ def load_general_mask(prior: str | None, prior_sha256: str | None, n: int, m: in
         "its new path or Hub id."
     )
     try:
-        general = load_mask_adapter(prior)
+        general = load_mask_adapter(prior, prior_revision)
     except FileNotFoundError as err:
+        at = f" at revision {prior_revision}" if prior_revision else ""
         raise FileNotFoundError(
-            f"The mask adapter is delta-coded against the general mask {prior!r} (sha256 {prior_sha256}), which is "
-            f"missing: {err}\n{fix}"
+            f"The mask adapter is delta-coded against the general mask {prior!r}{at} (sha256 {prior_sha256}), which "
+            f"is missing: {err}\n{fix}"
         ) from None
     if general.sha256 != prior_sha256:
         raise ValueError(

@@ -202,7 +202,7 @@ def test_bad_arguments_fail_before_any_request(hub, trained, tmp_path):
     assert hub.requests == []
 
 
-def test_task_mask_delta_coded_against_a_hub_general_mask_round_trips(hub, trained, tmp_path):
+def test_task_mask_delta_coded_against_a_hub_general_mask_round_trips(hub, trained, tmp_path, monkeypatch):
     _, general = trained
     push_mask_adapter(general, "user/general", base_model=BASE_ID, token=hub.token)
 
@@ -222,7 +222,8 @@ def test_task_mask_delta_coded_against_a_hub_general_mask_round_trips(hub, train
                 p[:3] = torch.randn(3, p.shape[1]) * 100  # new patterns in a few groups
     task.save_pretrained(tmp_path / "task")
     saved = json.loads((tmp_path / "task" / "adapter_config.json").read_text())
-    assert saved["save_delta"] and saved["prior"] == "user/general"
+    first_commit = hub.repos["user/general"].head
+    assert saved["save_delta"] and saved["prior"] == "user/general" and saved["prior_revision"] == first_commit
     push_mask_adapter(tmp_path / "task", "user/task", base_model=BASE_ID, token=hub.token)
     assert "mask adapter [`user/general`](/user/general)" in hub.files("user/task")["README.md"].decode()
 
@@ -233,6 +234,23 @@ def test_task_mask_delta_coded_against_a_hub_general_mask_round_trips(hub, train
     general_masks = load_mask_adapter(general).masks()
     assert any(not torch.equal(pulled[k], general_masks[k]) for k in pulled)  # the delta is not empty
     assert ("GET", "/user/task/resolve/main/adapter_model.safetensors") in hub.requests
+
+    # The general mask's repo moves on (a new mask on main): with an empty cache the task adapter still decodes,
+    # against the commit it recorded, and names that commit when it is gone.
+    from huggingface_hub import constants
+
+    newer = get_peft_model(tiny_llama(0), MaskConfig(task_type="CAUSAL_LM")).eval()
+    newer.save_pretrained(tmp_path / "general-v2")
+    push_mask_adapter(tmp_path / "general-v2", "user/general", base_model=BASE_ID, token=hub.token)
+    assert hub.repos["user/general"].head != first_commit
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    repulled = load_mask_adapter("user/task").masks()
+    assert all(torch.equal(repulled[k], pulled[k]) for k in pulled)
+    assert ("GET", f"/user/general/resolve/{first_commit}/adapter_model.safetensors") in hub.requests
+    hub.repos["user/general"].commits = hub.repos["user/general"].commits[1:]  # history rewritten
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache-2"))
+    with pytest.raises(FileNotFoundError, match=f"general mask 'user/general' at revision {first_commit}"):
+        load_mask_adapter("user/task")
 
 
 def test_card_records_a_hub_prior_as_a_link(trained, tmp_path):
