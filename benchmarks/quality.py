@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
             logging_steps=max(1, steps // 10), use_cpu=args.device == "cpu", disable_tqdm=False,
         )
         start = time.perf_counter()
-        learn_mask(peft_model, windows.select(range(steps * args.batch_size)), training_args)
+        learn_mask(peft_model, windows.select(range(steps * args.batch_size)), training_args, recompute_soft_mask=False)
         seconds = time.perf_counter() - start
         peft_model.save_pretrained(os.path.join(args.output, f"learned-{prior}-{steps}"))
         add({"mask": f"learned from {prior}", "kind": "learned", "ppl": ppl(peft_model), "seconds": seconds,

@@ -8,6 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
+from .layer import set_soft_mask_memory
 from .schedule import MaskScheduleCallback
 
 
@@ -62,11 +63,22 @@ def mask_training_arguments(
     return TrainingArguments(**kwargs)
 
 
-def learn_mask(model, train_dataset: Dataset, args: TrainingArguments, callbacks: Iterable = ()) -> Trainer:
+def learn_mask(
+    model,
+    train_dataset: Dataset,
+    args: TrainingArguments,
+    callbacks: Iterable = (),
+    recompute_soft_mask: Optional[bool] = None,
+) -> Trainer:
     """Train the mask logits of a ``get_peft_model(..., MaskConfig(...))`` model; returns the finished Trainer.
 
     Adds :class:`~sparse_peft.MaskScheduleCallback`, so tau, kappa and lambda anneal over ``args.max_steps``.
+    ``recompute_soft_mask`` (if not None) is passed to :func:`~sparse_peft.layer.set_soft_mask_memory` first:
+    False keeps each layer's soft-mask weights for backward (6 bytes per masked weight for 2:4, one Gumbel sample
+    per step instead of two: ~10% faster steps on CPU), True keeps only the noise seed (least memory).
     """
+    if recompute_soft_mask is not None:
+        set_soft_mask_memory(model, recompute_soft_mask)
     trainer = Trainer(
         model=model, args=args, train_dataset=train_dataset, callbacks=[MaskScheduleCallback(), *callbacks]
     )

@@ -66,3 +66,42 @@ def test_trainer_lowers_the_loss_and_anneals_to_the_end_values(tmp_path):
     assert all(a > b for a, b in zip(taus, taus[1:]))
     frozen_changed = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
     assert not frozen_changed
+
+
+def test_learn_mask_keeping_the_soft_mask_trains_exactly_like_recomputing_it(tmp_path):
+    """``recompute_soft_mask=False`` only trades memory for speed: the same seed gives bit-identical logits."""
+    from sparse_peft import MaskedLinear
+    from sparse_peft.training import learn_mask, mask_training_arguments
+
+    data = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    dataset = Dataset.from_dict({"input_ids": data, "labels": data})
+    logits = {}
+    for recompute in (True, False):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), MaskConfig(prior="magnitude", task_type="CAUSAL_LM"))
+        args = mask_training_arguments(str(tmp_path / str(recompute)), 4, 2, learning_rate=1e-2, seed=0,
+                                       disable_tqdm=True)
+        learn_mask(model, dataset, args, recompute_soft_mask=recompute)
+        layers = [m for m in model.modules() if isinstance(m, MaskedLinear)]
+        assert all(layer.recompute_soft_mask is recompute for layer in layers)
+        logits[recompute] = [layer.maskllm_logits["default"].detach().clone() for layer in layers]
+    torch.manual_seed(0)
+    start = get_peft_model(tiny_llama(), MaskConfig(prior="magnitude", task_type="CAUSAL_LM"))
+    initial = [m.maskllm_logits["default"] for m in start.modules() if isinstance(m, MaskedLinear)]
+    assert all(not torch.equal(a, b) for a, b in zip(logits[True], initial))  # training moved every layer
+    assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))
+
+
+def test_text_windows_cut_the_joined_text_into_non_overlapping_windows():
+    from sparse_peft.training import text_windows
+
+    class Chars:  # a tokenizer with one id per character
+        def __call__(self, text, return_tensors):
+            return type("Encoded", (), {"input_ids": torch.tensor([[ord(c) for c in text]])})()
+
+    windows = text_windows(["abcd", "efgh"], Chars(), seq_len=3)
+    joined = [ord(c) for c in "abcd\n\nefgh"]
+    assert windows["input_ids"] == [joined[0:3], joined[3:6], joined[6:9]] == windows["labels"]
+    assert text_windows(["abcd", "efgh"], Chars(), seq_len=3, max_windows=2)["input_ids"] == [joined[0:3], joined[3:6]]
+    with pytest.raises(ValueError, match="fewer than one window of 20"):
+        text_windows(["abcd"], Chars(), seq_len=20)
