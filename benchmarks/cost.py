@@ -12,6 +12,8 @@ text, with the same optimizer step (fused AdamW, betas 0.9/0.95, eps 1e-5, weigh
 * ``mask-keep``: the same, keeping the ``[C, G]`` Gumbel-softmax weights for backward
   (``set_soft_mask_memory(model, recompute=False)``);
 * ``mask-ckpt``: ``mask`` with gradient checkpointing of the decoder blocks;
+* ``mask-adam8bit``: ``mask`` with torchao's ``AdamW8bit`` (8-bit blockwise moments; what ``Trainer`` uses for
+  ``optim="adamw_torch_8bit"``), needs ``pip install torchao``;
 * ``lora``: ``LoraConfig(r=16, lora_alpha=32)`` on the same targets;
 * ``full``: every parameter trains.
 
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("mask", "mask-keep", "mask-ckpt", "lora", "full")
+METHODS = ("mask", "mask-keep", "mask-ckpt", "mask-adam8bit", "lora", "full")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -117,7 +119,26 @@ def prepare(method: str, model):
 
 
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    """Bytes held by ``tensors``; a tensor subclass (e.g. torchao's 8-bit optimizer state) counts its inner tensors."""
+    total = 0
+    for t in tensors:
+        if hasattr(t, "__tensor_flatten__"):
+            total += tensor_bytes(getattr(t, name) for name in t.__tensor_flatten__()[0])
+        elif isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def make_optimizer(method: str, params: list):
+    """AdamW with MaskLLM's settings; 8-bit moments (torchao) for ``mask-adam8bit``, else torch's fused AdamW."""
+    kwargs = dict(lr=5e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    if method == "mask-adam8bit":
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError:
+            raise SystemExit("mask-adam8bit needs torchao: pip install torchao") from None
+        return AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=True, **kwargs)
 
 
 def peak_memory(device: str) -> int:
@@ -144,7 +165,7 @@ def measure(method: str, args) -> dict:
     model = prepare(method, model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=True)
+    optimizer = make_optimizer(method, params)
     total = args.warmup + args.steps
     setup_memory = peak_memory(args.device)
     if args.device.startswith("cuda"):
@@ -196,10 +217,10 @@ def run_child(method: str, argv: list[str]) -> dict:
 def report(results: dict[str, dict], args) -> dict:
     mib = 2**20
     memory = "peak alloc MiB" if args.device.startswith("cuda") else "peak RSS MiB"
-    print(f"\n{'method':<10} {'step s':>8} {'CPU s':>7} {'tokens/s':>9} {memory:>14} {'setup MiB':>10} "
+    print(f"\n{'method':<13} {'step s':>8} {'CPU s':>7} {'tokens/s':>9} {memory:>14} {'setup MiB':>10} "
           f"{'state B/masked w':>17}")
     for name, r in results.items():
-        print(f"{name:<10} {r['step_time_s']:8.2f} {r['step_cpu_time_s']:7.2f} {r['tokens_per_s']:9.1f} "
+        print(f"{name:<13} {r['step_time_s']:8.2f} {r['step_cpu_time_s']:7.2f} {r['tokens_per_s']:9.1f} "
               f"{r['peak_memory_bytes'] / mib:14.0f} "
               f"{r['setup_memory_bytes'] / mib:10.0f} {r['trainable_state_bytes_per_masked_weight']:17.2f}")
     ratios = {}

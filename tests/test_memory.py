@@ -88,3 +88,35 @@ def test_cost_benchmark_counts_24_bytes_of_trainable_state_per_masked_weight():
         assert r["trainable_state_bytes"] < 16 * r["trainable_params"] + 4096
     assert results["full"]["trainable_params"] == sum(p.numel() for p in cost.load_model(args)[0].parameters())
     assert all(r["step_time_s"] > 0 and len(r["losses"]) == 1 for r in results.values())
+
+
+def test_trainer_8bit_adam_keeps_one_byte_per_moment_and_the_cost_benchmark_counts_it(tmp_path):
+    """``optim="adamw_torch_8bit"`` (torchao) trains the logits with uint8 moments: 24 -> ~15 B per masked weight."""
+    pytest.importorskip("torchao")
+    import importlib.util
+
+    from datasets import Dataset
+    from peft import get_peft_model
+
+    from conftest import REPO_ROOT, tiny_llama
+    from sparse_peft import MaskConfig
+    from sparse_peft.training import learn_mask, mask_training_arguments
+
+    data = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), MaskConfig(task_type="CAUSAL_LM"))
+    logits = model.base_model.model.model.layers[0].mlp.gate_proj.maskllm_logits["default"]  # [2048, 6]
+    before = logits.detach().clone()
+    args = mask_training_arguments(str(tmp_path), 2, 2, optim="adamw_torch_8bit", disable_tqdm=True)
+    trainer = learn_mask(model, Dataset.from_dict({"input_ids": data, "labels": data}), args)
+    assert not torch.equal(logits, before)
+    state = trainer.optimizer.state[logits]
+    assert state["exp_avg"].codes.dtype == state["exp_avg_sq"].codes.dtype == torch.uint8
+    assert state["exp_avg"].codes.shape == logits.shape
+
+    spec = importlib.util.spec_from_file_location("cost", REPO_ROOT / "benchmarks" / "cost.py")
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    moment = state["exp_avg"]
+    expected = moment.codes.numel() + 4 * moment.scale.numel() + 4 * moment.qmap.numel()
+    assert cost.tensor_bytes([moment]) == expected < 4 * logits.numel()
