@@ -274,8 +274,8 @@ def decode_records(
     """Decode every layer of :func:`split_records`' output; delta-coded layers are resolved against the general mask.
 
     ``prior`` / ``prior_sha256`` / ``prior_revision`` come from the adapter's config: the general mask's path or Hub
-    id, the hash it must have and, for a Hub id, the commit it was read at. Raises ``FileNotFoundError`` / ``ValueError`` naming the general mask if it is missing, changed, or
-    lacks a layer.
+    id, the hash it must have and, for a Hub id, the commit it was read at. Raises ``FileNotFoundError`` /
+    ``ValueError`` naming the general mask if it is missing, changed, or lacks a layer.
     """
     general = None
     if any(is_delta(tensors) for tensors in grouped.values()):
