@@ -7,8 +7,10 @@ training budget in ``--curve-steps`` (each a full schedule), which gives the PPL
 For every learned row it reports the training tokens, wall time, and the fraction of the SparseGPT(mask-only)-to-
 dense gap that it closes: ``(ppl_sparsegpt - ppl_learned) / (ppl_sparsegpt - ppl_dense)``.
 
-Writes ``quality.md`` (table), ``quality.json`` (all numbers and the settings) and ``quality.png`` (the curve)
-into ``--output``. Defaults run on the shipped SmolLM2-135M-Instruct on 2 CPU cores; pass ``--device cuda`` and
+Writes ``quality.md`` (table), ``quality.json`` (all numbers and the settings) and ``quality.png`` (the curves, one
+per batch shape) into ``--output``. The JSON is rewritten after every row; ``--resume`` continues in the same
+``--output``: rows already there (and the one-shot masks saved there) are kept and only missing rows run, so a run
+can be extended with more ``--curve-steps`` or another ``--batch-size``. Defaults run on the shipped SmolLM2-135M-Instruct on 2 CPU cores; pass ``--device cuda`` and
 bigger ``--steps`` / ``--batch-size`` / ``--seq-len`` / ``--num-samples`` for real budgets.
 
     python benchmarks/quality.py --output runs/quality
@@ -56,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=16, help="Wikitext-2 windows scored (None: all)")
     p.add_argument("--output", default="runs/quality")
+    p.add_argument("--resume", action="store_true", help="keep the rows (and one-shot masks) already in --output")
     return p.parse_args(argv)
 
 
@@ -68,33 +71,49 @@ def main(argv=None) -> dict:
     def ppl(m) -> float:
         return perplexity(m, tokenizer, eval_texts, window=args.window, max_windows=args.eval_windows)["ppl"]
 
-    rows: list[dict] = []
+    json_path = os.path.join(args.output, "quality.json")
+    rows: list[dict] = json.load(open(json_path))["rows"] if args.resume and os.path.isfile(json_path) else []
     result = {"settings": vars(args), "device": str(args.device), "torch_threads": torch.get_num_threads(),
               "rows": rows}
 
     def add(row: dict) -> None:
         """Record a row and rewrite the JSON, so an interrupted run keeps what it measured."""
         rows.append(row)
-        atomic_write(os.path.join(args.output, "quality.json"), lambda f: f.write(json.dumps(result, indent=2).encode()))
+        atomic_write(json_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
 
-    add({"mask": "dense", "kind": "-", "ppl": ppl(model)})
-    calibration = calibration_from_texts(
-        load_texts(args.calibration, split="train"), tokenizer, args.num_samples, args.calibration_len
-    )
+    def measured(mask: str, **settings) -> bool:
+        return any(r["mask"] == mask and all(r.get(k) == v for k, v in settings.items()) for r in rows)
+
+    if not measured("dense"):
+        add({"mask": "dense", "kind": "-", "ppl": ppl(model)})
+    calibration = None
+
+    def calibration_set():
+        """The calibration windows, tokenised on first use (a resumed run may not need them)."""
+        nonlocal calibration
+        if calibration is None:
+            calibration = calibration_from_texts(
+                load_texts(args.calibration, split="train"), tokenizer, args.num_samples, args.calibration_len
+            )
+        return calibration
+
     priors = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
-        start = time.perf_counter()
-        peft_model = prune(model, method, None if method == "magnitude" else calibration)
-        seconds = time.perf_counter() - start
         priors[method] = os.path.join(args.output, f"oneshot-{method}")
+        if measured(method) and os.path.isdir(priors[method]):
+            continue
+        start = time.perf_counter()
+        peft_model = prune(model, method, None if method == "magnitude" else calibration_set())
+        seconds = time.perf_counter() - start
         peft_model.save_pretrained(priors[method])
         add({"mask": method, "kind": "one-shot", "ppl": ppl(peft_model), "seconds": seconds})
         model = peft_model.unload()
-    start = time.perf_counter()
-    updated = prune(copy.deepcopy(model), "sparsegpt", calibration, update_weights=True).merge_and_unload()
-    add({"mask": "sparsegpt+update", "kind": "one-shot, weights changed", "ppl": ppl(updated),
-         "seconds": time.perf_counter() - start})
-    del updated
+    if not measured("sparsegpt+update"):
+        start = time.perf_counter()
+        updated = prune(copy.deepcopy(model), "sparsegpt", calibration_set(), update_weights=True).merge_and_unload()
+        add({"mask": "sparsegpt+update", "kind": "one-shot, weights changed", "ppl": ppl(updated),
+             "seconds": time.perf_counter() - start})
+        del updated
 
     windows = text_windows(
         load_texts(args.train_data, split="train"), tokenizer, args.seq_len,
@@ -102,7 +121,10 @@ def main(argv=None) -> dict:
     )
     runs = [(prior, args.steps) for prior in args.priors.split(",")]
     runs += [("sparsegpt", steps) for steps in map(int, args.curve_steps.split(",")) if steps != args.steps]
+    shape = {"batch_size": args.batch_size, "seq_len": args.seq_len}  # tokens per step of the learned rows
     for prior, steps in runs:
+        if measured(f"learned from {prior}", steps=steps, **shape):
+            continue
         config = sparse_peft.MaskConfig(
             prior=None if prior == "none" else priors[prior], tau_start=args.tau_start, tau_end=args.tau_end,
             kappa_start=args.kappa_start, kappa_end=args.kappa_end, task_type="CAUSAL_LM",
@@ -115,9 +137,10 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         learn_mask(peft_model, windows.select(range(steps * args.batch_size)), training_args, recompute_soft_mask=False)
         seconds = time.perf_counter() - start
-        peft_model.save_pretrained(os.path.join(args.output, f"learned-{prior}-{steps}"))
+        peft_model.save_pretrained(os.path.join(args.output, f"learned-{prior}-{steps}x{args.batch_size}x{args.seq_len}"))
         add({"mask": f"learned from {prior}", "kind": "learned", "ppl": ppl(peft_model), "seconds": seconds,
-             "steps": steps, "tokens": steps * args.batch_size * args.seq_len})
+             "steps": steps, **shape, "tokens": steps * args.batch_size * args.seq_len,
+             "torch_threads": torch.get_num_threads()})
         model = peft_model.unload()
 
     dense, sparsegpt = rows[0]["ppl"], next(r["ppl"] for r in rows if r["mask"] == "sparsegpt")
@@ -133,26 +156,31 @@ def main(argv=None) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| mask | kind | Wikitext-2 PPL | training tokens | wall time (s) | SparseGPT gap closed |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| mask | kind | Wikitext-2 PPL | steps x sequences x tokens | training tokens | wall time (s) "
+             "| SparseGPT gap closed |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         gap = f"{100 * r['gap_closed']:.0f}%" if "gap_closed" in r else "-"
         seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
-        lines.append(f"| {r['mask']} | {r['kind']} | {r['ppl']:.2f} | {r.get('tokens', '-')} | {seconds} | {gap} |")
+        shape = f"{r['steps']} x {r['batch_size']} x {r['seq_len']}" if "steps" in r else "-"
+        lines.append(f"| {r['mask']} | {r['kind']} | {r['ppl']:.2f} | {shape} | {r.get('tokens', '-')} | {seconds} "
+                     f"| {gap} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
-    """PPL vs training tokens of the SparseGPT-prior runs, with the dense and one-shot levels as lines."""
+    """PPL vs training tokens of the SparseGPT-prior runs (one curve per batch shape), with the dense and one-shot
+    levels as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = sorted((r["tokens"], r["ppl"]) for r in rows if r["mask"] == "learned from sparsegpt")
+    learned = [r for r in rows if r["mask"] == "learned from sparsegpt"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    if curve:
-        ax.plot(*zip(*curve), marker="o", label="learned from SparseGPT prior")
+    for batch_size, seq_len in sorted({(r["batch_size"], r["seq_len"]) for r in learned}):
+        curve = sorted((r["tokens"], r["ppl"]) for r in learned if (r["batch_size"], r["seq_len"]) == (batch_size, seq_len))
+        ax.plot(*zip(*curve), marker="o", label=f"learned from SparseGPT prior, {batch_size} x {seq_len} tokens/step")
     ax.axhline(dense, color="green", linestyle="--", label="dense")
     ax.axhline(sparsegpt, color="red", linestyle="--", label="SparseGPT mask-only (one-shot)")
     ax.set_xscale("log")
