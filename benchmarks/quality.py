@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau-end", type=float, default=0.05)
     p.add_argument("--kappa-start", type=float, default=100.0)
     p.add_argument("--kappa-end", type=float, default=500.0)
+    p.add_argument("--sparse-reg", type=float, default=0.0,
+                   help="regulariser lambda (paper: 1e-5, for ~1M tokens per step; it collapses small-batch runs)")
     p.add_argument("--priors", default="none,magnitude,wanda,sparsegpt", help="priors of the learned rows")
     p.add_argument("--eval-data", default="wikitext2")
     p.add_argument("--window", type=int, default=512)
@@ -121,13 +123,14 @@ def main(argv=None) -> dict:
     )
     runs = [(prior, args.steps) for prior in args.priors.split(",")]
     runs += [("sparsegpt", steps) for steps in map(int, args.curve_steps.split(",")) if steps != args.steps]
-    shape = {"batch_size": args.batch_size, "seq_len": args.seq_len}  # tokens per step of the learned rows
+    # what distinguishes learned rows besides prior and steps: tokens per step and the regulariser
+    shape = {"batch_size": args.batch_size, "seq_len": args.seq_len, "sparse_reg": args.sparse_reg}
     for prior, steps in runs:
         if measured(f"learned from {prior}", steps=steps, **shape):
             continue
         config = sparse_peft.MaskConfig(
             prior=None if prior == "none" else priors[prior], tau_start=args.tau_start, tau_end=args.tau_end,
-            kappa_start=args.kappa_start, kappa_end=args.kappa_end, task_type="CAUSAL_LM",
+            kappa_start=args.kappa_start, kappa_end=args.kappa_end, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM",
         )
         peft_model = get_peft_model(model, config)
         training_args = mask_training_arguments(
@@ -137,7 +140,8 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         learn_mask(peft_model, windows.select(range(steps * args.batch_size)), training_args, recompute_soft_mask=False)
         seconds = time.perf_counter() - start
-        peft_model.save_pretrained(os.path.join(args.output, f"learned-{prior}-{steps}x{args.batch_size}x{args.seq_len}"))
+        name = f"learned-{prior}-{steps}x{args.batch_size}x{args.seq_len}-reg{args.sparse_reg:g}"
+        peft_model.save_pretrained(os.path.join(args.output, name))
         add({"mask": f"learned from {prior}", "kind": "learned", "ppl": ppl(peft_model), "seconds": seconds,
              "steps": steps, **shape, "tokens": steps * args.batch_size * args.seq_len,
              "torch_threads": torch.get_num_threads()})
@@ -156,21 +160,22 @@ def main(argv=None) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| mask | kind | Wikitext-2 PPL | steps x sequences x tokens | training tokens | wall time (s) "
-             "| SparseGPT gap closed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| mask | kind | Wikitext-2 PPL | steps x sequences x tokens | regulariser lambda | training tokens "
+             "| wall time (s) | SparseGPT gap closed |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gap = f"{100 * r['gap_closed']:.0f}%" if "gap_closed" in r else "-"
         seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
         shape = f"{r['steps']} x {r['batch_size']} x {r['seq_len']}" if "steps" in r else "-"
-        lines.append(f"| {r['mask']} | {r['kind']} | {r['ppl']:.2f} | {shape} | {r.get('tokens', '-')} | {seconds} "
-                     f"| {gap} |")
+        reg = f"{r['sparse_reg']:g}" if "sparse_reg" in r else "-"
+        lines.append(f"| {r['mask']} | {r['kind']} | {r['ppl']:.2f} | {shape} | {reg} | {r.get('tokens', '-')} "
+                     f"| {seconds} | {gap} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
-    """PPL vs training tokens of the SparseGPT-prior runs (one curve per batch shape), with the dense and one-shot
-    levels as lines."""
+    """PPL vs training tokens of the SparseGPT-prior runs (one curve per batch shape and regulariser), with the
+    dense and one-shot levels as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,9 +183,9 @@ def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
 
     learned = [r for r in rows if r["mask"] == "learned from sparsegpt"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for batch_size, seq_len in sorted({(r["batch_size"], r["seq_len"]) for r in learned}):
-        curve = sorted((r["tokens"], r["ppl"]) for r in learned if (r["batch_size"], r["seq_len"]) == (batch_size, seq_len))
-        ax.plot(*zip(*curve), marker="o", label=f"learned from SparseGPT prior, {batch_size} x {seq_len} tokens/step")
+    for key in sorted({(r["batch_size"], r["seq_len"], r["sparse_reg"]) for r in learned}):
+        curve = sorted((r["tokens"], r["ppl"]) for r in learned if (r["batch_size"], r["seq_len"], r["sparse_reg"]) == key)
+        ax.plot(*zip(*curve), marker="o", label=f"learned from SparseGPT, {key[0]} x {key[1]} tokens/step, lambda {key[2]:g}")
     ax.axhline(dense, color="green", linestyle="--", label="dense")
     ax.axhline(sparsegpt, color="red", linestyle="--", label="SparseGPT mask-only (one-shot)")
     ax.set_xscale("log")

@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--sparse-reg", type=float, default=0.0, help="regulariser lambda (paper: 1e-5 at ~1M tokens/step)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="runs/general")
     p.add_argument("--prior-output", default="runs/oneshot-sparsegpt")
@@ -46,7 +47,8 @@ def main(argv=None) -> None:
         oneshot.save_pretrained(args.prior_output)
         model = oneshot.unload()
 
-    peft_model = get_peft_model(model, sparse_peft.MaskConfig(prior=args.prior_output, task_type="CAUSAL_LM"))
+    config = sparse_peft.MaskConfig(prior=args.prior_output, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
     windows = text_windows(texts, tokenizer, args.seq_len, max_windows=args.steps * args.batch_size)
     training_args = mask_training_arguments(
         os.path.join(args.output, "trainer"), args.steps, args.batch_size, learning_rate=args.lr,

@@ -65,7 +65,8 @@ def load_tasks(args, tokenizer) -> dict[str, dict]:
 
 def train_mask(model, tokenizer, prior: str, texts: list[str], output: str, args) -> tuple[PeftModel, float]:
     """Learn a task mask from ``prior`` on ``texts``; save it to ``output``; return the model and the seconds."""
-    peft_model = get_peft_model(model, sparse_peft.MaskConfig(prior=prior, task_type="CAUSAL_LM"))
+    config = sparse_peft.MaskConfig(prior=prior, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
     windows = text_windows(texts, tokenizer, args.seq_len, max_windows=args.steps * args.batch_size)
     training_args = mask_training_arguments(
         os.path.join(output, "trainer"), args.steps, args.batch_size, learning_rate=args.lr,
@@ -90,6 +91,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--sparse-reg", type=float, default=0.0, help="regulariser lambda (paper: 1e-5 at ~1M tokens/step)")
     p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-examples", type=int, default=400, help="SST-2 dev examples scored")

@@ -190,7 +190,7 @@ def cmd_demo(args) -> list[dict]:
     run(["prune", *common, *calib, "--method", "sparsegpt", "--output", prior_dir])
     learned = run(["learn", *common, "--prior", prior_dir, "--data", args.data, "--steps", str(args.steps),
                     "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
-                    "--output", learned_dir])
+                    "--sparse-reg", str(args.sparse_reg), "--output", learned_dir])
     rows = run(["eval", *common, "--eval-data", args.eval_data, "--window", str(args.window),
                  *(["--max-windows", str(args.max_windows)] if args.max_windows else []),
                  "--adapter", prior_dir, "--adapter", learned_dir, "--json", os.path.join(args.output, "ppl.json")])
@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau-end", type=float, default=0.05)
     p.add_argument("--kappa-start", type=float, default=100.0)
     p.add_argument("--kappa-end", type=float, default=500.0)
-    p.add_argument("--sparse-reg", type=float, default=1e-5)
+    p.add_argument("--sparse-reg", type=float, default=0.0,
+                   help="regulariser lambda; the paper's 1e-5 is for ~1M tokens per step and collapses small-batch runs")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--recompute-soft-mask", action="store_true",
                    help="regenerate the Gumbel sample in backward: 6 bytes per weight less memory, slower steps")
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--sparse-reg", type=float, default=0.0)
     p.add_argument("--output", default="runs/demo")
     p.set_defaults(func=cmd_demo, num_samples=32, calibration_len=256, window=512, max_windows=8)
     return parser

@@ -71,7 +71,13 @@ class MaskConfig(PeftConfig):
     logit_init_std: float = field(default=0.01, metadata={"help": "Std of the random initial logits."})
     sparse_reg: float = field(
         default=1e-5,
-        metadata={"help": "lambda of the sparse weight regulariser -lambda*sum||W*mask||^2, annealed linearly to 0."},
+        metadata={
+            "help": "lambda of the sparse weight regulariser -lambda*sum||W*mask||^2, annealed linearly to 0. The "
+            "paper's 1e-5 assumes ~1M tokens per step: Adam gives this deterministic term full-size steps while a "
+            "small batch's noisy task gradient averages out, so with a few hundred to thousand tokens per step it "
+            "drives the masks towards magnitude pruning (measured on SmolLM2-135M: 120 steps of 256 tokens, "
+            "Wikitext-2 PPL 4409 with 1e-5 vs 160 with 0). Use 0 for small batches."
+        },
     )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules trained and saved in full besides the masks, e.g. a task head."}
