@@ -4,9 +4,14 @@ A mask adapter is a PEFT adapter folder: ``adapter_config.json`` (a :class:`~spa
 ``adapter_model.safetensors`` holding, for every masked layer ``<name>`` (a module name of the base model, prefixed
 ``base_model.model.`` as PEFT does):
 
-* ``<name>.maskllm_pattern_bits`` — uint8 ``[ceil(G * b / 8)]``: the chosen pattern index of each of the ``G``
-  groups, ``b = ceil(log2(C(m, n)))`` bits each (3 for 2:4, i.e. 0.75 bit per weight), least significant bit
-  first, groups in row-major order of the ``[out, in]`` weight.
+* ``<name>.maskllm_pattern_codes`` — uint8 ``[ceil(G / k)]``: the chosen pattern index of each of the ``G``
+  groups (row-major order of the ``[out, in]`` weight) as base-``C`` digits, ``k`` per byte, first group in the
+  lowest digit: byte ``j`` is ``sum_i index[j*k + i] * C**i`` with ``k`` the largest number with ``C**k <= 256``
+  (``C = C(m, n)``; for 2:4, ``C = 6``, ``k = 3``: 8/3 bits per group = 0.667 bit per weight; the information is
+  log2(6)/4 = 0.646). Written for the N:M whose digits beat bit packing (``C`` = 3 or 6); for the others:
+* ``<name>.maskllm_pattern_bits`` — uint8 ``[ceil(G * b / 8)]``: the pattern indices at
+  ``b = ceil(log2(C(m, n)))`` bits each, least significant bit first. (Also what adapters saved before the
+  digit coding hold for 2:4: 3 bits per group, 0.75 bit per weight; both are read.)
 * ``<name>.maskllm_shape`` — int64 ``[2]``: ``[out, in]`` of the weight the mask belongs to.
 * ``<name>.maskllm_fingerprint`` — float32 ``[FINGERPRINT_SIZE]``: base-weight values at fixed positions, so
   loading onto a different base model fails with a clear error instead of silently producing a bad model.
@@ -15,7 +20,7 @@ A mask adapter is a PEFT adapter folder: ``adapter_config.json`` (a :class:`~spa
 Delta-coded adapters
 --------------------
 A task adapter learned from a general mask (``MaskConfig(prior=<mask adapter>)``, ``save_delta``) stores, instead of
-``maskllm_pattern_bits``, only the ``K`` groups whose pattern differs from the general mask's:
+``maskllm_pattern_codes`` / ``maskllm_pattern_bits``, only the ``K`` groups whose pattern differs from the general mask's:
 
 * ``<name>.maskllm_delta_info`` — int64 ``[3]``: ``[K, coding, gap_bits]``.
 * ``<name>.maskllm_delta_positions`` — uint8: which groups changed, in the cheaper of two codings (``coding``):
@@ -27,7 +32,7 @@ A task adapter learned from a general mask (``MaskConfig(prior=<mask adapter>)``
     ``gap_bits`` is 0.
 
 * ``<name>.maskllm_delta_patterns`` — uint8 ``[ceil(K * b / 8)]``: the new pattern index of each changed group, in
-  position order, ``b`` bits each as in ``maskllm_pattern_bits``.
+  position order, ``b = ceil(log2(C(m, n)))`` bits each, packed as in ``maskllm_pattern_bits``.
 
 ``shape`` and ``fingerprint`` are stored as for full adapters (the base check does not need the general mask).
 ``adapter_config.json`` names the general mask: ``prior`` (its local path or Hub id) and ``prior_sha256`` (sha256
@@ -51,6 +56,7 @@ from .patterns import candidate_patterns, hard_mask_from_indices, index_bits, nu
 FINGERPRINT_SIZE = 8
 #: Checkpoint key suffixes, after the module name.
 PATTERN_BITS = "maskllm_pattern_bits"
+PATTERN_CODES = "maskllm_pattern_codes"
 SHAPE = "maskllm_shape"
 FINGERPRINT = "maskllm_fingerprint"
 LOGITS = "maskllm_logits"
@@ -58,7 +64,7 @@ DELTA_INFO = "maskllm_delta_info"
 DELTA_POSITIONS = "maskllm_delta_positions"
 DELTA_PATTERNS = "maskllm_delta_patterns"
 DELTA_FIELDS = (DELTA_INFO, DELTA_POSITIONS, DELTA_PATTERNS)
-RECORD_FIELDS = (PATTERN_BITS, SHAPE, FINGERPRINT, LOGITS, *DELTA_FIELDS)
+RECORD_FIELDS = (PATTERN_BITS, PATTERN_CODES, SHAPE, FINGERPRINT, LOGITS, *DELTA_FIELDS)
 #: ``coding`` values of ``maskllm_delta_info``: how the changed-group positions are stored.
 DELTA_GAPS, DELTA_BITMAP = 0, 1
 #: PEFT's prefix in front of base-model module names in adapter files.
@@ -108,6 +114,43 @@ def unpack_indices(packed: torch.Tensor, num_groups: int, bits: int) -> torch.Te
     stream = (packed.long().unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1  # [bytes, 8]
     stream = stream.flatten()[: num_groups * bits].view(num_groups, bits)
     return (stream << torch.arange(bits, device=packed.device)).sum(dim=1)
+
+
+def digits_per_byte(num_candidates: int) -> int:
+    """How many base-``num_candidates`` digits one byte holds: the largest ``k`` with ``C**k <= 256``."""
+    k = 1
+    while num_candidates ** (k + 1) <= 256:
+        k += 1
+    return k
+
+
+def uses_pattern_codes(n: int, m: int) -> bool:
+    """Whether full masks of this N:M are stored as base-C digits (fewer bytes than :func:`pack_indices`)."""
+    return 8 / digits_per_byte(num_candidates(n, m)) < index_bits(n, m)
+
+
+def pack_codes(indices: torch.Tensor, num_candidates: int) -> torch.Tensor:
+    """Pack ``[G]`` indices ``< C`` into uint8 ``[ceil(G / k)]``, ``k`` base-C digits per byte, lowest digit first."""
+    k = digits_per_byte(num_candidates)
+    digits = torch.nn.functional.pad(indices.long().flatten(), (0, (-indices.numel()) % k)).view(-1, k)
+    powers = num_candidates ** torch.arange(k, device=indices.device)
+    return (digits * powers).sum(dim=1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, num_groups: int, num_candidates: int) -> torch.Tensor:
+    """Invert :func:`pack_codes`: uint8 ``[ceil(G / k)]`` -> int64 ``[G]``; ValueError if it cannot be such codes."""
+    k = digits_per_byte(num_candidates)
+    expected = -(-num_groups // k)
+    if packed.dtype != torch.uint8 or packed.shape != (expected,):
+        raise ValueError(
+            f"packed mask has dtype {packed.dtype} and shape {tuple(packed.shape)}; expected uint8 [{expected}] for "
+            f"{num_groups} groups, {k} per byte. The adapter file is corrupt or was written for another layer."
+        )
+    codes = packed.long()
+    if codes.numel() and int(codes.max()) >= num_candidates**k:
+        raise ValueError(f"packed mask holds a byte >= {num_candidates}**{k}: the adapter file is corrupt.")
+    powers = num_candidates ** torch.arange(k, device=packed.device)
+    return ((codes.unsqueeze(1) // powers) % num_candidates).flatten()[:num_groups]
 
 
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
@@ -197,7 +240,9 @@ def encode_record(
     With ``general`` (the general mask's pattern indices, int ``[G]``) the mask is delta-coded against it.
     """
     tensors = {SHAPE: torch.tensor(record.shape, dtype=torch.int64), FINGERPRINT: record.fingerprint.float()}
-    if general is None:
+    if general is None and uses_pattern_codes(n, m):
+        tensors[PATTERN_CODES] = pack_codes(record.indices, num_candidates(n, m))
+    elif general is None:
         tensors[PATTERN_BITS] = pack_indices(record.indices, index_bits(n, m))
     else:
         tensors.update(encode_delta(record.indices, general, index_bits(n, m)))
@@ -219,7 +264,8 @@ def decode_record(
     A delta-coded entry needs ``general``, the general mask's record for the same layer.
     """
     delta = is_delta(tensors)
-    missing = [f for f in ((*DELTA_FIELDS,) if delta else (PATTERN_BITS,)) + (SHAPE, FINGERPRINT) if f not in tensors]
+    pattern_field = PATTERN_CODES if PATTERN_CODES in tensors else PATTERN_BITS
+    missing = [f for f in ((*DELTA_FIELDS,) if delta else (pattern_field,)) + (SHAPE, FINGERPRINT) if f not in tensors]
     if missing:
         raise ValueError(f"Mask adapter entry for {name!r} lacks {missing}: the adapter file is incomplete or corrupt.")
     shape = tuple(int(v) for v in tensors[SHAPE].tolist())
@@ -227,7 +273,9 @@ def decode_record(
         raise ValueError(f"Mask adapter entry for {name!r} has invalid shape {shape} for {n}:{m} masks.")
     num_groups = shape[0] * shape[1] // m
     try:
-        if not delta:
+        if not delta and pattern_field == PATTERN_CODES:
+            indices = unpack_codes(tensors[PATTERN_CODES], num_groups, num_candidates(n, m))
+        elif not delta:
             indices = unpack_indices(tensors[PATTERN_BITS], num_groups, index_bits(n, m))
         elif general is None:
             raise ValueError("it is delta-coded and no general mask was given to decode it against")

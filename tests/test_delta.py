@@ -67,7 +67,7 @@ def test_delta_adapter_round_trips_exactly_and_records_its_general_mask(tmp_path
     assert config["prior"] == str((tmp_path / "general").resolve())
     assert config["prior_sha256"] == weights_sha256(tmp_path / "general")
     state = load_file(tmp_path / "task" / "adapter_model.safetensors")
-    assert not any(k.endswith("maskllm_pattern_bits") for k in state)
+    assert not any(k.endswith(("maskllm_pattern_bits", "maskllm_pattern_codes")) for k in state)
     assert sum(k.endswith(DELTA_INFO) for k in state) == 14
     # the same masks from the file alone (no model) and in a fresh process through PEFT
     expected = hard_masks(task)
@@ -80,7 +80,7 @@ def test_delta_adapter_round_trips_exactly_and_records_its_general_mask(tmp_path
 
 
 def test_delta_is_much_smaller_than_the_raw_adapter(tmp_path):
-    """0.75 bit per weight raw; ~5% changed groups cost 11 bits each (8-bit gaps + 3-bit pattern) = ~0.14 bit."""
+    """2/3 bit per weight raw; ~5% changed groups cost 11 bits each (8-bit gaps + 3-bit pattern) = ~0.14 bit."""
     model = get_peft_model(tiny_llama(0, hidden_size=128, intermediate_size=256), MaskConfig(prior="magnitude"))
     model.save_pretrained(tmp_path / "general")
     base = tiny_llama(0, hidden_size=128, intermediate_size=256)
@@ -94,12 +94,14 @@ def test_delta_is_much_smaller_than_the_raw_adapter(tmp_path):
     def payload_bits(folder):  # tensor bytes without the safetensors header, shapes and fingerprints
         state = load_file(folder / "adapter_model.safetensors")
         return 8 * sum(v.numel() for k, v in state.items() if k.rsplit(".", 1)[-1] in
-                       ("maskllm_pattern_bits", "maskllm_delta_positions", "maskllm_delta_patterns")) / masked
+                       ("maskllm_pattern_codes", "maskllm_delta_positions", "maskllm_delta_patterns")) / masked
 
     state = load_file(tmp_path / "delta" / "adapter_model.safetensors")
     changed = sum(int(v[0]) for k, v in state.items() if k.endswith(DELTA_INFO)) / (masked / 4)
     assert 0.02 < changed < 0.1, changed  # the prior formula's ~5% of groups that start off the general mask
-    assert payload_bits(tmp_path / "raw") == pytest.approx(0.75, abs=1e-4)
+    groups = [m.weight_shape[0] * m.weight_shape[1] // 4 for m in task.modules() if isinstance(m, MaskedLinear)]
+    assert payload_bits(tmp_path / "raw") == 8 * sum(-(-g // 3) for g in groups) / masked  # 3 groups per byte
+    assert payload_bits(tmp_path / "raw") == pytest.approx(2 / 3, abs=1e-3)
     assert payload_bits(tmp_path / "delta") <= 0.2
     # the rest: per layer shape, fingerprint, delta info (72 bytes) and 5 safetensors header entries (~150 bytes each)
     delta_size = (tmp_path / "delta" / "adapter_model.safetensors").stat().st_size
@@ -144,7 +146,7 @@ def test_general_mask_changed_between_init_and_save_is_refused_before_writing(tm
 def test_save_delta_options(tmp_path):
     trained_adapter(tmp_path / "general")
     task_from(tmp_path / "general", save_delta=False).save_pretrained(tmp_path / "raw")
-    assert any(k.endswith("maskllm_pattern_bits") for k in load_file(tmp_path / "raw" / "adapter_model.safetensors"))
+    assert any(k.endswith("maskllm_pattern_codes") for k in load_file(tmp_path / "raw" / "adapter_model.safetensors"))
     # without a prior loaded at init (init_weights=False) the hash is recorded when the delta is saved
     late = get_peft_model(tiny_llama(0), MaskConfig(prior=str(tmp_path / "general"), init_weights=False, save_delta=True))
     assert late.peft_config["default"].prior_sha256 is None

@@ -11,7 +11,14 @@ from safetensors.torch import load_file
 from conftest import run_fresh_python, tiny_llama
 from sparse_peft import MaskConfig, MaskedLinear, load_mask_adapter
 from sparse_peft.patterns import group_counts
-from sparse_peft.storage import pack_indices, unpack_indices
+from sparse_peft.storage import (
+    digits_per_byte,
+    pack_codes,
+    pack_indices,
+    unpack_codes,
+    unpack_indices,
+    uses_pattern_codes,
+)
 
 
 def trained_adapter(path, seed=0, noise_seed=None, **config):
@@ -41,6 +48,48 @@ def test_pack_unpack_round_trip(bits, count):
     packed = pack_indices(indices, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == (count * bits + 7) // 8
     assert torch.equal(unpack_indices(packed, count, bits), indices)
+
+
+@pytest.mark.parametrize("candidates, count", [(6, 1), (6, 2), (6, 3), (6, 1000), (3, 11), (2, 9), (70, 5), (256, 4)])
+def test_pattern_codes_round_trip(candidates, count):
+    indices = torch.randint(0, candidates, (count,), generator=torch.Generator().manual_seed(count))
+    k = digits_per_byte(candidates)
+    assert candidates**k <= 256 < candidates ** (k + 1)
+    packed = pack_codes(indices, candidates)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-count // k)
+    assert torch.equal(unpack_codes(packed, count, candidates), indices)
+    # by hand for 2:4: byte = i0 + 6 * i1 + 36 * i2
+    if candidates == 6 and count == 3:
+        assert int(packed[0]) == int(indices[0] + 6 * indices[1] + 36 * indices[2])
+
+
+def test_pattern_codes_only_where_they_beat_bit_packing_and_bad_bytes_are_rejected():
+    assert uses_pattern_codes(2, 4) and uses_pattern_codes(1, 3)  # C = 6: 8/3 < 3 bits; C = 3: 1.6 < 2 bits
+    assert not any(uses_pattern_codes(n, m) for n, m in [(1, 2), (1, 4), (4, 8), (2, 8)])
+    with pytest.raises(ValueError, match="byte >= 6\\*\\*3"):
+        unpack_codes(torch.tensor([216], dtype=torch.uint8), 3, 6)
+    with pytest.raises(ValueError, match="expected uint8 \\[2\\]"):
+        unpack_codes(torch.zeros(3, dtype=torch.uint8), 4, 6)
+
+
+def test_adapters_saved_with_3_bit_patterns_still_load(tmp_path, tokens):
+    """Files written before the base-6 coding hold ``maskllm_pattern_bits`` (3 bits per 2:4 group)."""
+    from safetensors.torch import save_file
+
+    model = trained_adapter(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    state = load_file(weights)
+    old = {}
+    for key, value in state.items():
+        if key.endswith("maskllm_pattern_codes"):
+            groups = int(torch.prod(state[key.replace("pattern_codes", "shape")])) // 4
+            old[key.replace("pattern_codes", "pattern_bits")] = pack_indices(unpack_codes(value, groups, 6), 3)
+        else:
+            old[key] = value
+    save_file(old, weights)
+    with torch.no_grad():
+        assert torch.equal(PeftModel.from_pretrained(tiny_llama(0), tmp_path / "a")(input_ids=tokens).logits,
+                           model(input_ids=tokens).logits)
 
 
 def test_save_then_load_in_a_fresh_process_is_bit_exact(tmp_path, tokens):
@@ -84,9 +133,9 @@ def test_file_is_packed_hard_mask_and_small(tmp_path):
     masked_weights = sum(layer.weight_shape[0] * layer.weight_shape[1] for layer in layers)
     size_bits = os.path.getsize(tmp_path / "a" / "adapter_model.safetensors") * 8
     header_budget_bits = 8 * (256 + 400 * len(layers))  # safetensors JSON header, shapes, fingerprints
-    assert size_bits <= 0.76 * masked_weights + header_budget_bits
-    packed_bits = sum(v.numel() * 8 for k, v in state.items() if k.endswith("maskllm_pattern_bits"))
-    assert packed_bits / masked_weights <= 0.7501  # 3 bits per group of 4
+    assert size_bits <= 0.67 * masked_weights + header_budget_bits
+    packed_bits = sum(v.numel() * 8 for k, v in state.items() if k.endswith("maskllm_pattern_codes"))
+    assert packed_bits / masked_weights <= 2 / 3 + 1e-3  # 3 groups of 4 weights per byte
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["peft_type"] == "MASKLLM (IMPORT SPARSE_PEFT)" and config["n"] == 2 and config["m"] == 4
     assert config["init_weights"] is False  # loading never recomputes a prior
@@ -161,7 +210,7 @@ def test_corrupt_and_truncated_files_are_refused(tmp_path):
         load_mask_adapter(tmp_path / "a")
     # a structurally valid file whose packed mask has the wrong length
     state = load_file_from_bytes(data)
-    key = next(k for k in state if k.endswith("maskllm_pattern_bits"))
+    key = next(k for k in state if k.endswith("maskllm_pattern_codes"))
     state[key] = state[key][:-1].clone()
     from safetensors.torch import save_file
     save_file(state, weights)
