@@ -182,7 +182,7 @@ def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
     import matplotlib.pyplot as plt
 
     learned = [r for r in rows if r["mask"] == "learned from sparsegpt"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     for key in sorted({(r["batch_size"], r["seq_len"], r["sparse_reg"]) for r in learned}):
         curve = sorted((r["tokens"], r["ppl"]) for r in learned if (r["batch_size"], r["seq_len"], r["sparse_reg"]) == key)
         ax.plot(*zip(*curve), marker="o", label=f"learned from SparseGPT, {key[0]} x {key[1]} tokens/step, lambda {key[2]:g}")
@@ -192,7 +192,7 @@ def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("Wikitext-2 perplexity")
-    ax.legend()
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))  # outside the data
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
