@@ -20,7 +20,8 @@ A mask adapter is a PEFT adapter folder: ``adapter_config.json`` (a :class:`~spa
 Delta-coded adapters
 --------------------
 A task adapter learned from a general mask (``MaskConfig(prior=<mask adapter>)``, ``save_delta``) stores, instead of
-``maskllm_pattern_codes`` / ``maskllm_pattern_bits``, only the ``K`` groups whose pattern differs from the general mask's:
+the full ``maskllm_pattern_codes`` / ``maskllm_pattern_bits``, only the ``K`` groups whose pattern differs from the
+general mask's:
 
 * ``<name>.maskllm_delta_info`` — int64 ``[3]``: ``[K, coding, gap_bits]``.
 * ``<name>.maskllm_delta_positions`` — uint8: which groups changed, in the cheaper of two codings (``coding``):
@@ -116,10 +117,10 @@ def unpack_indices(packed: torch.Tensor, num_groups: int, bits: int) -> torch.Te
     return (stream << torch.arange(bits, device=packed.device)).sum(dim=1)
 
 
-def digits_per_byte(num_candidates: int) -> int:
-    """How many base-``num_candidates`` digits one byte holds: the largest ``k`` with ``C**k <= 256``."""
+def digits_per_byte(candidates: int) -> int:
+    """How many base-``candidates`` digits one byte holds: the largest ``k`` with ``C**k <= 256``."""
     k = 1
-    while num_candidates ** (k + 1) <= 256:
+    while candidates ** (k + 1) <= 256:
         k += 1
     return k
 
@@ -129,17 +130,17 @@ def uses_pattern_codes(n: int, m: int) -> bool:
     return 8 / digits_per_byte(num_candidates(n, m)) < index_bits(n, m)
 
 
-def pack_codes(indices: torch.Tensor, num_candidates: int) -> torch.Tensor:
+def pack_codes(indices: torch.Tensor, candidates: int) -> torch.Tensor:
     """Pack ``[G]`` indices ``< C`` into uint8 ``[ceil(G / k)]``, ``k`` base-C digits per byte, lowest digit first."""
-    k = digits_per_byte(num_candidates)
+    k = digits_per_byte(candidates)
     digits = torch.nn.functional.pad(indices.long().flatten(), (0, (-indices.numel()) % k)).view(-1, k)
-    powers = num_candidates ** torch.arange(k, device=indices.device)
+    powers = candidates ** torch.arange(k, device=indices.device)
     return (digits * powers).sum(dim=1).to(torch.uint8)
 
 
-def unpack_codes(packed: torch.Tensor, num_groups: int, num_candidates: int) -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, num_groups: int, candidates: int) -> torch.Tensor:
     """Invert :func:`pack_codes`: uint8 ``[ceil(G / k)]`` -> int64 ``[G]``; ValueError if it cannot be such codes."""
-    k = digits_per_byte(num_candidates)
+    k = digits_per_byte(candidates)
     expected = -(-num_groups // k)
     if packed.dtype != torch.uint8 or packed.shape != (expected,):
         raise ValueError(
@@ -147,10 +148,10 @@ def unpack_codes(packed: torch.Tensor, num_groups: int, num_candidates: int) -> 
             f"{num_groups} groups, {k} per byte. The adapter file is corrupt or was written for another layer."
         )
     codes = packed.long()
-    if codes.numel() and int(codes.max()) >= num_candidates**k:
-        raise ValueError(f"packed mask holds a byte >= {num_candidates}**{k}: the adapter file is corrupt.")
-    powers = num_candidates ** torch.arange(k, device=packed.device)
-    return ((codes.unsqueeze(1) // powers) % num_candidates).flatten()[:num_groups]
+    if codes.numel() and int(codes.max()) >= candidates**k:
+        raise ValueError(f"packed mask holds a byte >= {candidates}**{k}: the adapter file is corrupt.")
+    powers = candidates ** torch.arange(k, device=packed.device)
+    return ((codes.unsqueeze(1) // powers) % candidates).flatten()[:num_groups]
 
 
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:

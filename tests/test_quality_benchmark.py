@@ -28,7 +28,8 @@ def test_rows_gap_closed_and_resume_runs_only_missing_rows(tmp_path):
                      ("sparsegpt+update", None), ("learned from sparsegpt", 1), ("learned from sparsegpt", 2)]
     dense, sparsegpt = first["rows"][0]["ppl"], first["rows"][3]["ppl"]
     for row in first["rows"][5:]:
-        assert row["tokens"] == row["steps"] * 16 and (row["batch_size"], row["seq_len"], row["sparse_reg"]) == (1, 16, 0.0)
+        assert row["tokens"] == row["steps"] * 16
+        assert (row["batch_size"], row["seq_len"], row["sparse_reg"]) == (1, 16, 0.0)
         assert abs(row["gap_closed"] - (sparsegpt - row["ppl"]) / (sparsegpt - dense)) < 1e-12
     assert (tmp_path / "q" / "quality.png").stat().st_size > 0
     assert "| learned from sparsegpt | learned |" in (tmp_path / "q" / "quality.md").read_text()
