@@ -35,6 +35,11 @@ from sparse_peft.storage import atomic_write
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
 
 
+#: Settings all rows of one table share: a ``--resume`` run must use the values the table was measured with.
+SHARED_SETTINGS = ("model", "gguf_file", "calibration", "num_samples", "calibration_len", "train_data", "lr",
+                   "tau_start", "tau_end", "kappa_start", "kappa_end", "eval_data", "window", "eval_windows")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="Hub id or folder (default: the shipped SmolLM2-135M-Instruct)")
@@ -64,8 +69,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def resumed_rows(args, json_path: str) -> list[dict]:
+    """The rows of an earlier run in ``--output`` (``--resume``), after checking it is comparable; else ``[]``.
+
+    Raises ``ValueError`` naming the settings that differ from the saved table's, or a one-shot mask folder that a
+    saved row needs and that is gone; nothing in ``--output`` is changed then.
+    """
+    if not (args.resume and os.path.isfile(json_path)):
+        return []
+    with open(json_path) as f:
+        saved = json.load(f)
+    differ = {k: (saved["settings"].get(k), getattr(args, k)) for k in SHARED_SETTINGS
+              if saved["settings"].get(k) != getattr(args, k)}
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {old!r} there, {new!r} now" for k, (old, new) in differ.items())
+        raise ValueError(f"--resume: {json_path} was measured with other settings ({shown}). Pass the same values, "
+                         "or write to another --output.")
+    for row in saved["rows"]:
+        if row["kind"] == "one-shot" and not os.path.isdir(os.path.join(args.output, f"oneshot-{row['mask']}")):
+            raise ValueError(f"--resume: {json_path} has a {row['mask']!r} row but its mask folder "
+                             f"oneshot-{row['mask']} is gone from {args.output}; restore it, or start another --output.")
+    return saved["rows"]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    json_path = os.path.join(args.output, "quality.json")
+    rows = resumed_rows(args, json_path)  # checked before the slow model load
     os.makedirs(args.output, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(args.model, gguf_file=args.gguf_file, device=args.device)
     eval_texts = load_texts(args.eval_data, split="test")
@@ -73,8 +103,6 @@ def main(argv=None) -> dict:
     def ppl(m) -> float:
         return perplexity(m, tokenizer, eval_texts, window=args.window, max_windows=args.eval_windows)["ppl"]
 
-    json_path = os.path.join(args.output, "quality.json")
-    rows: list[dict] = json.load(open(json_path))["rows"] if args.resume and os.path.isfile(json_path) else []
     result = {"settings": vars(args), "device": str(args.device), "torch_threads": torch.get_num_threads(),
               "rows": rows}
 
@@ -102,7 +130,7 @@ def main(argv=None) -> dict:
     priors = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
         priors[method] = os.path.join(args.output, f"oneshot-{method}")
-        if measured(method) and os.path.isdir(priors[method]):
+        if measured(method):  # resumed: resumed_rows checked that its folder is there
             continue
         start = time.perf_counter()
         peft_model = prune(model, method, None if method == "magnitude" else calibration_set())

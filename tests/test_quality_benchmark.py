@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+
+import pytest
 
 from conftest import AIDREAMS, REPO_ROOT
 
@@ -39,3 +42,13 @@ def test_rows_gap_closed_and_resume_runs_only_missing_rows(tmp_path):
     assert [r["ppl"] for r in second["rows"][:7]] == [r["ppl"] for r in first["rows"]]
     assert [(r["mask"], r.get("steps")) for r in second["rows"][7:]] == [("learned from sparsegpt", 3)]
     assert json.loads((tmp_path / "q" / "quality.json").read_text())["rows"] == second["rows"]
+
+    # A resume that would mix incomparable rows, or that lost a one-shot mask a row needs, stops before any work.
+    saved = (tmp_path / "q" / "quality.json").read_bytes()
+    changed = [a if a != "2" or SMALL[i - 1] != "--eval-windows" else "3" for i, a in enumerate(SMALL)]
+    with pytest.raises(ValueError, match="--eval-windows 2 there, 3 now"):
+        quality.main([*changed, "--steps", "1", "--curve-steps", "1", "--output", out, "--resume"])
+    shutil.rmtree(tmp_path / "q" / "oneshot-wanda")
+    with pytest.raises(ValueError, match="'wanda' row but its mask folder oneshot-wanda is gone"):
+        quality.main([*SMALL, "--steps", "1", "--curve-steps", "1", "--output", out, "--resume"])
+    assert (tmp_path / "q" / "quality.json").read_bytes() == saved
