@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kappa-end", type=float, default=500.0)
     p.add_argument("--sparse-reg", type=float, default=0.0,
                    help="regulariser lambda (paper: 1e-5, for ~1M tokens per step; it collapses small-batch runs)")
+    p.add_argument("--distill", action="store_true",
+                   help="learned rows train on the KL divergence from the dense model instead of the LM loss")
     p.add_argument("--priors", default="none,magnitude,wanda,sparsegpt", help="priors of the learned rows")
     p.add_argument("--eval-data", default="wikitext2")
     p.add_argument("--window", type=int, default=512)
@@ -89,6 +91,8 @@ def resumed_rows(args, json_path: str) -> list[dict]:
         if row["kind"] == "one-shot" and not os.path.isdir(os.path.join(args.output, f"oneshot-{row['mask']}")):
             raise ValueError(f"--resume: {json_path} has a {row['mask']!r} row but its mask folder "
                              f"oneshot-{row['mask']} is gone from {args.output}; restore it, or start another --output.")
+        if row["kind"] == "learned":
+            row.setdefault("distill", False)  # tables from before --distill trained on the LM loss
     return saved["rows"]
 
 
@@ -151,8 +155,9 @@ def main(argv=None) -> dict:
     )
     runs = [(prior, args.steps) for prior in args.priors.split(",")]
     runs += [("sparsegpt", steps) for steps in map(int, args.curve_steps.split(",")) if steps != args.steps]
-    # what distinguishes learned rows besides prior and steps: tokens per step and the regulariser
-    shape = {"batch_size": args.batch_size, "seq_len": args.seq_len, "sparse_reg": args.sparse_reg}
+    # what distinguishes learned rows besides prior and steps: tokens per step, the regulariser and the loss
+    shape = {"batch_size": args.batch_size, "seq_len": args.seq_len, "sparse_reg": args.sparse_reg,
+             "distill": args.distill}
     for prior, steps in runs:
         if measured(f"learned from {prior}", steps=steps, **shape):
             continue
@@ -166,9 +171,11 @@ def main(argv=None) -> dict:
             logging_steps=max(1, steps // 10), use_cpu=args.device == "cpu", disable_tqdm=False,
         )
         start = time.perf_counter()
-        learn_mask(peft_model, windows.select(range(steps * args.batch_size)), training_args, recompute_soft_mask=False)
+        learn_mask(peft_model, windows.select(range(steps * args.batch_size)), training_args, recompute_soft_mask=False,
+                   distill=args.distill)
         seconds = time.perf_counter() - start
         name = f"learned-{prior}-{steps}x{args.batch_size}x{args.seq_len}-reg{args.sparse_reg:g}"
+        name += "-distill" if args.distill else ""
         peft_model.save_pretrained(os.path.join(args.output, name))
         add({"mask": f"learned from {prior}", "kind": "learned", "ppl": ppl(peft_model), "seconds": seconds,
              "steps": steps, **shape, "tokens": steps * args.batch_size * args.seq_len,
@@ -188,22 +195,23 @@ def main(argv=None) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| mask | kind | Wikitext-2 PPL | steps x sequences x tokens | regulariser lambda | training tokens "
-             "| wall time (s) | SparseGPT gap closed |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| mask | kind | Wikitext-2 PPL | steps x sequences x tokens | loss | regulariser lambda "
+             "| training tokens | wall time (s) | SparseGPT gap closed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gap = f"{100 * r['gap_closed']:.0f}%" if "gap_closed" in r else "-"
         seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
         shape = f"{r['steps']} x {r['batch_size']} x {r['seq_len']}" if "steps" in r else "-"
         reg = f"{r['sparse_reg']:g}" if "sparse_reg" in r else "-"
-        lines.append(f"| {r['mask']} | {r['kind']} | {r['ppl']:.2f} | {shape} | {reg} | {r.get('tokens', '-')} "
-                     f"| {seconds} | {gap} |")
+        loss = ("KL from dense" if r["distill"] else "LM") if "distill" in r else "-"
+        lines.append(f"| {r['mask']} | {r['kind']} | {r['ppl']:.2f} | {shape} | {loss} | {reg} "
+                     f"| {r.get('tokens', '-')} | {seconds} | {gap} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
-    """PPL vs training tokens of the SparseGPT-prior runs (one curve per batch shape and regulariser), with the
-    dense and one-shot levels as lines."""
+    """PPL vs training tokens of the SparseGPT-prior runs (one curve per batch shape, regulariser and loss), with
+    the dense and one-shot levels as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,9 +219,14 @@ def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
 
     learned = [r for r in rows if r["mask"] == "learned from sparsegpt"]
     fig, ax = plt.subplots(figsize=(10, 4))
-    for key in sorted({(r["batch_size"], r["seq_len"], r["sparse_reg"]) for r in learned}):
-        curve = sorted((r["tokens"], r["ppl"]) for r in learned if (r["batch_size"], r["seq_len"], r["sparse_reg"]) == key)
-        ax.plot(*zip(*curve), marker="o", label=f"learned from SparseGPT, {key[0]} x {key[1]} tokens/step, lambda {key[2]:g}")
+    def key(r):
+        return r["batch_size"], r["seq_len"], r["sparse_reg"], r["distill"]
+
+    for batch, seq, reg, distill in sorted({key(r) for r in learned}):
+        curve = sorted((r["tokens"], r["ppl"]) for r in learned if key(r) == (batch, seq, reg, distill))
+        loss = ", KL from dense" if distill else ""
+        ax.plot(*zip(*curve), marker="o",
+                label=f"learned from SparseGPT, {batch} x {seq} tokens/step, lambda {reg:g}{loss}")
     ax.axhline(dense, color="green", linestyle="--", label="dense")
     ax.axhline(sparsegpt, color="red", linestyle="--", label="SparseGPT mask-only (one-shot)")
     ax.set_xscale("log")

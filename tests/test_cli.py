@@ -71,6 +71,21 @@ def test_learn_eval_and_inspect(tmp_path, text_file, capsys):
     assert "| layer | shape | sparsity | N:M valid | hamming |" in capsys.readouterr().out
 
 
+def test_learn_distill_trains_on_the_kl_from_the_dense_model(tmp_path, text_file, monkeypatch):
+    import sparse_peft.training as training
+
+    calls = []
+    original = training.dense_distillation_loss
+    monkeypatch.setattr(training, "dense_distillation_loss", lambda *a: calls.append(1) or original(*a))
+    prior, learned = tmp_path / "magnitude", tmp_path / "learned"
+    run(["prune", "--model", str(AIDREAMS), "--method", "magnitude", "--output", str(prior)])
+    run(["learn", *common(text_file), "--prior", str(prior), "--data", text_file, "--steps", "3", "--batch-size", "2",
+         "--seq-len", "32", "--distill", "--output", str(learned)])
+    assert len(calls) == 3  # one distillation loss per step
+    adapter = load_mask_adapter(str(learned))
+    assert all(record.mask(2, 4).view(-1, 4).sum(-1).eq(2).all() for record in adapter.records.values())
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

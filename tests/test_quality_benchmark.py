@@ -43,6 +43,14 @@ def test_rows_gap_closed_and_resume_runs_only_missing_rows(tmp_path):
     assert [(r["mask"], r.get("steps")) for r in second["rows"][7:]] == [("learned from sparsegpt", 3)]
     assert json.loads((tmp_path / "q" / "quality.json").read_text())["rows"] == second["rows"]
 
+    # The same budget trained on the KL from the dense model is another row, not a measured one.
+    third = quality.main([*SMALL, "--steps", "1", "--curve-steps", "1", "--distill", "--output", out, "--resume"])
+    assert [(r["mask"], r.get("steps"), r.get("distill")) for r in third["rows"][5:]] == [
+        ("learned from sparsegpt", 1, False), ("learned from sparsegpt", 2, False), ("learned from sparsegpt", 3, False),
+        ("learned from sparsegpt", 1, True)]
+    assert (tmp_path / "q" / "learned-sparsegpt-1x1x16-reg0-distill").is_dir()
+    assert "| 1 x 1 x 16 | KL from dense |" in (tmp_path / "q" / "quality.md").read_text()
+
     # A resume that would mix incomparable rows, or that lost a one-shot mask a row needs, stops before any work.
     saved = (tmp_path / "q" / "quality.json").read_bytes()
     changed = [a if a != "2" or SMALL[i - 1] != "--eval-windows" else "3" for i, a in enumerate(SMALL)]

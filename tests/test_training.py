@@ -105,3 +105,92 @@ def test_text_windows_cut_the_joined_text_into_non_overlapping_windows():
     assert text_windows(["abcd", "efgh"], Chars(), seq_len=3, max_windows=2)["input_ids"] == [joined[0:3], joined[3:6]]
     with pytest.raises(ValueError, match="fewer than one window of 20"):
         text_windows(["abcd"], Chars(), seq_len=20)
+
+
+def test_dense_distillation_loss_is_the_mean_kl_over_predicting_positions():
+    from sparse_peft.training import dense_distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g, requires_grad=True)
+    dense = torch.randn(2, 5, 7, generator=g, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    labels[0, :3] = -100  # a masked prompt: positions 0 and 1 predict nothing
+    expected, count = 0.0, 0
+    for b in range(2):
+        for t in range(4):  # the last position has no next label
+            if labels[b, t + 1] == -100:
+                continue
+            q, p = dense[b, t].softmax(-1), logits[b, t].softmax(-1)
+            expected += float((q * (q.log() - p.log())).sum())
+            count += 1
+    loss = dense_distillation_loss(logits, dense, labels)
+    assert count == 6 and math.isclose(loss.item(), expected / count, rel_tol=1e-5)
+    every = sum(float((d.softmax(-1) * (d.log_softmax(-1) - s.log_softmax(-1))).sum())
+                for d, s in zip(dense.reshape(-1, 7), logits.reshape(-1, 7)))
+    assert math.isclose(dense_distillation_loss(logits, dense).item(), every / 10, rel_tol=1e-5)
+    loss.backward()
+    assert logits.grad.abs().sum() > 0 and dense.grad is None  # the teacher is a target, not trained
+    assert dense_distillation_loss(dense.detach(), dense.detach(), labels).abs().item() < 1e-6
+    with pytest.raises(ValueError, match="nothing to distil"):
+        dense_distillation_loss(logits, dense, torch.full((2, 5), -100))
+    with pytest.raises(ValueError, match="differ in shape"):
+        dense_distillation_loss(logits, dense[:, :4], labels)
+
+
+def test_distillation_trainer_learns_from_the_dense_base_and_averages_accumulated_batches(tmp_path):
+    """A (near-)zero temperature makes the training forward use exactly the hard mask, so the logged loss of one
+    step with 2 accumulated micro-batches must be their mean KL from the unmasked model, computed independently."""
+    from sparse_peft.training import DenseDistillationTrainer, dense_distillation_loss
+
+    data = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    dataset = Dataset.from_dict({"input_ids": data.tolist(), "labels": data.tolist()})
+    frozen = dict(tau_start=1e-4, tau_end=1e-4, kappa_start=1e7, kappa_end=1e7, sparse_reg=0.0)
+    sharp = dict(initializer_range=0.2)  # larger weights than the default: outputs far from uniform, a KL well above 0
+    model = get_peft_model(tiny_llama(**sharp), MaskConfig(prior="magnitude", task_type="CAUSAL_LM", **frozen))
+    with torch.no_grad():
+        dense_logits = tiny_llama(**sharp)(input_ids=data).logits  # the same seed: the base without any mask
+        masked_logits = model.eval()(input_ids=data).logits
+        assert torch.allclose(model.train()(input_ids=data).logits, masked_logits, atol=1e-5)  # the premise
+    expected = dense_distillation_loss(masked_logits, dense_logits, data).item()
+    assert expected > 0.05
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )
+    trainer = DenseDistillationTrainer(model=model, args=args, train_dataset=dataset,
+                                       callbacks=[MaskScheduleCallback()])
+    trainer.train()
+    logged = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+    assert math.isclose(logged, expected, rel_tol=2e-3), (logged, expected)
+
+
+def test_learn_mask_with_distillation_brings_the_masked_model_closer_to_the_dense_one(tmp_path):
+    from sparse_peft.training import dense_distillation_loss, learn_mask, mask_training_arguments
+
+    data = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
+    dataset = Dataset.from_dict({"input_ids": data.tolist(), "labels": data.tolist()})
+    with torch.no_grad():
+        dense_logits = tiny_llama()(input_ids=data).logits
+
+    def kl_from_dense(model) -> float:
+        with torch.no_grad():
+            return dense_distillation_loss(model.eval()(input_ids=data).logits, dense_logits, data).item()
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), MaskConfig(prior="magnitude", sparse_reg=0.0, task_type="CAUSAL_LM"))
+    before = kl_from_dense(model)
+    args = mask_training_arguments(str(tmp_path), 30, 4, learning_rate=5e-2, seed=0, disable_tqdm=True)
+    trainer = learn_mask(model, dataset, args, distill=True)
+    assert type(trainer).__name__ == "DenseDistillationTrainer"
+    assert kl_from_dense(model) < 0.8 * before, (before, kl_from_dense(model))
+
+
+def test_distillation_trainer_refuses_a_model_it_cannot_distil(tmp_path):
+    from sparse_peft.training import DenseDistillationTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(TypeError, match="needs a PeftModel"):
+        DenseDistillationTrainer(model=tiny_llama(), args=args)
+    with_head = get_peft_model(tiny_llama(), MaskConfig(modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match=r"modules_to_save \['lm_head'\]"):
+        DenseDistillationTrainer(model=with_head, args=args)
