@@ -219,6 +219,7 @@ def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
 
     learned = [r for r in rows if r["mask"] == "learned from sparsegpt"]
     fig, ax = plt.subplots(figsize=(10, 4))
+
     def key(r):
         return r["batch_size"], r["seq_len"], r["sparse_reg"], r["distill"]
 
