@@ -116,17 +116,18 @@ def test_dense_distillation_loss_is_the_mean_kl_over_predicting_positions():
     labels = torch.randint(0, 7, (2, 5), generator=g)
     labels[0, :3] = -100  # a masked prompt: positions 0 and 1 predict nothing
     expected, count = 0.0, 0
-    for b in range(2):
-        for t in range(4):  # the last position has no next label
-            if labels[b, t + 1] == -100:
-                continue
-            q, p = dense[b, t].softmax(-1), logits[b, t].softmax(-1)
-            expected += float((q * (q.log() - p.log())).sum())
-            count += 1
+    with torch.no_grad():
+        for b in range(2):
+            for t in range(4):  # the last position has no next label
+                if labels[b, t + 1] == -100:
+                    continue
+                q, p = dense[b, t].softmax(-1), logits[b, t].softmax(-1)
+                expected += float((q * (q.log() - p.log())).sum())
+                count += 1
+        every = sum(float((d.softmax(-1) * (d.log_softmax(-1) - s.log_softmax(-1))).sum())
+                    for d, s in zip(dense.reshape(-1, 7), logits.reshape(-1, 7)))
     loss = dense_distillation_loss(logits, dense, labels)
     assert count == 6 and math.isclose(loss.item(), expected / count, rel_tol=1e-5)
-    every = sum(float((d.softmax(-1) * (d.log_softmax(-1) - s.log_softmax(-1))).sum())
-                for d, s in zip(dense.reshape(-1, 7), logits.reshape(-1, 7)))
     assert math.isclose(dense_distillation_loss(logits, dense).item(), every / 10, rel_tol=1e-5)
     loss.backward()
     assert logits.grad.abs().sum() > 0 and dense.grad is None  # the teacher is a target, not trained
