@@ -8,10 +8,11 @@ For every learned row it reports the training tokens, wall time, and the fractio
 dense gap that it closes: ``(ppl_sparsegpt - ppl_learned) / (ppl_sparsegpt - ppl_dense)``.
 
 Writes ``quality.md`` (table), ``quality.json`` (all numbers and the settings) and ``quality.png`` (the curves, one
-per batch shape) into ``--output``. The JSON is rewritten after every row; ``--resume`` continues in the same
-``--output``: rows already there (and the one-shot masks saved there) are kept and only missing rows run, so a run
-can be extended with more ``--curve-steps`` or another ``--batch-size``. Defaults run on the shipped SmolLM2-135M-Instruct on 2 CPU cores; pass ``--device cuda`` and
-bigger ``--steps`` / ``--batch-size`` / ``--seq-len`` / ``--num-samples`` for real budgets.
+per batch shape, regulariser and loss) into ``--output``. The JSON is rewritten after every row; ``--resume``
+continues in the same ``--output``: rows already there (and the one-shot masks saved there) are kept and only
+missing rows run, so a run can be extended with more ``--curve-steps``, another ``--batch-size`` or ``--distill``.
+Defaults run on the shipped SmolLM2-135M-Instruct on 2 CPU cores; pass ``--device cuda`` and bigger ``--steps`` /
+``--batch-size`` / ``--seq-len`` / ``--num-samples`` for real budgets.
 
     python benchmarks/quality.py --output runs/quality
 """
@@ -90,7 +91,8 @@ def resumed_rows(args, json_path: str) -> list[dict]:
     for row in saved["rows"]:
         if row["kind"] == "one-shot" and not os.path.isdir(os.path.join(args.output, f"oneshot-{row['mask']}")):
             raise ValueError(f"--resume: {json_path} has a {row['mask']!r} row but its mask folder "
-                             f"oneshot-{row['mask']} is gone from {args.output}; restore it, or start another --output.")
+                             f"oneshot-{row['mask']} is gone from {args.output}; restore it, or start another "
+                             "--output.")
         if row["kind"] == "learned":
             row.setdefault("distill", False)  # tables from before --distill trained on the LM loss
     return saved["rows"]

@@ -227,13 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kappa-start", type=float, default=100.0)
     p.add_argument("--kappa-end", type=float, default=500.0)
     p.add_argument("--sparse-reg", type=float, default=0.0,
-                   help="regulariser lambda; the paper's 1e-5 is for ~1M tokens per step and collapses small-batch runs")
+                   help="regulariser lambda; the paper's 1e-5 is for ~1M tokens per step and collapses small-batch "
+                        "runs")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--recompute-soft-mask", action="store_true",
                    help="regenerate the Gumbel sample in backward: 6 bytes per weight less memory, slower steps")
     p.add_argument("--distill", action="store_true",
-                   help="train on the KL divergence from the dense model instead of the LM loss: more per token, "
-                        "~1.5x the step time on CPU")
+                   help="train on the KL divergence from the dense model instead of the LM loss (1.3-1.5x the step "
+                        "time on CPU; see the README for when it pays)")
     p.add_argument("--save-logits", action="store_true", help="also save float logits to continue training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)

@@ -46,8 +46,8 @@ def test_rows_gap_closed_and_resume_runs_only_missing_rows(tmp_path):
     # The same budget trained on the KL from the dense model is another row, not a measured one.
     third = quality.main([*SMALL, "--steps", "1", "--curve-steps", "1", "--distill", "--output", out, "--resume"])
     assert [(r["mask"], r.get("steps"), r.get("distill")) for r in third["rows"][5:]] == [
-        ("learned from sparsegpt", 1, False), ("learned from sparsegpt", 2, False), ("learned from sparsegpt", 3, False),
-        ("learned from sparsegpt", 1, True)]
+        ("learned from sparsegpt", 1, False), ("learned from sparsegpt", 2, False),
+        ("learned from sparsegpt", 3, False), ("learned from sparsegpt", 1, True)]
     assert (tmp_path / "q" / "learned-sparsegpt-1x1x16-reg0-distill").is_dir()
     assert "| 1 x 1 x 16 | KL from dense |" in (tmp_path / "q" / "quality.md").read_text()
 

@@ -136,6 +136,8 @@ def test_dense_distillation_loss_is_the_mean_kl_over_predicting_positions():
         dense_distillation_loss(logits, dense, torch.full((2, 5), -100))
     with pytest.raises(ValueError, match="differ in shape"):
         dense_distillation_loss(logits, dense[:, :4], labels)
+    with pytest.raises(ValueError, match=r"labels \(2, 4\) do not match"):
+        dense_distillation_loss(logits, dense, labels[:, :4])
 
 
 def test_distillation_trainer_learns_from_the_dense_base_and_averages_accumulated_batches(tmp_path):
