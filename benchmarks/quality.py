@@ -172,15 +172,20 @@ def main(argv=None) -> dict:
             os.path.join(args.output, "trainer"), steps, args.batch_size, learning_rate=args.lr,
             logging_steps=max(1, steps // 10), use_cpu=args.device == "cpu", disable_tqdm=False,
         )
+        # Trainer goes over the text again (reshuffled) when the budget asks for more sequences than it holds
+        passes = steps * args.batch_size / len(windows)
+        if passes > 1:
+            print(f"{steps} steps x {args.batch_size} sequences go over the {len(windows)} training windows of "
+                  f"{args.seq_len} tokens {passes:.2f} times")
         start = time.perf_counter()
-        learn_mask(peft_model, windows.select(range(steps * args.batch_size)), training_args, recompute_soft_mask=False,
-                   distill=args.distill)
+        learn_mask(peft_model, windows.select(range(min(steps * args.batch_size, len(windows)))), training_args,
+                   recompute_soft_mask=False, distill=args.distill)
         seconds = time.perf_counter() - start
         name = f"learned-{prior}-{steps}x{args.batch_size}x{args.seq_len}-reg{args.sparse_reg:g}"
         name += "-distill" if args.distill else ""
         peft_model.save_pretrained(os.path.join(args.output, name))
         add({"mask": f"learned from {prior}", "kind": "learned", "ppl": ppl(peft_model), "seconds": seconds,
-             "steps": steps, **shape, "tokens": steps * args.batch_size * args.seq_len,
+             "steps": steps, **shape, "tokens": steps * args.batch_size * args.seq_len, "passes": round(passes, 3),
              "torch_threads": torch.get_num_threads()})
         model = peft_model.unload()
 
@@ -206,8 +211,11 @@ def markdown(rows: list[dict]) -> str:
         shape = f"{r['steps']} x {r['batch_size']} x {r['seq_len']}" if "steps" in r else "-"
         reg = f"{r['sparse_reg']:g}" if "sparse_reg" in r else "-"
         loss = ("KL from dense" if r["distill"] else "LM") if "distill" in r else "-"
+        tokens = str(r.get("tokens", "-"))
+        if r.get("passes", 0) > 1:
+            tokens += f" ({r['passes']:.2f} passes over the text)"
         lines.append(f"| {r['mask']} | {r['kind']} | {r['ppl']:.2f} | {shape} | {loss} | {reg} "
-                     f"| {r.get('tokens', '-')} | {seconds} | {gap} |")
+                     f"| {tokens} | {seconds} | {gap} |")
     return "\n".join(lines)
 
 
