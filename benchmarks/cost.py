@@ -19,11 +19,11 @@ text, with the same optimizer step (fused AdamW, betas 0.9/0.95, eps 1e-5, weigh
 
 Step time is the median over ``--steps`` timed steps after ``--warmup`` untimed ones (forward, backward, clipping,
 optimizer step, zeroing the gradients); the process's CPU time per step is reported too, which other processes on
-a shared machine disturb much less than wall time. Peak memory is the process's peak RSS on CPU (it includes the model) and
-``torch.cuda.max_memory_allocated`` on CUDA. Trainable-state bytes count parameters + gradients + optimizer state
-of the trainable tensors, divided by the number of masked weights (the weights of the targeted linears), so the
-three methods share one denominator. Prints a table and writes JSON (``--json``). Not a test: nothing is asserted;
-the targets of issue 5 are printed as ratios.
+a shared machine disturb much less than wall time. Peak memory is the process's peak RSS on CPU (it includes the
+model) and ``torch.cuda.max_memory_allocated`` on CUDA. Trainable-state bytes count parameters + gradients +
+optimizer state of the trainable tensors, divided by the number of masked weights (the weights of the targeted
+linears), so the three methods share one denominator. Prints a table and writes JSON (``--json``). Not a test:
+nothing is asserted; the targets of issue 5 are printed as ratios.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def load_model(args):
         ids = tokenizer("\n\n".join(load_texts(args.text, max_documents=2000)), return_tensors="pt").input_ids[0]
         needed = args.batch * args.seq_len
         if ids.numel() < needed:
-            raise SystemExit(f"--text {args.text!r} has {ids.numel()} tokens, fewer than --batch x --seq-len = {needed}")
+            raise SystemExit(
+                f"--text {args.text!r} has {ids.numel()} tokens, fewer than --batch x --seq-len = {needed}"
+            )
         batch = ids[:needed].view(args.batch, args.seq_len)
     return model.to(args.device), batch.to(args.device)
 

@@ -45,7 +45,8 @@ def load_tasks(args, tokenizer) -> dict[str, dict]:
     stories = load_texts(args.lm_data, split="train")
     cut = int(0.8 * len(stories))
     train_table = load_table(args.sst2_train, split="train").shuffle(seed=0)
-    dev = load_table(args.sst2_dev, split="validation").select(range(args.eval_examples))
+    dev = load_table(args.sst2_dev, split="validation")
+    dev = dev.select(range(min(args.eval_examples, len(dev))))
 
     def lm_metric(model) -> dict:
         result = perplexity(model, tokenizer, stories[cut:], window=args.window, max_windows=args.eval_windows)
@@ -56,7 +57,9 @@ def load_tasks(args, tokenizer) -> dict[str, dict]:
         predictions = label_word_predictions(model, tokenizer, prompts, LABEL_WORDS, batch_size=16)
         return metric_scores(predictions, dev["label"], metrics=("accuracy",))
 
-    sst2_texts = [f"{sst2_prompt(s)} {LABEL_WORDS[label]}" for s, label in zip(train_table["sentence"], train_table["label"])]
+    sst2_texts = [
+        f"{sst2_prompt(s)} {LABEL_WORDS[label]}" for s, label in zip(train_table["sentence"], train_table["label"])
+    ]
     return {
         "tinystories": {"texts": stories[:cut], "evaluate": lm_metric},
         "sst2": {"texts": sst2_texts, "evaluate": sst2_metric},
@@ -94,7 +97,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sparse-reg", type=float, default=0.0, help="regulariser lambda (paper: 1e-5 at ~1M tokens/step)")
     p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
     p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--eval-examples", type=int, default=400, help="SST-2 dev examples scored")
+    p.add_argument("--eval-examples", type=int, default=400, help="SST-2 dev examples scored (at most all of them)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default="runs/transfer")
     args = p.parse_args(argv)

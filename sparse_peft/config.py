@@ -145,7 +145,8 @@ class MaskConfig(PeftConfig):
         if self.save_delta and not self.prior_is_adapter:
             raise ValueError(
                 f"MaskConfig(save_delta=True) stores masks as changes to a general mask, but prior={self.prior!r} is "
-                "not a saved mask adapter. Pass prior='<path or Hub id of the general mask adapter>', or drop save_delta."
+                "not a saved mask adapter. Pass prior='<path or Hub id of the general mask adapter>', or drop "
+                "save_delta."
             )
         if isinstance(self.target_modules, list):
             self.target_modules = list(self.target_modules)

@@ -65,7 +65,9 @@ def perplexity(
     ids = torch.as_tensor(tokenizer("\n\n".join(texts), verbose=False)["input_ids"], dtype=torch.long)
     count = ids.numel() // window if max_windows is None else min(ids.numel() // window, max_windows)
     if count < 1:
-        raise ValueError(f"The text has {ids.numel()} tokens, fewer than one window of {window}; pass a smaller window.")
+        raise ValueError(
+            f"The text has {ids.numel()} tokens, fewer than one window of {window}; pass a smaller window."
+        )
     windows = ids[: count * window].view(count, window)
     total_nll, predicted = 0.0, 0
     with _inference(model) as device:
@@ -114,7 +116,9 @@ def load_metric(name: str):
     return evaluate.load(BUNDLED_METRICS.get(name, name))
 
 
-def metric_scores(predictions: Sequence[int], references: Sequence[int], metrics: Sequence[str] = ("accuracy",)) -> dict:
+def metric_scores(
+    predictions: Sequence[int], references: Sequence[int], metrics: Sequence[str] = ("accuracy",)
+) -> dict:
     """``{score name: value}`` of each ``evaluate`` metric (see :func:`load_metric`) on the predictions."""
     scores = {}
     for name in metrics:

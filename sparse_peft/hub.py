@@ -146,7 +146,9 @@ def push_mask_adapter(
     from huggingface_hub.errors import HfHubHTTPError
 
     if not (isinstance(repo_id, str) and _REPO_ID.match(repo_id)):
-        raise ValueError(f"repo_id must be 'namespace/name' (a Hub user or organisation and a repo name), got {repo_id!r}.")
+        raise ValueError(
+            f"repo_id must be 'namespace/name' (a Hub user or organisation and a repo name), got {repo_id!r}."
+        )
     if metrics is not None:
         _metrics_table(metrics)  # validate before any network call
     api = HfApi(token=token)
@@ -169,7 +171,9 @@ def push_mask_adapter(
                     f"Not allowed to push to {where} (HTTP {status}): pass token= a write token for that namespace, "
                     "or log in with `hf auth login`. Nothing was changed locally."
                 ) from err
-            raise RuntimeError(f"Pushing the mask adapter to {where} failed: {err} Nothing was changed locally.") from err
+            raise RuntimeError(
+                f"Pushing the mask adapter to {where} failed: {err} Nothing was changed locally."
+            ) from err
         except Exception as err:
             if not _is_network_error(err):
                 raise
@@ -246,7 +250,9 @@ def _stage_adapter(model_or_folder: Union[nn.Module, str, os.PathLike], adapter_
             raise FileNotFoundError(f"{source!r} is not a folder; pass a saved mask adapter folder or a PeftModel.")
     for name in ADAPTER_FILES:
         if not os.path.isfile(os.path.join(source, name)):
-            raise FileNotFoundError(f"{source!r} has no {name}: it is not a saved mask adapter (save_pretrained writes it).")
+            raise FileNotFoundError(
+                f"{source!r} has no {name}: it is not a saved mask adapter (save_pretrained writes it)."
+            )
         shutil.copyfile(os.path.join(source, name), os.path.join(staging, name))
     with open(os.path.join(staging, ADAPTER_FILES[0])) as f:
         config = json.load(f)

@@ -278,8 +278,9 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
             )
         if self.holds_indices(adapter_name):
             raise ValueError(
-                f"{self.layer_name}: adapter {adapter_name!r} was loaded for inference and holds only its hard mask, so "
-                "it cannot train. Load it with is_trainable=True (PeftModel.from_pretrained / load_adapter) to train."
+                f"{self.layer_name}: adapter {adapter_name!r} was loaded for inference and holds only its hard mask, "
+                "so it cannot train. Load it with is_trainable=True (PeftModel.from_pretrained / load_adapter) to "
+                "train."
             )
         logits = self.maskllm_logits[adapter_name]
         schedule = self.maskllm_spec[adapter_name].schedule

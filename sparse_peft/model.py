@@ -67,7 +67,9 @@ def base_mismatches(records: dict[str, MaskRecord], weights: dict[str, torch.Ten
     for name in sorted(records.keys() & weights.keys()):
         saved, weight = records[name], weights[name]
         if tuple(weight.shape) != saved.shape:
-            problems.append(f"{name}: adapter made for weight shape {saved.shape}, this model has {tuple(weight.shape)}")
+            problems.append(
+                f"{name}: adapter made for weight shape {saved.shape}, this model has {tuple(weight.shape)}"
+            )
         elif not fingerprints_match(saved.fingerprint, weight_fingerprint(weight)):
             problems.append(f"{name}: same shape {saved.shape} but different weight values")
     return problems
@@ -292,8 +294,9 @@ class MaskModel(BaseTuner):
             logits = state_dict[f"{key}.{LOGITS}.{adapter_name}"]  # or uint8 indices, if loaded for inference
             if config.save_logits and not logits.is_floating_point():
                 raise ValueError(
-                    f"{key}: adapter {adapter_name!r} was loaded for inference and holds no logits, so save_logits=True "
-                    "cannot be honoured; nothing was saved. Load it with is_trainable=True, or set save_logits=False."
+                    f"{key}: adapter {adapter_name!r} was loaded for inference and holds no logits, so "
+                    "save_logits=True cannot be honoured; nothing was saved. Load it with is_trainable=True, or set "
+                    "save_logits=False."
                 )
             if not torch.isfinite(logits).all():
                 raise ValueError(

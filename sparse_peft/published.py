@@ -110,7 +110,8 @@ def read_published_masks(
     with np.load(path, allow_pickle=False) as archive:
         if not archive.files:
             raise ValueError(f"{path} holds no masks.")
-        return {key.removesuffix(_KEY_SUFFIX): _unpack_entry(path, key, archive[key], linears, n, m) for key in archive.files}
+        return {key.removesuffix(_KEY_SUFFIX): _unpack_entry(path, key, archive[key], linears, n, m)
+                for key in archive.files}
 
 
 def _unpack_entry(
@@ -204,7 +205,9 @@ def import_published_masks(
         weight = linears[name].weight
         weight = weight.T if isinstance(linears[name], Conv1D) else weight
         record = MaskRecord(
-            shape=tuple(weight.shape), indices=indices_from_mask(masks[name], n, m), fingerprint=weight_fingerprint(weight)
+            shape=tuple(weight.shape),
+            indices=indices_from_mask(masks[name], n, m),
+            fingerprint=weight_fingerprint(weight),
         )
         for field, tensor in encode_record(record, n, m).items():
             tensors[f"{PEFT_KEY_PREFIX}{name}.{field}"] = tensor

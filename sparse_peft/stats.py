@@ -103,13 +103,15 @@ def mask_stats(
 def format_stats(stats: list[LayerMaskStats]) -> str:
     """A Markdown table of :func:`mask_stats` rows."""
     with_ref = any(row.hamming is not None for row in stats)
-    header = "| layer | shape | sparsity | N:M valid |" + (" hamming | agreement | groups changed |" if with_ref else "")
+    header = "| layer | shape | sparsity | N:M valid |"
+    header += " hamming | agreement | groups changed |" if with_ref else ""
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in stats:
-        line = f"| {row.name} | {row.shape[0]}x{row.shape[1]} | {row.sparsity:.4f} | {'yes' if row.valid_n_m else 'NO'} |"
-        if with_ref:
-            line += (
-                f" {row.hamming} | {row.agreement:.4f} | {row.groups_changed} |" if row.hamming is not None else " - | - | - |"
-            )
+        valid = "yes" if row.valid_n_m else "NO"
+        line = f"| {row.name} | {row.shape[0]}x{row.shape[1]} | {row.sparsity:.4f} | {valid} |"
+        if with_ref and row.hamming is not None:
+            line += f" {row.hamming} | {row.agreement:.4f} | {row.groups_changed} |"
+        elif with_ref:
+            line += " - | - | - |"
         lines.append(line)
     return "\n".join(lines)

@@ -409,7 +409,9 @@ def load_mask_adapter(name_or_path: str | os.PathLike, revision: str | None = No
     try:
         state_dict = load(data)
     except SafetensorError as err:
-        raise ValueError(f"{weights_file} is not a readable safetensors file ({err}); re-save or re-download it.") from None
+        raise ValueError(
+            f"{weights_file} is not a readable safetensors file ({err}); re-save or re-download it."
+        ) from None
     n, m = int(config["n"]), int(config["m"])
     grouped, _ = split_records(state_dict)
     if not grouped:

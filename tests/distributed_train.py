@@ -54,7 +54,8 @@ def train_with_trainer(out_dir: Path) -> None:
 
 
 def train_with_fsdp2(out_dir: Path) -> None:
-    """FSDP2 (``torch.distributed.fsdp.fully_shard``) per decoder block, in a plain loop (Trainer cannot shard on CPU)."""
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) per decoder block, in a plain loop (Trainer cannot shard on
+    CPU)."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard

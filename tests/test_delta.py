@@ -118,7 +118,8 @@ def test_missing_or_changed_general_mask_is_a_clear_error(tmp_path):
     shutil.move(tmp_path / "general", tmp_path / "moved")
     for load in (lambda: PeftModel.from_pretrained(tiny_llama(0), tmp_path / "task"),
                  lambda: load_mask_adapter(tmp_path / "task")):
-        with pytest.raises(FileNotFoundError, match=f"general mask '{tmp_path / 'general'}' \\(sha256 {sha}\\), which is missing"):
+        missing = f"general mask '{tmp_path / 'general'}' \\(sha256 {sha}\\), which is missing"
+        with pytest.raises(FileNotFoundError, match=missing):
             load()
     # pointing the reference at the new place fixes it
     config_file = tmp_path / "task" / "adapter_config.json"
@@ -148,7 +149,9 @@ def test_save_delta_options(tmp_path):
     task_from(tmp_path / "general", save_delta=False).save_pretrained(tmp_path / "raw")
     assert any(k.endswith("maskllm_pattern_codes") for k in load_file(tmp_path / "raw" / "adapter_model.safetensors"))
     # without a prior loaded at init (init_weights=False) the hash is recorded when the delta is saved
-    late = get_peft_model(tiny_llama(0), MaskConfig(prior=str(tmp_path / "general"), init_weights=False, save_delta=True))
+    late = get_peft_model(
+        tiny_llama(0), MaskConfig(prior=str(tmp_path / "general"), init_weights=False, save_delta=True)
+    )
     assert late.peft_config["default"].prior_sha256 is None
     late.eval().save_pretrained(tmp_path / "late")
     assert json.loads((tmp_path / "late" / "adapter_config.json").read_text())["prior_sha256"] == weights_sha256(

@@ -74,7 +74,9 @@ def test_on_a_sparse_tensor_core_gpu_weights_become_semi_structured(tokens):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lm_head stays dense; torch's prototype warning
         to_semi_structured(model)
-    converted = [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), SparseSemiStructuredTensor)]
+    converted = [
+        n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), SparseSemiStructuredTensor)
+    ]
     assert len(converted) == 2 * len(LLAMA_TARGETS)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=tokens).logits, expected, rtol=2e-2, atol=2e-2)

@@ -42,7 +42,9 @@ def hub(monkeypatch, tmp_path):
 
     with HubServer() as server:
         monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
         monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
         monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
@@ -65,9 +67,8 @@ def trained(tmp_path_factory):
 
 def folder_digest(folder: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every file under ``folder``."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def front_matter(readme: bytes) -> dict:
@@ -80,7 +81,8 @@ def test_push_lands_adapter_files_and_our_card(hub, trained):
     model, folder = trained
     before = folder_digest(folder)
     url = push_mask_adapter(
-        folder, "user/tiny-mask", base_model=BASE_ID, metrics={"wikitext-2 PPL": 12.3456, "run": "smoke"}, token=hub.token
+        folder, "user/tiny-mask", base_model=BASE_ID, metrics={"wikitext-2 PPL": 12.3456, "run": "smoke"},
+        token=hub.token,
     )
 
     assert url.startswith(f"{hub.endpoint}/user/tiny-mask/commit/")
@@ -104,7 +106,8 @@ def test_push_lands_adapter_files_and_our_card(hub, trained):
     # Pushing the live model saves the same adapter bytes; a second push to an existing repo is a new commit.
     second = push_mask_adapter(model, "user/tiny-mask", base_model=BASE_ID, token=hub.token, commit_message="again")
     assert second != url and len(hub.repos["user/tiny-mask"].commits) == 2
-    assert hub.files("user/tiny-mask")["adapter_model.safetensors"] == (folder / "adapter_model.safetensors").read_bytes()
+    saved = (folder / "adapter_model.safetensors").read_bytes()
+    assert hub.files("user/tiny-mask")["adapter_model.safetensors"] == saved
     assert "No metrics were reported" in hub.files("user/tiny-mask")["README.md"].decode()
     assert hub.unhandled == []
 
@@ -170,7 +173,7 @@ def test_unreachable_hub_fails_clearly_and_leaves_local_adapter_intact(hub, trai
     model, folder = trained
     before = folder_digest(folder)
     hub.stop()  # the port is closed: connections are refused
-    with pytest.raises(ConnectionError, match=f"Could not reach the Hub at {hub.endpoint}.*nothing was changed locally"):
+    with pytest.raises(ConnectionError, match=f"reach the Hub at {hub.endpoint}.*nothing was changed locally"):
         push_mask_adapter(folder, "user/tiny-mask", base_model=BASE_ID, token=hub.token)
     with pytest.raises(ConnectionError):
         push_mask_adapter(model, "user/tiny-mask", base_model=BASE_ID, token=hub.token)
@@ -289,6 +292,7 @@ def test_push_a_named_adapter_of_a_live_model(hub, tmp_path):
     model = get_peft_model(tiny_llama(1), MaskConfig(task_type="CAUSAL_LM"), adapter_name="task")
     model.save_pretrained(tmp_path)  # PEFT puts a non-default adapter in a subfolder of its name
     push_mask_adapter(model, "user/named", adapter_name="task", base_model=BASE_ID, token=hub.token)
-    assert hub.files("user/named")["adapter_model.safetensors"] == (tmp_path / "task" / "adapter_model.safetensors").read_bytes()
+    saved = (tmp_path / "task" / "adapter_model.safetensors").read_bytes()
+    assert hub.files("user/named")["adapter_model.safetensors"] == saved
     with pytest.raises(ValueError, match="no adapter 'default'"):
         push_mask_adapter(model, "user/named", base_model=BASE_ID, token=hub.token)

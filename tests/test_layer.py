@@ -295,7 +295,10 @@ def test_fused_training_forward_matches_straightforward_autograd(make, recompute
     model = get_peft_model(make(), MaskConfig(sparse_reg=lam, prior="magnitude"))
     set_soft_mask_memory(model, recompute=recompute)
     model.train()
-    context = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+
+    def context():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+
     with context():
         loss, got = loss_and_grads(model, tokens)
     low_precision = autocast or mask_layers(model)[0].base_weight().dtype == torch.bfloat16
@@ -329,6 +332,7 @@ def test_lm_head_and_unsupported_layers_are_refused():
     with pytest.raises(TypeError, match="Embedding"):
         get_peft_model(tiny_llama(), MaskConfig(target_modules=["embed_tokens"]))
     with pytest.raises(ValueError, match="not divisible by m=8"):
-        get_peft_model(tiny_llama(hidden_size=36, num_attention_heads=2, num_key_value_heads=2, intermediate_size=72), MaskConfig(m=8, n=2))
+        narrow = tiny_llama(hidden_size=36, num_attention_heads=2, num_key_value_heads=2, intermediate_size=72)
+        get_peft_model(narrow, MaskConfig(m=8, n=2))
     model = get_peft_model(tiny_llama(), MaskConfig(target_modules="all-linear"))
     assert len(mask_layers(model)) == 14  # every linear but lm_head

@@ -147,7 +147,10 @@ def test_prior_formula_matches_reference_computation():
 def test_prior_argmax_agrees_for_most_groups_and_exactly_for_large_alpha():
     prior = topn_mask(torch.randn(256, 256), 2, 4)
     target = indices_from_mask(prior, 2, 4)
-    agree = lambda alpha: (prior_logits(prior, 2, 4, alpha, 0.01).argmax(-1) == target).float().mean().item()
+
+    def agree(alpha):
+        return (prior_logits(prior, 2, 4, alpha, 0.01).argmax(-1) == target).float().mean().item()
+
     torch.manual_seed(0)
     assert 0.92 < agree(3.0) < 0.99  # paper: about 5% of groups start elsewhere, by design
     assert agree(50.0) == 1.0

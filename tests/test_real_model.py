@@ -25,7 +25,8 @@ def test_shipped_model_perplexity_and_a_valid_magnitude_mask(tmp_path):
     assert 25 < dense["ppl"] < 35  # measured 29.87 (see ../shared/assets/README.md: about 30)
     masked = prune(model, "magnitude", show_progress=False)
     assert all(row.valid_n_m and row.sparsity == 0.5 for row in mask_stats(masked))
-    assert perplexity(masked, tokenizer, texts, window=512, max_windows=8, show_progress=False)["ppl"] > 10 * dense["ppl"]
+    masked_ppl = perplexity(masked, tokenizer, texts, window=512, max_windows=8, show_progress=False)["ppl"]
+    assert masked_ppl > 10 * dense["ppl"]
     # the raw adapter file, headers included, stays under the 0.75 bit per masked weight target (measured 0.673)
     masked.save_pretrained(tmp_path / "magnitude")
     size = adapter_size(tmp_path / "magnitude")

@@ -39,7 +39,8 @@ def trained_adapter(path, seed=0, noise_seed=None, **config):
 
 
 def hard_masks(model):
-    return {n: m.hard_mask(m.active_adapter[0]).clone() for n, m in model.named_modules() if isinstance(m, MaskedLinear)}
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MaskedLinear)]
+    return {n: m.hard_mask(m.active_adapter[0]).clone() for n, m in layers}
 
 
 @pytest.mark.parametrize("bits, count", [(3, 1), (3, 7), (3, 8), (3, 1001), (1, 9), (7, 13)])
@@ -263,8 +264,8 @@ def test_registration_is_guarded_against_a_second_registration():
     assert PEFT_TYPE_TO_TUNER_MAPPING[peft_type] is sparse_peft.MaskModel
     sparse_peft.register()  # idempotent
     with pytest.raises(KeyError, match="already"):
-        register_peft_method(name="maskllm (import sparse_peft)", config_cls=MaskConfig, model_cls=sparse_peft.MaskModel,
-                             prefix="maskllm_")
+        register_peft_method(name="maskllm (import sparse_peft)", config_cls=MaskConfig,
+                             model_cls=sparse_peft.MaskModel, prefix="maskllm_")
 
 
 def test_prior_from_a_saved_adapter_is_the_transfer_path(tmp_path):

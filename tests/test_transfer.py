@@ -121,7 +121,7 @@ def test_published_masks_that_do_not_fit_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match=r"gate_proj.weight.mask. is a uint8 array of shape \(1024,\).*"
                                          "different model"):
         read_published_masks(npz, tiny_llama(0, intermediate_size=96))
-    with pytest.raises(ValueError, match="has a mask for 'model.layers.1.self_attn.q_proj', but this model has no such"):
+    with pytest.raises(ValueError, match="mask for 'model.layers.1.self_attn.q_proj', but this model has no such"):
         import_published_masks(npz, tiny_llama(0, num_hidden_layers=1), tmp_path / "a")
     partial = dict(masks)
     del partial["model.layers.1.self_attn.v_proj"]
@@ -130,7 +130,7 @@ def test_published_masks_that_do_not_fit_are_refused_clearly(tmp_path):
     dense = dict(masks)
     dense["model.layers.0.mlp.up_proj"] = dense["model.layers.0.mlp.up_proj"].clone()
     dense["model.layers.0.mlp.up_proj"][5, :4] = True
-    with pytest.raises(ValueError, match="mask for model.layers.0.mlp.up_proj is not a valid 2:4 mask.*group 80 keeps 4"):
+    with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj is not a valid 2:4 mask.*group 80 keeps 4"):
         import_published_masks(write_published(tmp_path / "d.npz", dense), tiny_llama(0), tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="No MaskLLM mask file"):
         read_published_masks(tmp_path / "nothing", tiny_llama(0))
