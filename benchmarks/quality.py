@@ -172,11 +172,9 @@ def main(argv=None) -> dict:
             os.path.join(args.output, "trainer"), steps, args.batch_size, learning_rate=args.lr,
             logging_steps=max(1, steps // 10), use_cpu=args.device == "cpu", disable_tqdm=False,
         )
-        # Trainer goes over the text again (reshuffled) when the budget asks for more sequences than it holds
+        # Trainer goes over the text again (reshuffled, and learn_mask warns) when the budget asks for more
+        # sequences than it holds
         passes = steps * args.batch_size / len(windows)
-        if passes > 1:
-            print(f"{steps} steps x {args.batch_size} sequences go over the {len(windows)} training windows of "
-                  f"{args.seq_len} tokens {passes:.2f} times")
         start = time.perf_counter()
         learn_mask(peft_model, windows.select(range(min(steps * args.batch_size, len(windows)))), training_args,
                    recompute_soft_mask=False, distill=args.distill)

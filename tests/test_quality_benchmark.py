@@ -62,7 +62,7 @@ def test_rows_gap_closed_and_resume_runs_only_missing_rows(tmp_path):
     assert (tmp_path / "q" / "quality.json").read_bytes() == saved
 
 
-def test_budget_beyond_the_training_text_goes_over_it_again(tmp_path, capsys):
+def test_budget_beyond_the_training_text_goes_over_it_again_with_a_warning(tmp_path):
     quality = load_benchmark()
     text = tmp_path / "short.txt"
     text.write_text("The robot dreamed of a quiet garden where the flowers sang to the moon at night.\n" * 2)
@@ -72,10 +72,11 @@ def test_budget_beyond_the_training_text_goes_over_it_again(tmp_path, capsys):
     trainers = []
     learn_mask = quality.learn_mask
     quality.learn_mask = lambda *a, **k: trainers.append(learn_mask(*a, **k))
-    result = quality.main([*args, "--steps", str(steps), "--curve-steps", str(steps), "--output", str(tmp_path / "q")])
+    with pytest.warns(UserWarning, match=f"{steps} steps x 1 sequences go over the {windows} training examples"):
+        result = quality.main([*args, "--steps", str(steps), "--curve-steps", str(steps),
+                               "--output", str(tmp_path / "q")])
     row = result["rows"][-1]
     assert (row["steps"], row["tokens"]) == (steps, steps * 16)
     assert row["passes"] == round(steps / windows, 3) and row["passes"] > 2
-    assert f"go over the {windows} training windows of 16 tokens" in capsys.readouterr().out
     assert [t.state.global_step for t in trainers] == [steps]
     assert f"| {steps * 16} ({row['passes']:.2f} passes over the text) |" in (tmp_path / "q" / "quality.md").read_text()

@@ -92,6 +92,22 @@ def test_learn_mask_keeping_the_soft_mask_trains_exactly_like_recomputing_it(tmp
     assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))
 
 
+def test_learn_mask_warns_when_the_steps_need_more_sequences_than_the_text_holds(tmp_path, recwarn):
+    """Trainer silently goes over the data again; a mask memorises repeated text, so learn_mask says so."""
+    from sparse_peft.training import learn_mask, mask_training_arguments
+
+    data = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    dataset = Dataset.from_dict({"input_ids": data, "labels": data})
+    model = get_peft_model(tiny_llama(), MaskConfig(prior="magnitude", task_type="CAUSAL_LM"))
+    exactly_once = mask_training_arguments(str(tmp_path / "a"), 2, 2, gradient_accumulation_steps=2, disable_tqdm=True)
+    learn_mask(model, dataset, exactly_once)
+    assert not [w for w in recwarn if "training examples" in str(w.message)]
+    twice = mask_training_arguments(str(tmp_path / "b"), 4, 2, gradient_accumulation_steps=2, disable_tqdm=True)
+    with pytest.warns(UserWarning, match="4 steps x 4 sequences go over the 8 training examples 2.00 times"):
+        trainer = learn_mask(model, dataset, twice)
+    assert trainer.state.global_step == 4
+
+
 def test_text_windows_cut_the_joined_text_into_non_overlapping_windows():
     from sparse_peft.training import text_windows
 
