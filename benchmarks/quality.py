@@ -219,7 +219,7 @@ def markdown(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
     """PPL vs training tokens of the SparseGPT-prior runs (one curve per batch shape, regulariser and loss), with
-    the dense and one-shot levels as lines."""
+    the dense and one-shot levels as lines; points that went over the training text more than once are labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,6 +236,11 @@ def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
         loss = ", KL from dense" if distill else ""
         ax.plot(*zip(*curve), marker="o",
                 label=f"learned from SparseGPT, {batch} x {seq} tokens/step, lambda {reg:g}{loss}")
+    for r in learned:
+        if r.get("passes", 0) > 1:  # the text came round again: not comparable with the one-pass points
+            ax.annotate(f"{r['passes']:.2f} passes over the text", (r["tokens"], r["ppl"]),
+                        textcoords="offset points", xytext=(-120, 24), fontsize="small",
+                        arrowprops={"arrowstyle": "->"})
     ax.axhline(dense, color="green", linestyle="--", label="dense")
     ax.axhline(sparsegpt, color="red", linestyle="--", label="SparseGPT mask-only (one-shot)")
     ax.set_xscale("log")
