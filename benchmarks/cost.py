@@ -2,6 +2,7 @@
 
     python benchmarks/cost.py                      # shipped SmolLM2-135M, batch 4 x 128 tokens, CPU, a few minutes
     python benchmarks/cost.py --device cuda --batch 8 --seq-len 512 --steps 10
+    python benchmarks/cost.py --autocast bfloat16  # as Trainer(bf16=True): bf16 matmuls, fp32 weights and logits
 
 Every method runs in its own process (so peak memory is its own) on the same model and the same fixed batch of
 text, with the same optimizer step (fused AdamW, betas 0.9/0.95, eps 1e-5, weight decay 0.1, grad-norm clipping at
@@ -19,11 +20,14 @@ text, with the same optimizer step (fused AdamW, betas 0.9/0.95, eps 1e-5, weigh
 
 Step time is the median over ``--steps`` timed steps after ``--warmup`` untimed ones (forward, backward, clipping,
 optimizer step, zeroing the gradients); the process's CPU time per step is reported too, which other processes on
-a shared machine disturb much less than wall time. Peak memory is the process's peak RSS on CPU (it includes the
-model) and ``torch.cuda.max_memory_allocated`` on CUDA. Trainable-state bytes count parameters + gradients +
-optimizer state of the trainable tensors, divided by the number of masked weights (the weights of the targeted
-linears), so the three methods share one denominator. Prints a table and writes JSON (``--json``). Not a test:
-nothing is asserted; the targets of issue 5 are printed as ratios.
+a shared machine disturb much less than wall time. ``--autocast`` runs every method's forward under
+``torch.autocast`` (as ``Trainer(bf16=True)`` does); weights, logits and optimizer state keep their dtype. Peak
+memory is the process's peak RSS on CPU (it includes the model) and ``torch.cuda.max_memory_allocated`` on CUDA.
+Trainable-state bytes count parameters + gradients + optimizer state of the trainable tensors, divided by the
+number of masked weights (the weights of the targeted linears), so the three methods share one denominator. Prints
+a table and writes JSON (``--json``) with the machine: CPU model and the vector instruction set torch's kernels use
+(bf16 matmuls are fast only with AVX512-BF16 / AMX). Not a test: nothing is asserted; the targets of issue 5 are
+printed as ratios.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the base weights (mask logits stay float32)")
+    parser.add_argument("--autocast", default="none", choices=["none", "bfloat16", "float16"],
+                        help="run the forward under torch.autocast in this dtype (Trainer's bf16=True / fp16=True)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per method")
@@ -173,12 +179,15 @@ def measure(method: str, args) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times, cpu_times, losses, grad_bytes = [], [], [], 0
+    device_type = torch.device(args.device).type
+    autocast_dtype = None if args.autocast == "none" else getattr(torch, args.autocast)
     for step in range(total):
         if method.startswith("mask"):
             update_mask_schedule(model, step, total)
         synchronize(args.device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = model(input_ids=batch, labels=batch).loss
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         grad_bytes = tensor_bytes(p.grad for p in params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -238,6 +247,15 @@ def report(results: dict[str, dict], args) -> dict:
     return ratios
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``""``: which kernels ran decides the timings."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -252,7 +270,8 @@ def main(argv=None) -> None:
     ratios = report(results, args)
     machine = {
         "platform": platform.platform(),
-        "processor": platform.processor(),
+        "processor": platform.processor() or cpu_model_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -10,7 +10,8 @@ dense gap that it closes: ``(ppl_sparsegpt - ppl_learned) / (ppl_sparsegpt - ppl
 Writes ``quality.md`` (table), ``quality.json`` (all numbers and the settings) and ``quality.png`` (the curves, one
 per batch shape, regulariser and loss) into ``--output``. The JSON is rewritten after every row; ``--resume``
 continues in the same ``--output``: rows already there (and the one-shot masks saved there) are kept and only
-missing rows run, so a run can be extended with more ``--curve-steps``, another ``--batch-size`` or ``--distill``.
+missing rows run, so a run can be extended with more ``--curve-steps``, another ``--batch-size``, ``--distill`` or
+``--bf16``.
 Defaults run on the shipped SmolLM2-135M-Instruct on 2 CPU cores; pass ``--device cuda`` and bigger ``--steps`` /
 ``--batch-size`` / ``--seq-len`` / ``--num-samples`` for real budgets.
 
@@ -63,6 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="regulariser lambda (paper: 1e-5, for ~1M tokens per step; it collapses small-batch runs)")
     p.add_argument("--distill", action="store_true",
                    help="learned rows train on the KL divergence from the dense model instead of the LM loss")
+    p.add_argument("--bf16", action="store_true",
+                   help="learned rows train under bf16 autocast (Trainer's bf16=True; the logits and their optimizer "
+                        "state stay fp32, and perplexity is always measured in fp32). Needs bf16 matmuls: a CUDA GPU "
+                        "or a CPU with AVX512-BF16 / AMX")
     p.add_argument("--priors", default="none,magnitude,wanda,sparsegpt", help="priors of the learned rows")
     p.add_argument("--eval-data", default="wikitext2")
     p.add_argument("--window", type=int, default=512)
@@ -95,6 +100,7 @@ def resumed_rows(args, json_path: str) -> list[dict]:
                              "--output.")
         if row["kind"] == "learned":
             row.setdefault("distill", False)  # tables from before --distill trained on the LM loss
+            row.setdefault("bf16", False)  # ... and from before --bf16 in fp32
     return saved["rows"]
 
 
@@ -157,9 +163,9 @@ def main(argv=None) -> dict:
     )
     runs = [(prior, args.steps) for prior in args.priors.split(",")]
     runs += [("sparsegpt", steps) for steps in map(int, args.curve_steps.split(",")) if steps != args.steps]
-    # what distinguishes learned rows besides prior and steps: tokens per step, the regulariser and the loss
+    # what distinguishes learned rows besides prior and steps: tokens per step, the regulariser, the loss, precision
     shape = {"batch_size": args.batch_size, "seq_len": args.seq_len, "sparse_reg": args.sparse_reg,
-             "distill": args.distill}
+             "distill": args.distill, "bf16": args.bf16}
     for prior, steps in runs:
         if measured(f"learned from {prior}", steps=steps, **shape):
             continue
@@ -170,7 +176,7 @@ def main(argv=None) -> dict:
         peft_model = get_peft_model(model, config)
         training_args = mask_training_arguments(
             os.path.join(args.output, "trainer"), steps, args.batch_size, learning_rate=args.lr,
-            logging_steps=max(1, steps // 10), use_cpu=args.device == "cpu", disable_tqdm=False,
+            logging_steps=max(1, steps // 10), use_cpu=args.device == "cpu", disable_tqdm=False, bf16=args.bf16,
         )
         # Trainer goes over the text again (reshuffled, and learn_mask warns) when the budget asks for more
         # sequences than it holds
@@ -180,7 +186,7 @@ def main(argv=None) -> dict:
                    recompute_soft_mask=False, distill=args.distill)
         seconds = time.perf_counter() - start
         name = f"learned-{prior}-{steps}x{args.batch_size}x{args.seq_len}-reg{args.sparse_reg:g}"
-        name += "-distill" if args.distill else ""
+        name += ("-distill" if args.distill else "") + ("-bf16" if args.bf16 else "")
         peft_model.save_pretrained(os.path.join(args.output, name))
         add({"mask": f"learned from {prior}", "kind": "learned", "ppl": ppl(peft_model), "seconds": seconds,
              "steps": steps, **shape, "tokens": steps * args.batch_size * args.seq_len, "passes": round(passes, 3),
@@ -200,26 +206,28 @@ def main(argv=None) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| mask | kind | Wikitext-2 PPL | steps x sequences x tokens | loss | regulariser lambda "
-             "| training tokens | wall time (s) | SparseGPT gap closed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mask | kind | Wikitext-2 PPL | steps x sequences x tokens | loss | training precision "
+             "| regulariser lambda | training tokens | wall time (s) | SparseGPT gap closed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gap = f"{100 * r['gap_closed']:.0f}%" if "gap_closed" in r else "-"
         seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
         shape = f"{r['steps']} x {r['batch_size']} x {r['seq_len']}" if "steps" in r else "-"
         reg = f"{r['sparse_reg']:g}" if "sparse_reg" in r else "-"
         loss = ("KL from dense" if r["distill"] else "LM") if "distill" in r else "-"
+        precision = ("bf16 autocast" if r["bf16"] else "fp32") if "bf16" in r else "-"
         tokens = str(r.get("tokens", "-"))
         if r.get("passes", 0) > 1:
             tokens += f" ({r['passes']:.2f} passes over the text)"
-        lines.append(f"| {r['mask']} | {r['kind']} | {r['ppl']:.2f} | {shape} | {loss} | {reg} "
+        lines.append(f"| {r['mask']} | {r['kind']} | {r['ppl']:.2f} | {shape} | {loss} | {precision} | {reg} "
                      f"| {tokens} | {seconds} | {gap} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
-    """PPL vs training tokens of the SparseGPT-prior runs (one curve per batch shape, regulariser and loss), with
-    the dense and one-shot levels as lines; points that went over the training text more than once are labelled."""
+    """PPL vs training tokens of the SparseGPT-prior runs (one curve per batch shape, regulariser, loss and training
+    precision), with the dense and one-shot levels as lines; points that went over the training text more than once
+    are labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,11 +237,11 @@ def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
     fig, ax = plt.subplots(figsize=(10, 4))
 
     def key(r):
-        return r["batch_size"], r["seq_len"], r["sparse_reg"], r["distill"]
+        return r["batch_size"], r["seq_len"], r["sparse_reg"], r["distill"], r["bf16"]
 
-    for batch, seq, reg, distill in sorted({key(r) for r in learned}):
-        curve = sorted((r["tokens"], r["ppl"]) for r in learned if key(r) == (batch, seq, reg, distill))
-        loss = ", KL from dense" if distill else ""
+    for batch, seq, reg, distill, bf16 in sorted({key(r) for r in learned}):
+        curve = sorted((r["tokens"], r["ppl"]) for r in learned if key(r) == (batch, seq, reg, distill, bf16))
+        loss = (", KL from dense" if distill else "") + (", bf16" if bf16 else "")
         ax.plot(*zip(*curve), marker="o",
                 label=f"learned from SparseGPT, {batch} x {seq} tokens/step, lambda {reg:g}{loss}")
     for r in learned:

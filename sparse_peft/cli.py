@@ -46,6 +46,12 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
 
 
+def _add_bf16_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bf16", action="store_true",
+                        help="train under bf16 autocast (Trainer's bf16=True; logits stay fp32): fast on a CUDA GPU "
+                             "or a CPU with AVX512-BF16 / AMX, slow where bf16 matmuls are emulated")
+
+
 def _targets(args) -> Optional[list[str]]:
     return [t.strip() for t in args.targets.split(",")] if args.targets else None
 
@@ -133,7 +139,7 @@ def cmd_learn(args) -> dict:
     training_args = mask_training_arguments(
         os.path.join(args.output, "trainer"), args.steps, args.batch_size, learning_rate=args.lr,
         gradient_accumulation_steps=args.grad_accum, logging_steps=max(1, args.steps // 20),
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, bf16=args.bf16,
     )
     start = time.perf_counter()
     trainer = learn_mask(peft_model, dataset, training_args, recompute_soft_mask=args.recompute_soft_mask,
@@ -191,7 +197,8 @@ def cmd_demo(args) -> list[dict]:
     run(["prune", *common, *calib, "--method", "sparsegpt", "--output", prior_dir])
     learned = run(["learn", *common, "--prior", prior_dir, "--data", args.data, "--steps", str(args.steps),
                     "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
-                    "--sparse-reg", str(args.sparse_reg), "--output", learned_dir])
+                    "--sparse-reg", str(args.sparse_reg), *(["--bf16"] if args.bf16 else []), "--output",
+                    learned_dir])
     rows = run(["eval", *common, "--eval-data", args.eval_data, "--window", str(args.window),
                  *(["--max-windows", str(args.max_windows)] if args.max_windows else []),
                  "--adapter", prior_dir, "--adapter", learned_dir, "--json", os.path.join(args.output, "ppl.json")])
@@ -235,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", action="store_true",
                    help="train on the KL divergence from the dense model instead of the LM loss (1.3-1.5x the step "
                         "time on CPU; see the README for when it pays)")
+    _add_bf16_arg(p)
     p.add_argument("--save-logits", action="store_true", help="also save float logits to continue training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)
@@ -260,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--sparse-reg", type=float, default=0.0)
+    _add_bf16_arg(p)
     p.add_argument("--output", default="runs/demo")
     p.set_defaults(func=cmd_demo, num_samples=32, calibration_len=256, window=512, max_windows=8)
     return parser

@@ -86,6 +86,34 @@ def test_learn_distill_trains_on_the_kl_from_the_dense_model(tmp_path, text_file
     assert all(record.mask(2, 4).view(-1, 4).sum(-1).eq(2).all() for record in adapter.records.values())
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_learn_bf16_trains_the_masked_layers_under_bf16_autocast(tmp_path, text_file, monkeypatch, bf16):
+    import sparse_peft.training as training
+    from sparse_peft.layer import MaskedLinear
+
+    seen = set()  # (output dtype, logits dtype) of every training forward of a mask layer
+
+    def record(module, inputs, output):
+        if module.training:
+            seen.add((output.dtype, module.maskllm_logits["default"].dtype))
+
+    original = training.learn_mask
+
+    def learn_mask(model, *args, **kwargs):
+        for module in model.modules():
+            if isinstance(module, MaskedLinear):
+                module.register_forward_hook(record)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "learn_mask", learn_mask)
+    learned = tmp_path / "learned"
+    run(["learn", *common(text_file), "--prior", "magnitude", "--data", text_file, "--steps", "2", "--batch-size", "2",
+         "--seq-len", "32", *(["--bf16"] if bf16 else []), "--output", str(learned)])
+    assert seen == {(torch.bfloat16 if bf16 else torch.float32, torch.float32)}
+    adapter = load_mask_adapter(str(learned))
+    assert all(record.mask(2, 4).view(-1, 4).sum(-1).eq(2).all() for record in adapter.records.values())
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -76,7 +76,8 @@ def test_cost_benchmark_counts_24_bytes_of_trainable_state_per_masked_weight():
     spec = importlib.util.spec_from_file_location("cost", REPO_ROOT / "benchmarks" / "cost.py")
     cost = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cost)
-    args = cost.parse_args(["--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--seq-len", "16"])
+    argv = ["--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--seq-len", "16"]
+    args = cost.parse_args(argv)
     results = {method: cost.measure(method, args) for method in ("mask", "lora", "full")}
     masked = results["mask"]["masked_weights"]
     assert masked == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)  # per block: q, o; k, v; gate, up, down
@@ -88,6 +89,13 @@ def test_cost_benchmark_counts_24_bytes_of_trainable_state_per_masked_weight():
         assert r["trainable_state_bytes"] < 16 * r["trainable_params"] + 4096
     assert results["full"]["trainable_params"] == sum(p.numel() for p in cost.load_model(args)[0].parameters())
     assert all(r["step_time_s"] > 0 and len(r["losses"]) == 1 for r in results.values())
+
+    # --autocast bfloat16 (Trainer's bf16=True): the same first step (same logits, noise and batch) in bf16
+    # matmuls gives a loss within bf16 rounding of the fp32 one, not the same; the fp32 state is unchanged.
+    autocast = cost.measure("mask", cost.parse_args([*argv, "--autocast", "bfloat16"]))
+    assert autocast["losses"] != results["mask"]["losses"]
+    assert autocast["losses"][0] == pytest.approx(results["mask"]["losses"][0], rel=0.02)
+    assert autocast["trainable_state_bytes"] == results["mask"]["trainable_state_bytes"]
 
 
 def test_trainer_8bit_adam_keeps_one_byte_per_moment_and_the_cost_benchmark_counts_it(tmp_path):

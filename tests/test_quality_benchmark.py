@@ -49,7 +49,14 @@ def test_rows_gap_closed_and_resume_runs_only_missing_rows(tmp_path):
         ("learned from sparsegpt", 1, False), ("learned from sparsegpt", 2, False),
         ("learned from sparsegpt", 3, False), ("learned from sparsegpt", 1, True)]
     assert (tmp_path / "q" / "learned-sparsegpt-1x1x16-reg0-distill").is_dir()
-    assert "| 1 x 1 x 16 | KL from dense |" in (tmp_path / "q" / "quality.md").read_text()
+    assert "| 1 x 1 x 16 | KL from dense | fp32 |" in (tmp_path / "q" / "quality.md").read_text()
+
+    # So is the same budget trained under bf16 autocast; perplexity is still measured in fp32.
+    fourth = quality.main([*SMALL, "--steps", "1", "--curve-steps", "1", "--bf16", "--output", out, "--resume"])
+    assert [(r.get("steps"), r.get("distill"), r.get("bf16")) for r in fourth["rows"][5:]] == [
+        (1, False, False), (2, False, False), (3, False, False), (1, True, False), (1, False, True)]
+    assert (tmp_path / "q" / "learned-sparsegpt-1x1x16-reg0-bf16").is_dir()
+    assert "| 1 x 1 x 16 | LM | bf16 autocast |" in (tmp_path / "q" / "quality.md").read_text()
 
     # A resume that would mix incomparable rows, or that lost a one-shot mask a row needs, stops before any work.
     saved = (tmp_path / "q" / "quality.json").read_bytes()
