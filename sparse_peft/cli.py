@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regenerate the Gumbel sample in backward: 6 bytes per weight less memory, slower steps")
     p.add_argument("--distill", action="store_true",
                    help="train on the KL divergence from the dense model instead of the LM loss (1.3-1.5x the step "
-                        "time on CPU; see the README for when it pays)")
+                        "time on CPU in fp32; see the README for when it pays)")
     _add_bf16_arg(p)
     p.add_argument("--save-logits", action="store_true", help="also save float logits to continue training")
     p.add_argument("--seed", type=int, default=0)
