@@ -122,7 +122,7 @@ def prepare(method: str, model):
 
         set_soft_mask_memory(peft_model, recompute=False)
     if method == "mask-ckpt":
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return peft_model
 
 

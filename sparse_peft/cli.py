@@ -139,7 +139,7 @@ def cmd_learn(args) -> dict:
     training_args = mask_training_arguments(
         os.path.join(args.output, "trainer"), args.steps, args.batch_size, learning_rate=args.lr,
         gradient_accumulation_steps=args.grad_accum, logging_steps=max(1, args.steps // 20),
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, bf16=args.bf16,
+        activation_checkpointing=args.gradient_checkpointing, seed=args.seed, bf16=args.bf16,
     )
     start = time.perf_counter()
     trainer = learn_mask(peft_model, dataset, training_args, recompute_soft_mask=args.recompute_soft_mask,

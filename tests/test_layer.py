@@ -211,7 +211,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokens):
     def grads(checkpointing: bool, reentrant: bool = True):
         model = get_peft_model(tiny_llama(), MaskConfig(prior="magnitude"))
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()
         model.train()
         torch.manual_seed(123)
@@ -231,7 +231,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokens):
 def test_checkpoint_recompute_leaves_no_stale_regulariser_in_the_reported_loss(tokens):
     """Recomputing a forward in backward records a penalty; once lambda is 0 it must not reach the next loss."""
     model = get_peft_model(tiny_llama(), MaskConfig(sparse_reg=1e-2))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     model(input_ids=tokens, labels=tokens).loss.backward()  # lambda > 0: the recompute records a penalty
     model.base_model.set_mask_schedule(1, 2)  # the last step: lambda = 0
