@@ -226,36 +226,61 @@ def markdown(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
     """PPL vs training tokens of the SparseGPT-prior runs (one curve per batch shape, regulariser, loss and training
-    precision), with the dense and one-shot levels as lines; points that went over the training text more than once
-    are labelled."""
+    precision), with the dense and one-shot levels as labelled lines; points that went over the training text more
+    than once are labelled. Log x when the budgets span a factor of 10 or more, else linear."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     learned = [r for r in rows if r["mask"] == "learned from sparsegpt"]
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
 
     def key(r):
-        return r["batch_size"], r["seq_len"], r["sparse_reg"], r["distill"], r["bf16"]
+        return r["batch_size"], r["seq_len"], r["sparse_reg"], r.get("distill", False), r.get("bf16", False)
 
     for batch, seq, reg, distill, bf16 in sorted({key(r) for r in learned}):
         curve = sorted((r["tokens"], r["ppl"]) for r in learned if key(r) == (batch, seq, reg, distill, bf16))
-        loss = (", KL from dense" if distill else "") + (", bf16" if bf16 else "")
-        ax.plot(*zip(*curve), marker="o",
-                label=f"learned from SparseGPT, {batch} x {seq} tokens/step, lambda {reg:g}{loss}")
+        loss = "KL from dense" if distill else "LM loss"
+        label = f"{loss}{', bf16' if bf16 else ''}, {batch} x {seq} tokens/step, lambda {reg:g}"
+        ax.plot(*zip(*curve), marker="o", label=label)
+    for r in learned if len(learned) <= 4 else ():  # few points: write their values next to them
+        ax.annotate(f"{r['ppl']:.1f}", (r["tokens"], r["ppl"]), textcoords="offset points", xytext=(0, 8),
+                    ha="center", fontsize="small")
     for r in learned:
         if r.get("passes", 0) > 1:  # the text came round again: not comparable with the one-pass points
-            ax.annotate(f"{r['passes']:.2f} passes over the text", (r["tokens"], r["ppl"]),
-                        textcoords="offset points", xytext=(-120, 24), fontsize="small",
-                        arrowprops={"arrowstyle": "->"})
-    ax.axhline(dense, color="green", linestyle="--", label="dense")
-    ax.axhline(sparsegpt, color="red", linestyle="--", label="SparseGPT mask-only (one-shot)")
-    ax.set_xscale("log")
+            ax.annotate(f"{r['passes']:.2f} passes over the text", (r["tokens"], r["ppl"]), textcoords="offset points",
+                        xytext=(-15, -30), ha="right", va="top", fontsize="small", arrowprops={"arrowstyle": "->"})
+
+    update = next((r["ppl"] for r in rows if r["mask"] == "sparsegpt+update"), None)
+    levels = [(dense, "dense", "green", "--"), (sparsegpt, "SparseGPT 2:4, mask only (one-shot)", "red", "--")]
+    if update is not None:
+        levels.append((update, "SparseGPT 2:4 with weight update (one-shot)", "darkorange", ":"))
+    for level, name, color, style in levels:
+        ax.axhline(level, color=color, linestyle=style, linewidth=1.2)
+        ax.text(0.99, level, f"{name}: {level:.1f}", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
+                color=color, fontsize="small")
+
+    tokens = [r["tokens"] for r in learned]
+    if tokens and max(tokens) >= 10 * min(tokens):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("training tokens (log scale)")
+    else:
+        ax.margins(x=0.15)
+        ax.set_xlabel("training tokens")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x >= 1000 else f"{x:g}"))
     ax.set_yscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("Wikitext-2 perplexity")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))  # outside the data
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylabel("Wikitext-2 perplexity (log scale; lower is better)")
+    ax.set_title("2:4 masks learned from the SparseGPT prior", fontsize="medium")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2 if len(learned) > 3 else 1,
+              title="learned mask (loss, batch, regulariser)", title_fontsize="small", frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

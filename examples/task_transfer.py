@@ -4,7 +4,7 @@ Tasks (shipped data, or any file / Hub dataset with the same columns):
 
 * ``tinystories`` — a causal-LM domain: the task mask is learned on 80% of the TinyStories documents and scored
   by perplexity on the other 20%.
-* ``sst2`` — classification as language modelling: training texts are ``"Review: <sentence>\\nSentiment: <word>"``;
+* ``sst2`` — classification as language modelling: training texts are ``"Review: <sentence>\nSentiment: <word>"``;
   the score is the accuracy (an ``evaluate`` metric) of predicting the likelier label word after the prompt.
 
 For each task it compares the dense model, the general mask alone, the task mask learned from the general mask
@@ -153,22 +153,40 @@ def markdown(results: dict, sizes: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, agreement: dict, path: str) -> None:
+def plot(results: dict, agreement: dict, path: str, one_shot: dict | None = None) -> None:
+    """Per-layer agreement of each task mask with the general mask, and one bar chart per task (dense, general
+    mask, the two task masks) with the dense level, and the one-shot level of ``one_shot[task]`` if given, as
+    labelled lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 1 + len(results), figsize=(5 * (1 + len(results)), 4))
+    names = {"dense": "dense", "general": "general\nmask", "task mask transfer": "task mask\nfrom general",
+             "task mask scratch": "task mask from\nSparseGPT prior"}
+    titles = {"tinystories": "TinyStories", "sst2": "SST-2"}
+    units = {"ppl": "perplexity (lower is better)", "accuracy": "accuracy (higher is better)"}
+    fig, axes = plt.subplots(1, 1 + len(results), figsize=(5 * (1 + len(results)), 4.6))
     for task, per_layer in agreement.items():
-        axes[0].plot(list(per_layer.values()), marker=".", label=task)
-    axes[0].set(title="task mask vs general mask", xlabel="masked layer (model order)", ylabel="agreement")
-    axes[0].legend()
+        axes[0].plot([100 * a for a in per_layer.values()], marker=".", linewidth=0.8, alpha=0.8, label=task)
+    axes[0].set(title="task mask vs general mask", xlabel="masked linear layer (model order)",
+                ylabel="groups with the general mask's pattern (%)")
+    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(agreement), frameon=False)
     for ax, (task, by_model) in zip(axes[1:], results.items()):
         metric = next(iter(by_model["dense"]))
-        ax.bar(list(by_model), [v[metric] for v in by_model.values()])
-        ax.set(title=task, ylabel=metric)
-        ax.tick_params(axis="x", rotation=20)
+        values = [v[metric] for v in by_model.values()]
+        bars = ax.bar([names.get(k, k) for k in by_model], values, color=["green"] + ["tab:blue"] * (len(values) - 1))
+        ax.bar_label(bars, fmt="%.3g", fontsize="small")
+        ax.axhline(by_model["dense"][metric], color="green", linestyle="--", linewidth=1)  # the bar says "dense"
+        top = max(values)
+        if one_shot and task in one_shot:
+            ax.axhline(one_shot[task], color="red", linestyle="--", linewidth=1)
+            ax.text(0.99, one_shot[task], f"SparseGPT 2:4 mask-only (one-shot): {one_shot[task]:.3g}",
+                    transform=ax.get_yaxis_transform(), ha="right", va="bottom", color="red", fontsize="small")
+            top = max(top, one_shot[task])
+        ax.set_ylim(0, 1.15 * top)
+        ax.set(title=titles.get(task, task), ylabel=f"{titles.get(task, task)} {units.get(metric, metric)}")
+        ax.tick_params(axis="x", labelsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
