@@ -30,11 +30,12 @@ import torch
 from peft import get_peft_model
 
 import sparse_peft
-from sparse_peft.data import load_model_and_tokenizer, load_texts
+from sparse_peft.cli import add_config_arg
+from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer, load_texts
 from sparse_peft.evaluation import perplexity
-from sparse_peft.priors import calibration_from_texts, prune
-from sparse_peft.storage import atomic_write
+from sparse_peft.oneshot import prune
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
+from sparse_peft.utils import atomic_write
 
 
 #: Settings all rows of one table share: a ``--resume`` run must use the values the table was measured with.
@@ -56,11 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--tau-start", type=float, default=4.0)
-    p.add_argument("--tau-end", type=float, default=0.05)
-    p.add_argument("--kappa-start", type=float, default=100.0)
-    p.add_argument("--kappa-end", type=float, default=500.0)
-    p.add_argument("--sparse-reg", type=float, default=0.0,
+    for name in ("tau_start", "tau_end", "kappa_start", "kappa_end"):
+        add_config_arg(p, name)  # type, default and help of the MaskConfig field
+    add_config_arg(p, "sparse_reg", default=0.0,
                    help="regulariser lambda (paper: 1e-5, for ~1M tokens per step; it collapses small-batch runs)")
     p.add_argument("--distill", action="store_true",
                    help="learned rows train on the KL divergence from the dense model instead of the LM loss")

@@ -18,8 +18,8 @@ import time
 from peft import get_peft_model
 
 import sparse_peft
-from sparse_peft.data import load_model_and_tokenizer, load_texts
-from sparse_peft.priors import calibration_from_texts, prune
+from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer, load_texts
+from sparse_peft.oneshot import prune
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
 
 

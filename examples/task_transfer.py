@@ -27,11 +27,12 @@ import time
 from peft import PeftModel, get_peft_model
 
 import sparse_peft
+from sparse_peft.adapter_io import adapter_size
 from sparse_peft.data import assets_dir, load_model_and_tokenizer, load_table, load_texts
 from sparse_peft.evaluation import label_word_predictions, metric_scores, perplexity
 from sparse_peft.stats import mask_stats
-from sparse_peft.storage import adapter_size, atomic_write
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
+from sparse_peft.utils import atomic_write
 
 LABEL_WORDS = ("negative", "positive")
 

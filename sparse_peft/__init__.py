@@ -2,17 +2,33 @@
 
 ``import sparse_peft`` registers the mask method with PEFT, so ``get_peft_model(model, MaskConfig(...))``,
 ``PeftModel.from_pretrained`` and ``AutoPeftModel*.from_pretrained`` work with mask adapters.
+
+The modules, each importing only those above it in this list:
+
+* leaves: ``patterns`` (N:M mask math), ``constants`` (PEFT type, key prefixes, prior names), ``utils`` (atomic
+  writes, ``[out, in]`` weight views), ``annealing`` (schedule values), ``download`` (Hub downloads);
+* ``config`` (:class:`MaskConfig`), ``codec`` (the adapter file format), ``pruners`` (magnitude, Wanda, SparseGPT);
+* ``layer`` (:class:`MaskedLinear`), ``adapter_io`` (reading adapters, base checks), ``published`` (MaskLLM's
+  published ``.npz`` masks);
+* ``prior_masks`` (the masks a ``prior`` asks for);
+* ``model`` (:class:`MaskModel`, the tuner);
+* ``schedule`` (Trainer callback), ``stats``, ``export`` (2:4 kernels);
+* ``training``, ``oneshot`` (:func:`~sparse_peft.oneshot.prune`), ``hub`` (push with a model card), ``data``,
+  ``evaluation``;
+* ``registration`` (PEFT registration), this package, and ``cli``.
 """
 
+from .adapter_io import load_mask_adapter
+from .annealing import MaskSchedule, schedule_at
 from .config import MaskConfig
+from .constants import mask_peft_type
 from .hub import push_mask_adapter
 from .layer import MaskedLinear
 from .model import MaskModel
 from .published import import_published_masks
-from .registration import mask_peft_type, register
-from .schedule import MaskSchedule, MaskScheduleCallback, schedule_at, update_mask_schedule
+from .registration import register
+from .schedule import MaskScheduleCallback, update_mask_schedule
 from .stats import mask_stats
-from .storage import load_mask_adapter
 
 register()
 
@@ -29,6 +45,7 @@ __all__ = [
     "mask_peft_type",
     "mask_stats",
     "push_mask_adapter",
+    "register",
     "schedule_at",
     "update_mask_schedule",
 ]

@@ -12,14 +12,44 @@ import logging
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from dataclasses import MISSING, fields
+from typing import Any, Optional, Sequence
 
 import torch
+from peft import PeftModel, get_peft_model
+
+from . import training
+from .adapter_io import adapter_size, load_mask_adapter
+from .config import MaskConfig
+from .constants import CALIBRATED_PRIORS, ONE_SHOT_PRIORS
+from .data import calibration_from_texts, load_model_and_tokenizer, load_texts
+from .evaluation import perplexity
+from .oneshot import prune
+from .stats import format_stats, mask_stats
+from .utils import atomic_write
 
 logger = logging.getLogger("sparse_peft")
+_CONFIG_FIELDS = {f.name: f for f in fields(MaskConfig)}
 
 
 # -- shared pieces ----------------------------------------------------------------------------------------------
+def add_config_arg(parser: argparse.ArgumentParser, name: str, **overrides: Any) -> None:
+    """``--<name>`` (dashes for underscores) for the :class:`~sparse_peft.MaskConfig` field ``name``.
+
+    Type, default and help come from the dataclass field, so the CLI cannot drift from the config; ``overrides``
+    (argparse keywords) replace them where the CLI deliberately differs.
+    """
+    f = _CONFIG_FIELDS[name]
+    default = None if f.default is MISSING else f.default
+    kwargs = {"default": default, "help": f.metadata.get("help")}
+    if isinstance(default, bool):
+        kwargs["action"] = "store_true"
+    else:
+        kwargs["type"] = type(default)
+    kwargs.update(overrides)
+    parser.add_argument(f"--{name.replace('_', '-')}", **kwargs)
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="base model: Hub id or local folder (default: the shipped SmolLM2-135M-Instruct)"
@@ -29,8 +59,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_n_m_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, default=2, help="weights kept per group")
-    parser.add_argument("--m", type=int, default=4, help="group size")
+    add_config_arg(parser, "n")
+    add_config_arg(parser, "m")
     parser.add_argument("--targets", default=None, help="comma-separated module names (default: per architecture)")
 
 
@@ -46,7 +76,15 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
 
 
-def _add_bf16_arg(parser: argparse.ArgumentParser) -> None:
+def _add_training_args(parser: argparse.ArgumentParser, steps: int, batch_size: int, seq_len: int) -> None:
+    parser.add_argument("--data", default="c4", help="training text: c4 | tinystories | path | Hub dataset id")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    add_config_arg(parser, "sparse_reg", default=0.0,
+                    help="regulariser lambda; the paper's 1e-5 is for ~1M tokens per step and collapses small-batch "
+                         "runs")
     parser.add_argument("--bf16", action="store_true",
                         help="train under bf16 autocast (Trainer's bf16=True; logits stay fp32): fast on a CUDA GPU "
                              "or a CPU with AVX512-BF16 / AMX, slow where bf16 matmuls are emulated")
@@ -57,25 +95,14 @@ def _targets(args) -> Optional[list[str]]:
 
 
 def _load(args):
-    from .data import load_model_and_tokenizer
-
     return load_model_and_tokenizer(args.model, gguf_file=args.gguf_file, dtype=getattr(torch, args.dtype))
 
 
 def _calibration(args, tokenizer) -> torch.Tensor:
-    from .data import load_texts
-    from .priors import calibration_from_texts
-
     return calibration_from_texts(
         load_texts(args.calibration, split="train"), tokenizer, num_samples=args.num_samples,
         seq_len=args.calibration_len,
     )
-
-
-def _ppl(model, tokenizer, args, texts: list[str]) -> dict:
-    from .evaluation import perplexity
-
-    return perplexity(model, tokenizer, texts, window=args.window, max_windows=args.max_windows)
 
 
 def _markdown(rows: list[dict], columns: Sequence[str]) -> str:
@@ -88,41 +115,89 @@ def _markdown(rows: list[dict], columns: Sequence[str]) -> str:
 
 def _write_json(path: Optional[str], payload) -> None:
     if path:
-        from .storage import atomic_write
-
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
+
+
+# -- the steps, as functions of loaded models -------------------------------------------------------------------
+def prune_and_save(model, tokenizer, method: str, output: str, calibration: Optional[torch.Tensor], *, n: int, m: int,
+                   targets: Optional[list[str]], update_weights: bool) -> dict:
+    """One-shot ``method`` mask of ``model`` saved to ``output`` as a mask adapter (with ``update_weights``: the
+    pruned model and its tokenizer). ``calibration``: ``[num_samples, seq_len]`` token ids, None for magnitude.
+    Returns ``{"method", "seconds", "output"}``."""
+    start = time.perf_counter()
+    peft_model = prune(model, method, calibration, n=n, m=m, target_modules=targets, update_weights=update_weights)
+    seconds = time.perf_counter() - start
+    if update_weights:
+        pruned = peft_model.merge_and_unload()
+        pruned.save_pretrained(output)
+        tokenizer.save_pretrained(output)
+    else:
+        peft_model.save_pretrained(output)
+    print(f"{method} {n}:{m} mask computed in {seconds:.1f} s -> {output}")
+    return {"method": method, "seconds": seconds, "output": output}
+
+
+def learn_and_save(model, tokenizer, config: MaskConfig, data: str, output: str, *, steps: int, batch_size: int,
+                   seq_len: int, lr: float, bf16: bool, grad_accum: int = 1, gradient_checkpointing: bool = False,
+                   seed: int = 0, recompute_soft_mask: bool = False, distill: bool = False) -> dict:
+    """Learn the mask adapter ``config`` of ``model`` on the text ``data`` with ``Trainer``; save it to ``output``.
+
+    ``steps`` optimizer steps of ``batch_size * grad_accum`` windows of ``seq_len`` tokens; the other options are
+    :func:`~sparse_peft.training.mask_training_arguments`' and :func:`~sparse_peft.training.learn_mask`'.
+    Returns ``{"prior", "tokens", "seconds", "output", "train_loss"}``.
+    """
+    peft_model = get_peft_model(model, config)
+    peft_model.print_trainable_parameters()
+    dataset = training.text_windows(load_texts(data, split="train"), tokenizer, seq_len,
+                                    max_windows=steps * batch_size * grad_accum)
+    training_args = training.mask_training_arguments(
+        os.path.join(output, "trainer"), steps, batch_size, learning_rate=lr,
+        gradient_accumulation_steps=grad_accum, logging_steps=max(1, steps // 20),
+        activation_checkpointing=gradient_checkpointing, seed=seed, bf16=bf16,
+    )
+    start = time.perf_counter()
+    trainer = training.learn_mask(peft_model, dataset, training_args, recompute_soft_mask=recompute_soft_mask,
+                                  distill=distill)
+    seconds = time.perf_counter() - start
+    peft_model.save_pretrained(output)
+    tokens = steps * batch_size * grad_accum * seq_len
+    print(f"learned {config.n}:{config.m} mask from prior={config.prior} on {tokens} tokens in {seconds:.0f} s -> "
+          f"{output}")
+    return {"prior": config.prior, "tokens": tokens, "seconds": seconds, "output": output,
+            "train_loss": trainer.state.log_history[-1].get("train_loss")}
+
+
+def evaluate_adapters(model, tokenizer, eval_data: str, adapters: Sequence[str], *, window: Optional[int],
+                      max_windows: Optional[int], json_path: Optional[str]) -> list[dict]:
+    """Perplexity on the text ``eval_data`` of the dense ``model`` and of each of ``adapters`` (hard masks, eval
+    mode), ``window`` tokens per window; printed as a table, written to ``json_path`` if set. One row per model."""
+    texts = load_texts(eval_data, split="test")
+
+    def ppl(evaluated) -> dict:
+        return perplexity(evaluated, tokenizer, texts, window=window, max_windows=max_windows)
+
+    rows = [{"model": "dense", **ppl(model)}]
+    for adapter in adapters:
+        peft_model = PeftModel.from_pretrained(model, adapter)
+        rows.append({"model": adapter, **ppl(peft_model)})
+        model = peft_model.unload()
+    print(_markdown(rows, ("model", "ppl", "tokens", "windows")))
+    _write_json(json_path, rows)
+    return rows
 
 
 # -- commands ---------------------------------------------------------------------------------------------------
 def cmd_prune(args) -> dict:
     """One-shot N:M mask -> mask adapter (or, with --update-weights, a pruned model folder)."""
-    from .priors import prune
-
     model, tokenizer = _load(args)
     calibration = None if args.method == "magnitude" else _calibration(args, tokenizer)
-    start = time.perf_counter()
-    peft_model = prune(model, args.method, calibration, n=args.n, m=args.m, target_modules=_targets(args),
-                       update_weights=args.update_weights)
-    seconds = time.perf_counter() - start
-    if args.update_weights:
-        pruned = peft_model.merge_and_unload()
-        pruned.save_pretrained(args.output)
-        tokenizer.save_pretrained(args.output)
-    else:
-        peft_model.save_pretrained(args.output)
-    print(f"{args.method} {args.n}:{args.m} mask computed in {seconds:.1f} s -> {args.output}")
-    return {"method": args.method, "seconds": seconds, "output": args.output}
+    return prune_and_save(model, tokenizer, args.method, args.output, calibration, n=args.n, m=args.m,
+                          targets=_targets(args), update_weights=args.update_weights)
 
 
 def cmd_learn(args) -> dict:
     """Learn a mask with Trainer from a prior on a text dataset; save the mask adapter."""
-    from peft import get_peft_model
-
-    from .config import CALIBRATED_PRIORS, MaskConfig
-    from .data import load_texts
-    from .training import learn_mask, mask_training_arguments, text_windows
-
     model, tokenizer = _load(args)
     prior = None if args.prior in (None, "none") else args.prior
     calibration = _calibration(args, tokenizer) if prior in CALIBRATED_PRIORS else None
@@ -132,49 +207,23 @@ def cmd_learn(args) -> dict:
         kappa_start=args.kappa_start, kappa_end=args.kappa_end, sparse_reg=args.sparse_reg,
         save_logits=args.save_logits, task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
-    peft_model.print_trainable_parameters()
-    dataset = text_windows(load_texts(args.data, split="train"), tokenizer, args.seq_len,
-                           max_windows=args.steps * args.batch_size * args.grad_accum)
-    training_args = mask_training_arguments(
-        os.path.join(args.output, "trainer"), args.steps, args.batch_size, learning_rate=args.lr,
-        gradient_accumulation_steps=args.grad_accum, logging_steps=max(1, args.steps // 20),
-        activation_checkpointing=args.gradient_checkpointing, seed=args.seed, bf16=args.bf16,
+    return learn_and_save(
+        model, tokenizer, config, args.data, args.output, steps=args.steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, lr=args.lr, bf16=args.bf16, grad_accum=args.grad_accum,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+        recompute_soft_mask=args.recompute_soft_mask, distill=args.distill,
     )
-    start = time.perf_counter()
-    trainer = learn_mask(peft_model, dataset, training_args, recompute_soft_mask=args.recompute_soft_mask,
-                         distill=args.distill)
-    seconds = time.perf_counter() - start
-    peft_model.save_pretrained(args.output)
-    tokens = args.steps * args.batch_size * args.grad_accum * args.seq_len
-    print(f"learned {args.n}:{args.m} mask from prior={prior} on {tokens} tokens in {seconds:.0f} s -> {args.output}")
-    return {"prior": prior, "tokens": tokens, "seconds": seconds, "output": args.output,
-            "train_loss": trainer.state.log_history[-1].get("train_loss")}
 
 
 def cmd_eval(args) -> list[dict]:
     """Perplexity of the dense model and of each adapter (hard masks, eval mode)."""
-    from peft import PeftModel
-
-    from .data import load_texts
-
     model, tokenizer = _load(args)
-    texts = load_texts(args.eval_data, split="test")
-    rows = [{"model": "dense", **_ppl(model, tokenizer, args, texts)}]
-    for adapter in args.adapter or []:
-        peft_model = PeftModel.from_pretrained(model, adapter)
-        rows.append({"model": adapter, **_ppl(peft_model, tokenizer, args, texts)})
-        model = peft_model.unload()
-    print(_markdown(rows, ("model", "ppl", "tokens", "windows")))
-    _write_json(args.json, rows)
-    return rows
+    return evaluate_adapters(model, tokenizer, args.eval_data, args.adapter or [], window=args.window,
+                             max_windows=args.max_windows, json_path=args.json)
 
 
 def cmd_inspect(args) -> dict:
     """Per-layer sparsity, N:M validity, agreement with a reference, and size in bits per weight."""
-    from .stats import format_stats, mask_stats
-    from .storage import adapter_size, load_mask_adapter
-
     adapter = load_mask_adapter(args.adapter)
     rows = mask_stats(adapter, args.reference)
     print(format_stats(rows))
@@ -190,18 +239,17 @@ def cmd_inspect(args) -> dict:
 def cmd_demo(args) -> list[dict]:
     """The main job: dense vs one-shot SparseGPT vs learned 2:4 mask on the shipped real model."""
     os.makedirs(args.output, exist_ok=True)
-    common = ["--model", args.model, "--dtype", args.dtype]
-    calib = ["--calibration", args.calibration, "--num-samples", str(args.num_samples),
-             "--calibration-len", str(args.calibration_len)]
     prior_dir, learned_dir = os.path.join(args.output, "sparsegpt"), os.path.join(args.output, "learned")
-    run(["prune", *common, *calib, "--method", "sparsegpt", "--output", prior_dir])
-    learned = run(["learn", *common, "--prior", prior_dir, "--data", args.data, "--steps", str(args.steps),
-                    "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
-                    "--sparse-reg", str(args.sparse_reg), *(["--bf16"] if args.bf16 else []), "--output",
-                    learned_dir])
-    rows = run(["eval", *common, "--eval-data", args.eval_data, "--window", str(args.window),
-                 *(["--max-windows", str(args.max_windows)] if args.max_windows else []),
-                 "--adapter", prior_dir, "--adapter", learned_dir, "--json", os.path.join(args.output, "ppl.json")])
+    config = MaskConfig(prior=prior_dir, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM")
+    model, tokenizer = _load(args)
+    prune_and_save(model, tokenizer, "sparsegpt", prior_dir, _calibration(args, tokenizer), n=config.n, m=config.m,
+                   targets=None, update_weights=False)
+    learned = learn_and_save(
+        _load(args)[0], tokenizer, config, args.data, learned_dir, steps=args.steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, lr=args.lr, bf16=args.bf16,
+    )
+    rows = evaluate_adapters(_load(args)[0], tokenizer, args.eval_data, [prior_dir, learned_dir], window=args.window,
+                             max_windows=args.max_windows, json_path=os.path.join(args.output, "ppl.json"))
     print(f"\nlearned mask: {learned['tokens']} training tokens, {learned['seconds']:.0f} s")
     return rows
 
@@ -214,36 +262,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help=cmd_prune.__doc__)
     _add_model_args(p), _add_n_m_args(p), _add_calibration_args(p)
-    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="sparsegpt")
+    p.add_argument("--method", choices=ONE_SHOT_PRIORS, default="sparsegpt")
     p.add_argument("--update-weights", action="store_true", help="SparseGPT with its weight update (baseline)")
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("learn", help=cmd_learn.__doc__)
     _add_model_args(p), _add_n_m_args(p), _add_calibration_args(p)
-    p.add_argument("--prior", default="sparsegpt", help="none | magnitude | wanda | sparsegpt | adapter path/Hub id")
-    p.add_argument("--data", default="c4", help="training text: c4 | tinystories | path | Hub dataset id")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4)
+    add_config_arg(p, "prior", type=str, default="sparsegpt",
+                    help=f"none | {' | '.join(ONE_SHOT_PRIORS)} | adapter path/Hub id")
+    _add_training_args(p, steps=100, batch_size=4, seq_len=256)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--prior-strength", type=float, default=3.0)
-    p.add_argument("--tau-start", type=float, default=4.0)
-    p.add_argument("--tau-end", type=float, default=0.05)
-    p.add_argument("--kappa-start", type=float, default=100.0)
-    p.add_argument("--kappa-end", type=float, default=500.0)
-    p.add_argument("--sparse-reg", type=float, default=0.0,
-                   help="regulariser lambda; the paper's 1e-5 is for ~1M tokens per step and collapses small-batch "
-                        "runs")
+    for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end", "save_logits"):
+        add_config_arg(p, name)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--recompute-soft-mask", action="store_true",
                    help="regenerate the Gumbel sample in backward: 6 bytes per weight less memory, slower steps")
     p.add_argument("--distill", action="store_true",
-                   help="train on the KL divergence from the dense model instead of the LM loss (1.3-1.5x the step "
-                        "time on CPU in fp32; see the README for when it pays)")
-    _add_bf16_arg(p)
-    p.add_argument("--save-logits", action="store_true", help="also save float logits to continue training")
+                   help="train on the KL divergence from the dense model instead of the LM loss (one extra forward "
+                        "per step; docs/training.md says when it pays)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_learn)
@@ -262,13 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help=cmd_demo.__doc__)
     _add_model_args(p), _add_calibration_args(p), _add_eval_args(p)
-    p.add_argument("--data", default="c4")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--sparse-reg", type=float, default=0.0)
-    _add_bf16_arg(p)
+    _add_training_args(p, steps=40, batch_size=2, seq_len=128)
     p.add_argument("--output", default="runs/demo")
     p.set_defaults(func=cmd_demo, num_samples=32, calibration_len=256, window=512, max_windows=8)
     return parser
@@ -277,8 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: Sequence[str]):
     """Run one command from Python and return its result; errors propagate as exceptions."""
     args = build_parser().parse_args(argv)
-    import sparse_peft  # noqa: F401  (registers the method)
-
     return args.func(args)
 
 
@@ -286,7 +315,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point: clear one-line errors for bad input, exit status 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    import sparse_peft  # noqa: F401  (registers the method)
 
     try:
         args.func(args)

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
+import copy
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
+from .constants import ONE_SHOT_PRIORS, mask_peft_type
 from .patterns import validate_n_m
-from .registration import mask_peft_type
-from .storage import atomic_write
-
-#: One-shot pruners that :mod:`sparse_peft.priors` computes; any other ``prior`` string is a mask adapter.
-ONE_SHOT_PRIORS = ("magnitude", "wanda", "sparsegpt")
-#: Priors that need calibration inputs.
-CALIBRATED_PRIORS = ("wanda", "sparsegpt")
 
 _LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 #: Default ``target_modules`` per ``model_type``: every linear of the attention and MLP blocks. ``lm_head``,
@@ -75,8 +70,7 @@ class MaskConfig(PeftConfig):
             "help": "lambda of the sparse weight regulariser -lambda*sum||W*mask||^2, annealed linearly to 0. The "
             "paper's 1e-5 assumes ~1M tokens per step: Adam gives this deterministic term full-size steps while a "
             "small batch's noisy task gradient averages out, so with a few hundred to thousand tokens per step it "
-            "drives the masks towards magnitude pruning (measured on SmolLM2-135M: 120 steps of 256 tokens, "
-            "Wikitext-2 PPL 4409 with 1e-5 vs 132.5 with 0). Use 0 for small batches."
+            "drives the masks towards magnitude pruning. Use 0 for small batches (docs/training.md)."
         },
     )
     modules_to_save: Optional[list[str]] = field(
@@ -96,10 +90,9 @@ class MaskConfig(PeftConfig):
     )
     prior_sha256: Optional[str] = field(
         default=None,
-        metadata={
-            "help": "sha256 of the prior mask adapter's adapter_model.safetensors, recorded when the prior is loaded; "
-            "a delta-coded adapter is only decoded against a general mask with this hash. Set automatically."
-        },
+        metadata={"help": "sha256 of the prior mask adapter's adapter_model.safetensors, recorded when the prior is "
+                  "loaded; a delta-coded adapter is only decoded against a general mask with this hash. Set "
+                  "automatically."},
     )
     prior_revision: Optional[str] = field(
         default=None,
@@ -119,7 +112,7 @@ class MaskConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Token ids [num_samples, seq_len] for the 'wanda'/'sparsegpt' priors (see "
-            "sparse_peft.priors.calibration_from_texts). Runtime only: not saved."
+            "sparse_peft.data.calibration_from_texts). Runtime only: not saved."
         },
     )
 
@@ -157,21 +150,27 @@ class MaskConfig(PeftConfig):
         return self.prior is not None and self.prior not in ONE_SHOT_PRIORS
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-able fields; ``calibration`` is runtime data and is left out."""
+        """The JSON-able fields: sets (PEFT makes ``target_modules`` one) as sorted lists, so that a saved
+        ``adapter_config.json`` does not depend on the process's string hashing; ``calibration`` is runtime data
+        and is left out."""
         data = super().to_dict()
         data.pop("calibration", None)
-        return data
+        return {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write ``adapter_config.json`` atomically, with ``init_weights=False`` (the logits are in the file)."""
+        """PEFT's ``save_pretrained`` with ``init_weights=False`` (the logits are in the weights file), atomically.
+
+        PEFT writes ``adapter_config.json`` in place; here it writes into a temporary folder next to it, and the file
+        then replaces the old one with one rename, so a failed save leaves the previous config intact.
+        """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; pass a directory.")
         os.makedirs(save_directory, exist_ok=True)
-        data = self.to_dict()
-        data["init_weights"] = False
-        auto_mapping = kwargs.pop("auto_mapping_dict", None)
-        if auto_mapping is not None:
-            data["auto_mapping"] = auto_mapping
-        data = {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
-        text = json.dumps(data, indent=2, sort_keys=True)
-        atomic_write(os.path.join(save_directory, CONFIG_NAME), lambda f: f.write(text.encode()))
+        saved = copy.copy(self)
+        saved.init_weights = False
+        with tempfile.TemporaryDirectory(dir=save_directory, prefix=f".{CONFIG_NAME}.") as staging:
+            super(MaskConfig, saved).save_pretrained(staging, **kwargs)
+            staged = os.path.join(staging, CONFIG_NAME)
+            with open(staged, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(staged, os.path.join(save_directory, CONFIG_NAME))

@@ -160,6 +160,35 @@ def load_texts(
     return list(dataset[column])
 
 
+def calibration_from_texts(
+    texts: list[str], tokenizer, num_samples: int = 128, seq_len: int = 512, seed: int = 0
+) -> torch.Tensor:
+    """Random token windows from a corpus: the SparseGPT/Wanda calibration recipe.
+
+    The texts are joined with ``"\\n\\n"`` and tokenised once (with the tokenizer's default special tokens);
+    ``num_samples`` windows of ``seq_len`` consecutive tokens start at uniformly random offsets drawn from a
+    generator seeded with ``seed`` (windows may overlap).
+
+    Returns:
+        ``[num_samples, seq_len]`` int64 token ids.
+
+    Raises:
+        ValueError: if ``num_samples`` or ``seq_len`` is not positive, or the corpus has fewer than
+            ``seq_len`` tokens.
+    """
+    if num_samples < 1 or seq_len < 1:
+        raise ValueError(f"num_samples and seq_len must be positive, got {num_samples} and {seq_len}.")
+    ids = torch.as_tensor(tokenizer("\n\n".join(texts), verbose=False)["input_ids"], dtype=torch.long)
+    if ids.numel() < seq_len:
+        raise ValueError(
+            f"The calibration text is too short: it has {ids.numel()} tokens, but one window needs "
+            f"seq_len={seq_len}. Pass more text or a smaller seq_len."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=generator)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
 def load_table(source: str, split: str = "train", column_names: Optional[list[str]] = None):
     """A task table (``datasets.Dataset``) from a local ``.csv``/``.tsv``/``.json(l)`` file or a Hub dataset id.
 

@@ -15,6 +15,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 
+from .layer import MaskedLinear
 from .patterns import is_n_m_sparse
 
 Backend = Literal["cusparselt", "cutlass"]
@@ -43,8 +44,6 @@ def semi_structured_plan(model: nn.Module, backend: Optional[Backend] = None) ->
 
     Raises ``ValueError`` for a model that still holds mask layers (merge it first) or ``backend`` unknown.
     """
-    from .layer import MaskedLinear
-
     if any(isinstance(m, MaskedLinear) for m in model.modules()):
         raise ValueError(
             "The model still holds mask adapters (MaskedLinear layers): its weights are dense until merged. Call "

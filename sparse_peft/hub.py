@@ -24,14 +24,18 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch.nn as nn
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
+from .adapter_io import load_mask_adapter
+from .constants import ONE_SHOT_PRIORS
 from .stats import LayerMaskStats, format_stats, mask_stats
-from .storage import load_mask_adapter
 
 #: Model-card template used by :func:`push_mask_adapter` (a file in ``hub_cards/``).
 DEFAULT_TEMPLATE = "mask_adapter.md"
 #: The files of a mask adapter that are uploaded (PEFT's names), besides the rendered ``README.md``.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
 # Hub pipeline tag and transformers auto class per PEFT task_type (the card's metadata and load snippet).
 _TASKS = {
     "CAUSAL_LM": ("text-generation", "AutoModelForCausalLM"),
@@ -43,14 +47,6 @@ _TASKS = {
 }
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # namespace/name
 _MODEL_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/)?[\w.-]+$")  # also legacy ids without namespace ("gpt2")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-
-
-def hub_endpoint() -> str:
-    """The Hub URL ``huggingface_hub`` talks to (``HF_ENDPOINT`` at its import, default https://huggingface.co)."""
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
 
 
 def template_path(name: str = DEFAULT_TEMPLATE) -> Path:
@@ -82,8 +78,6 @@ def render_card(
     names to measured values (e.g. ``{"wikitext-2 PPL": 6.72}``) and is rendered as a table as given, units and all.
     The sparsity section is computed from the adapter file itself with :func:`~sparse_peft.mask_stats`.
     """
-    from huggingface_hub import ModelCardData
-
     adapter = load_mask_adapter(folder)
     config = adapter.config
     base = _base_model_id(base_model if base_model is not None else config.get("base_model_name_or_path"))
@@ -142,9 +136,6 @@ def push_mask_adapter(
     the Hub cannot be reached, ``PermissionError`` if the token may not write to ``repo_id``; a failed push
     changes no local file.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
     if not (isinstance(repo_id, str) and _REPO_ID.match(repo_id)):
         raise ValueError(
             f"repo_id must be 'namespace/name' (a Hub user or organisation and a repo name), got {repo_id!r}."
@@ -181,56 +172,6 @@ def push_mask_adapter(
                 f"Could not reach the Hub at {api.endpoint} to push {repo_id!r} ({type(err).__name__}: {err}). "
                 "Check the network and HF_ENDPOINT, then push again; nothing was changed locally."
             ) from err
-
-
-def hub_download(repo_id: str, filename: str, revision: str | None = None) -> str:
-    """Download ``filename`` of the Hub model repo ``repo_id`` into the Hub cache and return its local path.
-
-    ``hf_hub_download`` with errors that name the repo, the endpoint and the fix: ``FileNotFoundError`` for an
-    invalid id or a missing (or inaccessible) repo, revision or file, ``ConnectionError`` if the Hub cannot be
-    reached and the file is not cached. Meant for names that are not local folders (see ``storage._resolve``).
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    where = f"the Hub at {hub_endpoint()}"
-    try:
-        return hf_hub_download(repo_id, filename, revision=revision)
-    except HFValidationError as err:
-        raise FileNotFoundError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ({err}).") from err
-    except RepositoryNotFoundError as err:
-        raise FileNotFoundError(
-            f"{repo_id!r} is neither a local folder nor a model repo on {where} (if the repo is private or gated, "
-            "set a token with access: HF_TOKEN or `hf auth login`). Check the path or repo id."
-        ) from err
-    except RevisionNotFoundError as err:
-        raise FileNotFoundError(f"The model repo {repo_id!r} on {where} has no revision {revision!r}.") from err
-    except LocalEntryNotFoundError as err:
-        raise ConnectionError(
-            f"Could not download {filename} of {repo_id!r} from {where} and it is not in the local cache "
-            f"({err.__cause__ or err}). Check the network and HF_ENDPOINT."
-        ) from err
-    except EntryNotFoundError as err:
-        raise FileNotFoundError(
-            f"The model repo {repo_id!r} on {where} has no {filename}: it is not a mask adapter."
-        ) from err
-
-
-def downloaded_commit(path: str) -> str | None:
-    """The commit a file returned by :func:`hub_download` was downloaded at, or None if ``path`` is not such a file.
-
-    The Hub cache keeps every downloaded file under ``<repo folder>/snapshots/<commit hash>/<path in the repo>``
-    (huggingface_hub's documented cache layout); this reads the hash for a file at the repo's root.
-    """
-    commit = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    parent = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(path))))
-    return commit if parent == "snapshots" and _COMMIT.fullmatch(commit) else None
 
 
 def _stage_adapter(model_or_folder: Union[nn.Module, str, os.PathLike], adapter_name: str, staging: str) -> None:
@@ -284,7 +225,7 @@ def _targets(targets: Any) -> str:
 def _prior(prior: str | None) -> str:
     if prior is None:
         return "none (random initial logits)"
-    if prior in ("magnitude", "wanda", "sparsegpt"):
+    if prior in ONE_SHOT_PRIORS:
         return f"one-shot `{prior}` mask"
     if _is_hub_adapter(prior):
         return f"mask adapter [`{prior}`](/{prior}) (transfer from a general mask)"

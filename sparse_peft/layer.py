@@ -9,14 +9,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from transformers.pytorch_utils import Conv1D
+from peft.utils import transpose
 
-from .schedule import MaskSchedule
+from .annealing import MaskSchedule, schedule_at
+from .config import MaskConfig
+from .constants import LOGITS, plain_name
 from .patterns import (
     candidate_patterns,
     check_groupable,
     draw_seed,
     hard_mask_from_indices,
+    indices_from_mask,
     mask_from_probs,
     pattern_indices,
     prior_logits,
@@ -25,6 +28,7 @@ from .patterns import (
     soft_mask_logit_grad,
     soft_mask_probs,
 )
+from .utils import fan_in_fan_out, weight_out_in
 
 
 @dataclass
@@ -119,7 +123,7 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
     for 2:4, against 6 for float32 logits). It evaluates, merges and saves like any adapter, but cannot train.
     """
 
-    adapter_layer_names = ("maskllm_logits",)
+    adapter_layer_names = (LOGITS,)
     other_param_names = ("maskllm_spec",)
     #: Memory option of the training forward. True (default): backward regenerates the Gumbel sample from its seed,
     #: so no mask activation stays alive between forward and backward. False: keep the ``[C, G]`` float32
@@ -131,14 +135,10 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         self,
         base_layer: nn.Module,
         adapter_name: str,
-        n: int,
-        m: int,
-        schedule: MaskSchedule,
-        init_std: float,
+        config: MaskConfig,
+        schedule: Optional[MaskSchedule] = None,
         prior_mask: Optional[torch.Tensor] = None,
-        prior_strength: float = 3.0,
         layer_name: str = "layer",
-        inference_only: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -152,40 +152,34 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self._disable_adapters = False
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, n, m, schedule, init_std, prior_mask, prior_strength, inference_only)
+        self.update_layer(adapter_name, config, schedule, prior_mask)
 
     # -- shape helpers --------------------------------------------------------------------------------------
     @property
     def weight_shape(self) -> tuple[int, int]:
         """``(out, in)`` of the base weight, whatever its storage layout."""
-        weight = self.get_base_layer().weight
-        return tuple(weight.T.shape) if self._is_conv1d else tuple(weight.shape)
-
-    @property
-    def _is_conv1d(self) -> bool:
-        return isinstance(self.get_base_layer(), Conv1D)
+        return tuple(self.base_weight().shape)
 
     def base_weight(self) -> torch.Tensor:
         """The frozen base weight viewed as ``[out, in]``."""
-        weight = self.get_base_layer().weight
-        return weight.T if self._is_conv1d else weight
+        return weight_out_in(self.get_base_layer())
 
     # -- adapters -------------------------------------------------------------------------------------------
     def update_layer(
         self,
         adapter_name: str,
-        n: int,
-        m: int,
-        schedule: MaskSchedule,
-        init_std: float,
+        config: MaskConfig,
+        schedule: Optional[MaskSchedule] = None,
         prior_mask: Optional[torch.Tensor] = None,
-        prior_strength: float = 3.0,
-        inference_only: bool = False,
     ) -> None:
-        """Add an adapter: logits from ``prior_mask`` (bool ``[out, in]``, exactly n:m) or random.
+        """Add adapter ``adapter_name`` of ``config``: logits from ``prior_mask`` (bool ``[out, in]``, exactly n:m,
+        at ``config.prior_strength``) or random (std ``config.logit_init_std``).
 
-        With ``inference_only`` the adapter keeps only the argmax of those logits, as uint8 indices ``[G]``.
+        ``schedule`` is the adapter's schedule, shared by all its layers (default: step 0 of ``config``). With
+        ``config.inference_mode`` the adapter keeps only the argmax of those logits, as uint8 indices ``[G]``.
         """
+        n, m, init_std = config.n, config.m, config.logit_init_std
+        schedule = schedule_at(config, 0, 1) if schedule is None else schedule
         num_groups = check_groupable(self.weight_shape, m, self.layer_name)
         if prior_mask is not None:
             if tuple(prior_mask.shape) != self.weight_shape:
@@ -193,13 +187,13 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
                     f"{self.layer_name}: prior mask has shape {tuple(prior_mask.shape)}, the weight is "
                     f"{self.weight_shape}."
                 )
-            logits = prior_logits(prior_mask, n, m, prior_strength, init_std)
+            logits = prior_logits(prior_mask, n, m, config.prior_strength, init_std)
         else:
             logits = random_logits(num_groups, n, m, init_std)
         device = self.get_base_layer().weight.device
         if device.type == "meta":  # low_cpu_mem_usage: the values come from a checkpoint
             device = torch.device("cpu")
-        if inference_only:
+        if config.inference_mode:
             state = nn.Parameter(pattern_indices(logits).to(device=device, dtype=torch.uint8), requires_grad=False)
         else:
             state = nn.Parameter(logits.to(device=device, dtype=torch.float32))
@@ -306,7 +300,8 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         value, self._last_sparse_reg = self._last_sparse_reg, None
         return value
 
-    def _active_mask_adapter(self) -> Optional[str]:
+    def active_mask_adapter(self) -> Optional[str]:
+        """The one active adapter of this layer (None if none is); ``ValueError`` if several are active."""
         active = [name for name in self.active_adapters if name in self.maskllm_logits]
         if len(active) > 1:
             raise ValueError(
@@ -321,7 +316,7 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        adapter_name = self._active_mask_adapter()
+        adapter_name = self.active_mask_adapter()
         if self.merged or adapter_name is None:
             return self.base_layer(x, *args, **kwargs)
         if self.training:
@@ -356,7 +351,7 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         mask = self.hard_mask(name)
         with torch.no_grad():
             self._unmerged_weight = base.weight.detach().clone()
-            base.weight.mul_(mask.T if self._is_conv1d else mask)
+            base.weight.mul_(transpose(mask, fan_in_fan_out(base)))
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -385,3 +380,45 @@ def set_soft_mask_memory(model: nn.Module, recompute: bool) -> None:
         raise ValueError("The model has no mask layers: wrap it with get_peft_model(model, MaskConfig(...)) first.")
     for layer in layers:
         layer.recompute_soft_mask = recompute
+
+
+def mask_layers(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, MaskedLinear]:
+    """``{base-model module name: layer}`` for every :class:`MaskedLinear` of ``model`` (holding ``adapter_name``,
+    if given)."""
+    return {
+        plain_name(name): module
+        for name, module in model.named_modules()
+        if isinstance(module, MaskedLinear) and (adapter_name is None or adapter_name in module.maskllm_logits)
+    }
+
+
+def encode_mask(mask: torch.Tensor, config: MaskConfig) -> torch.Tensor:
+    """Logits ``[G, C]`` whose argmax is exactly the hard ``mask`` ``[out, in]``: the prior formula without noise.
+
+    Used where only a hard mask is known (a hard-mask-only adapter file, a one-shot pruner's output); training
+    from these logits treats the mask as a prior of strength ``config.prior_strength``.
+    """
+    alpha = config.prior_strength if config.prior_strength > 0 else 1.0
+    return prior_logits(mask, config.n, config.m, alpha, config.logit_init_std, noise=False)
+
+
+def set_masks(model: nn.Module, masks: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Make ``adapter_name``'s hard mask exactly ``masks`` (``{base-model module name: 0/1 [out, in]}``).
+
+    ``model`` is a ``PeftModel``; the logits become :func:`encode_mask` of each mask (or, for an adapter loaded for
+    inference, its pattern indices). Used to turn one-shot pruner masks into a mask adapter.
+    """
+    layers = mask_layers(model, adapter_name)
+    if layers.keys() != masks.keys():
+        raise ValueError(
+            f"Masks given for {len(masks)} layers, the adapter has {len(layers)}; they differ at e.g. "
+            f"{sorted(layers.keys() ^ masks.keys())[:3]}."
+        )
+    config = model.peft_config[adapter_name]
+    for name, layer in layers.items():
+        with torch.no_grad():
+            state = layer.maskllm_logits[adapter_name]
+            if layer.holds_indices(adapter_name):
+                state.copy_(indices_from_mask(masks[name], config.n, config.m))
+            else:
+                state.copy_(encode_mask(masks[name], config))

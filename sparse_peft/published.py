@@ -17,16 +17,23 @@ architecture from the right one; only names, sizes and exact N:M validity are ch
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
+from huggingface_hub import hf_hub_download
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, transpose
+from safetensors.torch import save
 from transformers.pytorch_utils import Conv1D
 
+from .codec import MaskRecord, encode_record, weight_fingerprint
+from .config import DEFAULT_TARGET_MODULES, MaskConfig
+from .constants import PEFT_KEY_PREFIX
 from .patterns import indices_from_mask, validate_n_m
-from .storage import MaskRecord, atomic_write, encode_record, weight_fingerprint
+from .utils import atomic_write, fan_in_fan_out, weight_out_in
 
 #: The file name of the published masks in a Hub repo or folder.
 PUBLISHED_MASK_FILE = "mask_compressed.npz"
@@ -40,9 +47,6 @@ def published_mask_file(source: str | os.PathLike, revision: Optional[str] = Non
     Hub repo id with ``mask_compressed.npz`` and no ``adapter_config.json``. Returns ``None`` also when neither
     exists, so that the caller's mask-adapter loader reports what is missing.
     """
-    from huggingface_hub import hf_hub_download
-    from peft.utils import CONFIG_NAME
-
     source = os.fspath(source)
     if os.path.isfile(source):
         if not source.endswith(".npz"):
@@ -67,9 +71,6 @@ def published_mask_file(source: str | os.PathLike, revision: Optional[str] = Non
 
 def _linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """``{module name: nn.Linear or Conv1D}`` of the base model, looking through PEFT wrappers."""
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     if isinstance(model, PeftModel):
         model = model.get_base_model()
     linears = {}
@@ -138,9 +139,7 @@ def _unpack_entry(
     bits = np.unpackbits(packed)  # big-endian bit order, as np.packbits wrote it
     if bits[numel:].any():
         raise ValueError(f"{path}: the mask {key!r} has non-zero padding bits; the file is corrupt.")
-    mask = torch.from_numpy(bits[:numel].astype(bool)).view(stored_shape)
-    if isinstance(linears[name], Conv1D):
-        mask = mask.T
+    mask = transpose(torch.from_numpy(bits[:numel].astype(bool)).view(stored_shape), fan_in_fan_out(linears[name]))
     try:
         indices_from_mask(mask, n, m)
     except ValueError as err:
@@ -148,12 +147,6 @@ def _unpack_entry(
             f"{path}: the mask for {name} is not a valid {n}:{m} mask ({err}). Import it with the N:M it was made for."
         ) from None
     return mask.contiguous()
-
-
-def _matches(name: str, target_modules: list[str] | str) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith(f".{t}") for t in target_modules)
 
 
 def import_published_masks(
@@ -181,18 +174,23 @@ def import_published_masks(
             masked layer of the file.
         **config_kwargs: further :class:`~sparse_peft.MaskConfig` fields (schedules etc.) stored with the adapter.
     """
-    from peft.utils import SAFETENSORS_WEIGHTS_NAME
-    from safetensors.torch import save
-
-    from .config import DEFAULT_TARGET_MODULES, MaskConfig
-    from .storage import PEFT_KEY_PREFIX
-
     masks = read_published_masks(source, model, n, m, revision)
     linears = _linear_modules(model)
     model_config = getattr(model, "config", None)
     if target_modules is None:
         target_modules = DEFAULT_TARGET_MODULES.get(getattr(model_config, "model_type", None))
-    names = sorted(masks) if target_modules is None else sorted(k for k in linears if _matches(k, target_modules))
+    config = MaskConfig(
+        n=n,
+        m=m,
+        target_modules=target_modules,
+        base_model_name_or_path=getattr(model_config, "name_or_path", None) or None,
+        **config_kwargs,
+    )
+    if target_modules is None:
+        names = sorted(masks)
+    else:
+        names = sorted(name for name in linears if check_target_module_exists(config, name))
+    config.target_modules = names
     missing = [name for name in names if name not in masks]
     if not names or missing:
         raise ValueError(
@@ -202,8 +200,7 @@ def import_published_masks(
         )
     tensors = {}
     for name in names:
-        weight = linears[name].weight
-        weight = weight.T if isinstance(linears[name], Conv1D) else weight
+        weight = weight_out_in(linears[name])
         record = MaskRecord(
             shape=tuple(weight.shape),
             indices=indices_from_mask(masks[name], n, m),
@@ -211,13 +208,6 @@ def import_published_masks(
         )
         for field, tensor in encode_record(record, n, m).items():
             tensors[f"{PEFT_KEY_PREFIX}{name}.{field}"] = tensor
-    config = MaskConfig(
-        n=n,
-        m=m,
-        target_modules=names,
-        base_model_name_or_path=getattr(model_config, "name_or_path", None) or None,
-        **config_kwargs,
-    )
     save_directory = os.fspath(save_directory)
     os.makedirs(save_directory, exist_ok=True)
     data = save(tensors, metadata={"format": "pt", "imported_from": os.fspath(source)})

@@ -9,10 +9,10 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from .adapter_io import MaskAdapter, load_mask_adapter
+from .constants import plain_name
 from .layer import MaskedLinear
-from .model import _plain_name
 from .patterns import group_counts
-from .storage import MaskAdapter, load_mask_adapter
 
 #: Anything that holds masks: a saved adapter (path / Hub id / MaskAdapter), a model with mask layers (its
 #: active adapter), or ``{module name: 0/1 mask [out, in]}`` with explicit n, m.
@@ -50,11 +50,11 @@ def _masks(source: MaskSource, adapter_name: Optional[str]) -> tuple[dict[str, t
     for name, layer in source.named_modules():
         if not isinstance(layer, MaskedLinear):
             continue
-        adapter = adapter_name or layer._active_mask_adapter()
+        adapter = adapter_name or layer.active_mask_adapter()
         if adapter is None:
             continue
         spec = layer.maskllm_spec[adapter]
-        masks[_plain_name(name)] = layer.hard_mask(adapter).bool().cpu()
+        masks[plain_name(name)] = layer.hard_mask(adapter).bool().cpu()
         n_m = (spec.n, spec.m)
     if not masks:
         raise ValueError("The model has no mask layers with an active adapter; pass a model from get_peft_model.")

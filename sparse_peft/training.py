@@ -97,12 +97,9 @@ class DenseDistillationTrainer(Trainer):
     """``Trainer`` for a mask adapter whose loss is :func:`dense_distillation_loss` from the dense model.
 
     The teacher is the same frozen base with the mask adapter disabled (``disable_adapter()``): no second copy of
-    the weights, one extra forward pass without gradient per step (1.3-1.5x the step time on CPU for SmolLM2-135M in
-    fp32; under bf16 autocast on an AVX512-BF16 CPU 4.5 s per 8 x 128-token step, against ~4.3 s for an LM step in
-    a short timing). Each position then brings the dense model's whole next-token distribution instead of one label.
-    Not in the MaskLLM paper, which trains on the LM loss; the README has the measured comparison (SmolLM2-135M: 74%
-    of the SparseGPT-to-dense perplexity gap after one pass over the shipped C4 text and 76% after 1.48 passes,
-    where the LM loss reached 71% and then fell to 60%, measured on another CPU with another SparseGPT prior).
+    the weights, one extra forward pass without gradient per step. Each position then brings the dense model's whole
+    next-token distribution instead of one label. Not in the MaskLLM paper, which trains on the LM loss;
+    docs/training.md has the measured comparison and step times.
 
     The model must be a ``PeftModel`` without ``modules_to_save``: a head trained next to the mask has no dense
     counterpart to learn from. The loss is a mean per micro-batch; Trainer divides it by the gradient-accumulation
@@ -150,14 +147,14 @@ def learn_mask(
     Adds :class:`~sparse_peft.MaskScheduleCallback`, so tau, kappa and lambda anneal over ``args.max_steps``.
     ``recompute_soft_mask`` (if not None) is passed to :func:`~sparse_peft.layer.set_soft_mask_memory` first:
     False keeps each layer's soft-mask weights for backward (6 bytes per masked weight for 2:4, one Gumbel sample
-    per step instead of two: ~10% faster steps on CPU), True keeps only the noise seed (least memory).
+    per step instead of two: faster steps), True keeps only the noise seed (least memory).
     ``distill=True`` trains on the KL divergence from the dense model (:class:`DenseDistillationTrainer`) instead of
     the LM loss of the labels.
 
     Warns when ``args.max_steps`` asks for more sequences than ``train_dataset`` holds: ``Trainer`` then goes over
     the text again, and a mask memorises text it has seen (see :func:`_warn_if_text_repeats`).
     """
-    _warn_if_text_repeats(train_dataset, args)
+    _warn_if_text_repeats(train_dataset, args, distill)
     if recompute_soft_mask is not None:
         set_soft_mask_memory(model, recompute_soft_mask)
     trainer_class = DenseDistillationTrainer if distill else Trainer
@@ -169,13 +166,11 @@ def learn_mask(
     return trainer
 
 
-def _warn_if_text_repeats(train_dataset, args: TrainingArguments) -> None:
+def _warn_if_text_repeats(train_dataset, args: TrainingArguments, distill: bool) -> None:
     """Warn if ``max_steps`` optimizer steps need more sequences than the dataset holds (all processes together).
 
-    Measured on SmolLM2-135M, 720 steps x 8 x 128 over 3,890 C4 windows (1.48 passes): the training loss fell from
-    4.1 to 3.5 as soon as the windows came round again, and Wikitext-2 PPL ended at 103 against 84 after 480 steps
-    of the same text seen once. Trained on the KL from the dense model instead, the same 720 steps reached 78.6
-    against 82.0 after 480 (another CPU and SparseGPT prior), so the warning names ``distill=True`` as a way out.
+    With the LM loss a mask memorises text it sees again; the KL from the dense model is the way out the warning
+    names when ``distill`` is False (docs/training.md has the measurements).
     """
     if args.max_steps <= 0 or not hasattr(train_dataset, "__len__") or len(train_dataset) == 0:
         return
@@ -184,8 +179,7 @@ def _warn_if_text_repeats(train_dataset, args: TrainingArguments) -> None:
     if passes > 1:
         warnings.warn(
             f"{args.max_steps} steps x {per_step} sequences go over the {len(train_dataset)} training examples "
-            f"{passes:.2f} times. With the LM loss a mask memorises text it sees again (on SmolLM2-135M a second "
-            "pass over C4 made Wikitext-2 perplexity worse); pass more distinct text, fewer steps, or distill=True "
-            "(the KL from the dense model kept improving on a second pass).",
+            f"{passes:.2f} times; a mask can memorise text it sees again. Pass more distinct text or fewer steps"
+            + ("." if distill else ", or distill=True (the KL from the dense model suffers less from repeated text)."),
             stacklevel=3,
         )

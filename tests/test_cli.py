@@ -10,11 +10,11 @@ from conftest import AIDREAMS
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sparse_peft.adapter_io import load_mask_adapter
 from sparse_peft.cli import main, run
-from sparse_peft.data import load_texts
+from sparse_peft.data import calibration_from_texts, load_texts
 from sparse_peft.evaluation import perplexity
-from sparse_peft.priors import calibration_from_texts, compute_prior_masks
-from sparse_peft.storage import load_mask_adapter
+from sparse_peft.pruners import compute_prior_masks
 
 STORY = (
     "The little robot looked at the stars and dreamed of flying. Every night it counted the lights in the sky "

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_llama
 from sparse_peft import MaskConfig, MaskedLinear, load_mask_adapter
-from sparse_peft.storage import (
+from sparse_peft.codec import (
     DELTA_BITMAP,
     DELTA_GAPS,
     DELTA_INFO,

@@ -22,7 +22,8 @@ from peft import get_peft_model
 from conftest import REPO_ROOT, tiny_llama
 from hub_server import HubServer
 from sparse_peft import MaskConfig, MaskedLinear, load_mask_adapter
-from sparse_peft.hub import hub_download, push_mask_adapter, render_card, template_path
+from sparse_peft.download import hub_download
+from sparse_peft.hub import push_mask_adapter, render_card, template_path
 
 # The Hub id the cards name as base model. The tiny base is built from a config and has no name, so its adapters
 # record none and every push passes base_model= (a named base would make PEFT's save_pretrained look it up on the

@@ -16,8 +16,9 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import AIDREAMS, LLAMA_TARGETS, tiny_gpt2, tiny_llama
 
+from sparse_peft.data import calibration_from_texts
 from sparse_peft.patterns import group_counts, topn_mask
-from sparse_peft.priors import PRIOR_METHODS, calibration_from_texts, compute_prior_masks
+from sparse_peft.pruners import PRIOR_METHODS, compute_prior_masks
 
 VOCAB = 128
 
@@ -416,8 +417,8 @@ def test_prune_returns_an_adapter_that_is_exactly_the_one_shot_mask(tmp_path):
     import sparse_peft  # noqa: F401
     from peft import PeftModel
 
-    from sparse_peft.model import _mask_layers
-    from sparse_peft.priors import prune
+    from sparse_peft.layer import mask_layers
+    from sparse_peft.oneshot import prune
 
     calibration = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
     targets = [name for name, _ in tiny_llama().named_modules() if name.endswith("proj")]
@@ -427,7 +428,7 @@ def test_prune_returns_an_adapter_that_is_exactly_the_one_shot_mask(tmp_path):
     pruned.save_pretrained(tmp_path / "a")
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")
     for model in (pruned, loaded):
-        layers = _mask_layers(model)
+        layers = mask_layers(model)
         assert layers.keys() == expected.keys()
         assert all(torch.equal(layers[k].hard_mask("default").bool(), expected[k]) for k in expected)
 
@@ -437,12 +438,12 @@ def test_mask_config_prior_uses_the_one_shot_mask_through_the_prior_formula():
     from peft import get_peft_model
 
     from sparse_peft import MaskConfig
-    from sparse_peft.model import _mask_layers
+    from sparse_peft.layer import mask_layers
 
     calibration = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
     targets = [name for name, _ in tiny_llama().named_modules() if name.endswith("proj")]
     expected = compute_prior_masks(tiny_llama(), "wanda", 2, 4, targets, calibration, show_progress=False)
     model = get_peft_model(tiny_llama(), MaskConfig(prior="wanda", calibration=calibration, prior_strength=100.0))
     model.eval()
-    layers = _mask_layers(model)
+    layers = mask_layers(model)
     assert all(torch.equal(layers[k].hard_mask("default").bool(), expected[k]) for k in expected)

@@ -6,11 +6,11 @@ import importlib.util
 
 import pytest
 
+from sparse_peft.adapter_io import adapter_size
 from sparse_peft.data import load_model_and_tokenizer, load_texts
 from sparse_peft.evaluation import perplexity
-from sparse_peft.priors import prune
+from sparse_peft.oneshot import prune
 from sparse_peft.stats import mask_stats
-from sparse_peft.storage import adapter_size
 
 pytestmark = [
     pytest.mark.slow,

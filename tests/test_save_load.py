@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import run_fresh_python, tiny_llama
 from sparse_peft import MaskConfig, MaskedLinear, load_mask_adapter
-from sparse_peft.patterns import group_counts
-from sparse_peft.storage import (
+from sparse_peft.codec import (
     digits_per_byte,
     pack_codes,
     pack_indices,
@@ -19,6 +18,7 @@ from sparse_peft.storage import (
     unpack_indices,
     uses_pattern_codes,
 )
+from sparse_peft.patterns import group_counts
 
 
 def trained_adapter(path, seed=0, noise_seed=None, **config):

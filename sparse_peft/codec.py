@@ -1,4 +1,7 @@
-"""The mask-adapter file format: packed pattern indices, base-model fingerprints, atomic writes, reading.
+"""The mask-adapter file format, as a pure codec: packed pattern indices, deltas, base-model fingerprints.
+
+Reading adapters from disk or the Hub is :mod:`sparse_peft.adapter_io`; this module only turns tensors into
+tensors.
 
 A mask adapter is a PEFT adapter folder: ``adapter_config.json`` (a :class:`~sparse_peft.MaskConfig`) and
 ``adapter_model.safetensors`` holding, for every masked layer ``<name>`` (a module name of the base model, prefixed
@@ -43,56 +46,29 @@ differs, and applies the changes. A general mask may itself be delta-coded again
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, IO
 
 import torch
 
+from .constants import LOGITS, PEFT_KEY_PREFIX, PREFIX
 from .patterns import candidate_patterns, hard_mask_from_indices, index_bits, num_candidates
 
 FINGERPRINT_SIZE = 8
-#: Checkpoint key suffixes, after the module name.
-PATTERN_BITS = "maskllm_pattern_bits"
-PATTERN_CODES = "maskllm_pattern_codes"
-SHAPE = "maskllm_shape"
-FINGERPRINT = "maskllm_fingerprint"
-LOGITS = "maskllm_logits"
-DELTA_INFO = "maskllm_delta_info"
-DELTA_POSITIONS = "maskllm_delta_positions"
-DELTA_PATTERNS = "maskllm_delta_patterns"
+#: Checkpoint key suffixes, after the module name (:data:`~sparse_peft.constants.LOGITS` is the layer's own name).
+PATTERN_BITS = f"{PREFIX}pattern_bits"
+PATTERN_CODES = f"{PREFIX}pattern_codes"
+SHAPE = f"{PREFIX}shape"
+FINGERPRINT = f"{PREFIX}fingerprint"
+DELTA_INFO = f"{PREFIX}delta_info"
+DELTA_POSITIONS = f"{PREFIX}delta_positions"
+DELTA_PATTERNS = f"{PREFIX}delta_patterns"
 DELTA_FIELDS = (DELTA_INFO, DELTA_POSITIONS, DELTA_PATTERNS)
 RECORD_FIELDS = (PATTERN_BITS, PATTERN_CODES, SHAPE, FINGERPRINT, LOGITS, *DELTA_FIELDS)
 #: ``coding`` values of ``maskllm_delta_info``: how the changed-group positions are stored.
 DELTA_GAPS, DELTA_BITMAP = 0, 1
-#: PEFT's prefix in front of base-model module names in adapter files.
-PEFT_KEY_PREFIX = "base_model.model."
 # Relative tolerance of the fingerprint check: a bf16 copy of the same base differs by < 0.4%.
 _FINGERPRINT_RTOL = 1e-2
 _FINGERPRINT_ATOL = 1e-5
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write a file all-or-nothing: ``write`` fills a temp file in the same folder, which then replaces ``path``.
-
-    If ``write`` raises (or the process dies), an existing file at ``path`` is left untouched.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
@@ -310,170 +286,3 @@ def split_records(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[s
         else:
             rest[key] = value
     return records, rest
-
-
-def decode_records(
-    grouped: dict[str, dict[str, torch.Tensor]],
-    n: int,
-    m: int,
-    prior: str | None = None,
-    prior_sha256: str | None = None,
-    prior_revision: str | None = None,
-) -> dict[str, MaskRecord]:
-    """Decode every layer of :func:`split_records`' output; delta-coded layers are resolved against the general mask.
-
-    ``prior`` / ``prior_sha256`` / ``prior_revision`` come from the adapter's config: the general mask's path or Hub
-    id, the hash it must have and, for a Hub id, the commit it was read at. Raises ``FileNotFoundError`` /
-    ``ValueError`` naming the general mask if it is missing, changed, or lacks a layer.
-    """
-    general = None
-    if any(is_delta(tensors) for tensors in grouped.values()):
-        general = load_general_mask(prior, prior_sha256, n, m, prior_revision)
-    records = {}
-    for name, tensors in grouped.items():
-        general_record = None
-        if is_delta(tensors):
-            general_record = general.records.get(name)
-            if general_record is None:
-                raise ValueError(
-                    f"The mask adapter is delta-coded against the general mask {prior!r}, which has no mask for "
-                    f"{name!r}. The general mask there is not the one this adapter was made from; restore it."
-                )
-        records[name] = decode_record(name, tensors, n, m, general_record)
-    return records
-
-
-@dataclass
-class MaskAdapter:
-    """A mask adapter read from disk or the Hub: its config (as a dict) and one record per masked layer.
-
-    ``sha256`` is the hash of its ``adapter_model.safetensors`` (what delta-coded adapters refer to); ``revision``
-    the commit it was read at when it came from the Hub (None for a local folder).
-    """
-
-    source: str
-    config: dict[str, Any]
-    records: dict[str, MaskRecord]  # base-model module name -> record
-    sha256: str = ""
-    revision: str | None = None
-
-    @property
-    def n(self) -> int:
-        return int(self.config["n"])
-
-    @property
-    def m(self) -> int:
-        return int(self.config["m"])
-
-    def masks(self) -> dict[str, torch.Tensor]:
-        """``{module_name: bool [out, in]}`` hard masks."""
-        return {name: record.mask(self.n, self.m) for name, record in self.records.items()}
-
-
-def _resolve(name_or_path: str, filename: str, revision: str | None) -> str:
-    local = os.path.join(name_or_path, filename)
-    if os.path.isdir(name_or_path):
-        if not os.path.isfile(local):
-            raise FileNotFoundError(f"{name_or_path!r} is a folder but has no {filename}: it is not a mask adapter.")
-        return local
-    from .hub import hub_download
-
-    try:
-        return hub_download(name_or_path, filename, revision)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"No mask adapter at {name_or_path!r}: {err}") from err
-
-
-def load_mask_adapter(name_or_path: str | os.PathLike, revision: str | None = None) -> MaskAdapter:
-    """Read a saved mask adapter (local folder or Hub repo id) without a model: config and hard masks.
-
-    A delta-coded adapter is resolved against its general mask (``prior`` in its config, checked by hash).
-    """
-    from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    from .hub import downloaded_commit
-    from .registration import mask_peft_type
-
-    source = os.fspath(name_or_path)
-    with open(_resolve(source, CONFIG_NAME, revision)) as f:
-        config = json.load(f)
-    if config.get("peft_type") != mask_peft_type().value:
-        raise ValueError(
-            f"{source!r} is a {config.get('peft_type')!r} adapter, not a sparse_peft mask adapter."
-        )
-    weights_file = _resolve(source, SAFETENSORS_WEIGHTS_NAME, revision)
-    with open(weights_file, "rb") as f:
-        data = f.read()
-    try:
-        state_dict = load(data)
-    except SafetensorError as err:
-        raise ValueError(
-            f"{weights_file} is not a readable safetensors file ({err}); re-save or re-download it."
-        ) from None
-    n, m = int(config["n"]), int(config["m"])
-    grouped, _ = split_records(state_dict)
-    if not grouped:
-        raise ValueError(f"{weights_file} holds no masks.")
-    records = decode_records(
-        grouped, n, m, config.get("prior"), config.get("prior_sha256"), config.get("prior_revision")
-    )
-    return MaskAdapter(
-        source=source,
-        config=config,
-        records=records,
-        sha256=hashlib.sha256(data).hexdigest(),
-        revision=None if os.path.isdir(source) else downloaded_commit(weights_file),
-    )
-
-
-def load_general_mask(
-    prior: str | None, prior_sha256: str | None, n: int, m: int, prior_revision: str | None = None
-) -> MaskAdapter:
-    """The general mask a delta-coded adapter refers to (at commit ``prior_revision`` if it is a Hub id), checked
-    against the hash the adapter recorded.
-
-    Raises ``FileNotFoundError`` if it cannot be found and ``ValueError`` if it is not the same file any more; both
-    messages name the general mask, the hash, and how to fix it.
-    """
-    if not prior or not prior_sha256:
-        raise ValueError(
-            "The mask adapter is delta-coded but its adapter_config.json lacks the general mask reference "
-            f"(prior={prior!r}, prior_sha256={prior_sha256!r}); the file is incomplete. Re-save the adapter."
-        )
-    fix = (
-        "Restore that general mask, or, if it moved, set \"prior\" in the task adapter's adapter_config.json to "
-        "its new path or Hub id."
-    )
-    try:
-        general = load_mask_adapter(prior, prior_revision)
-    except FileNotFoundError as err:
-        at = f" at revision {prior_revision}" if prior_revision else ""
-        raise FileNotFoundError(
-            f"The mask adapter is delta-coded against the general mask {prior!r}{at} (sha256 {prior_sha256}), which "
-            f"is missing: {err}\n{fix}"
-        ) from None
-    if general.sha256 != prior_sha256:
-        raise ValueError(
-            f"The mask adapter is delta-coded against the general mask {prior!r} with sha256 {prior_sha256}, but the "
-            f"adapter_model.safetensors found there has sha256 {general.sha256}: the general mask changed since the "
-            f"task adapter was made, so its changes cannot be applied.\n{fix}"
-        )
-    if (general.n, general.m) != (n, m):
-        raise ValueError(f"The general mask {prior!r} is {general.n}:{general.m}, the delta adapter {n}:{m}.")
-    return general
-
-
-def adapter_size(name_or_path: str | os.PathLike, revision: str | None = None) -> dict[str, float]:
-    """Bytes of a saved adapter's weights file and what that is per masked weight.
-
-    Returns ``{"bytes": file size, "masked_weights": sum of out * in, "bits_per_weight": 8 * bytes / weights}``.
-    For a delta-coded adapter the bytes are its own file's, without the general mask it refers to.
-    """
-    from peft.utils import SAFETENSORS_WEIGHTS_NAME
-
-    adapter = load_mask_adapter(name_or_path, revision)
-    size = os.path.getsize(_resolve(os.fspath(name_or_path), SAFETENSORS_WEIGHTS_NAME, revision))
-    weights = sum(r.shape[0] * r.shape[1] for r in adapter.records.values())
-    return {"bytes": size, "masked_weights": weights, "bits_per_weight": 8 * size / weights}

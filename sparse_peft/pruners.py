@@ -24,53 +24,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from peft.utils import transpose
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .constants import ONE_SHOT_PRIORS
 from .patterns import check_groupable, topn_mask, validate_n_m
+from .utils import fan_in_fan_out, weight_out_in
 
-PRIOR_METHODS = ("magnitude", "wanda", "sparsegpt")
+#: The pruners :func:`compute_prior_masks` implements.
+PRIOR_METHODS = ONE_SHOT_PRIORS
 
 #: The layers a prior can prune: ``nn.Linear`` (weight ``[out, in]``) and GPT-2's ``Conv1D`` (weight ``[in, out]``).
 _Prunable = nn.Linear | Conv1D
 
 #: Where the transformer blocks live in common architectures (Llama-style, GPT-2-style), tried first.
 _KNOWN_BLOCK_PATHS = ("model.layers", "transformer.h")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Calibration data
-# --------------------------------------------------------------------------------------------------------------
-
-
-def calibration_from_texts(
-    texts: list[str], tokenizer, num_samples: int = 128, seq_len: int = 512, seed: int = 0
-) -> torch.Tensor:
-    """Random token windows from a corpus: the SparseGPT/Wanda calibration recipe.
-
-    The texts are joined with ``"\\n\\n"`` and tokenised once (with the tokenizer's default special tokens);
-    ``num_samples`` windows of ``seq_len`` consecutive tokens start at uniformly random offsets drawn from a
-    generator seeded with ``seed`` (windows may overlap).
-
-    Returns:
-        ``[num_samples, seq_len]`` int64 token ids.
-
-    Raises:
-        ValueError: if ``num_samples`` or ``seq_len`` is not positive, or the corpus has fewer than
-            ``seq_len`` tokens.
-    """
-    if num_samples < 1 or seq_len < 1:
-        raise ValueError(f"num_samples and seq_len must be positive, got {num_samples} and {seq_len}.")
-    ids = torch.as_tensor(tokenizer("\n\n".join(texts), verbose=False)["input_ids"], dtype=torch.long)
-    if ids.numel() < seq_len:
-        raise ValueError(
-            f"The calibration text is too short: it has {ids.numel()} tokens, but one window needs "
-            f"seq_len={seq_len}. Pass more text or a smaller seq_len."
-        )
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=generator)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -103,8 +73,8 @@ def compute_prior_masks(
         target_names: names as in ``model.named_modules()``, each an ``nn.Linear`` or a GPT-2 ``Conv1D`` whose
             input dimension is divisible by ``m``. For ``wanda``/``sparsegpt`` all of them must sit inside the
             transformer blocks.
-        calibration: ``[num_samples, seq_len]`` token ids (see :func:`calibration_from_texts`); required by
-            ``wanda`` and ``sparsegpt``.
+        calibration: ``[num_samples, seq_len]`` token ids (see :func:`sparse_peft.data.calibration_from_texts`);
+            required by ``wanda`` and ``sparsegpt``.
         update_weights: ``sparsegpt`` only. ``False`` (MaskLLM's prior, "mask-only"): the model's weights stay
             bit-identical, the mask is chosen by the full OBS procedure on a scratch copy. ``True`` (the
             SparseGPT baseline): the pruned and OBS-updated weights are written into the targets in place.
@@ -160,7 +130,7 @@ def _validate_options(
     if calibration is None:
         raise ValueError(
             f"method={method!r} needs calibration data: pass `calibration`, a [num_samples, seq_len] tensor of "
-            "token ids (e.g. from calibration_from_texts)."
+            "token ids (e.g. from sparse_peft.data.calibration_from_texts)."
         )
     if calibration.dim() != 2 or calibration.dtype.is_floating_point or calibration.dtype == torch.bool:
         raise ValueError(
@@ -191,8 +161,8 @@ def _resolve_targets(model: nn.Module, target_names: list[str], m: int) -> dict[
 
 
 def _weight_out_in(layer: _Prunable) -> torch.Tensor:
-    """The layer's weight data as ``[out, in]``: a view that shares storage (a transpose for ``Conv1D``)."""
-    return layer.weight.data.T if isinstance(layer, Conv1D) else layer.weight.data
+    """The layer's weight data as ``[out, in]``, without autograd: a view that shares storage."""
+    return weight_out_in(layer).detach()
 
 
 @contextlib.contextmanager
@@ -346,7 +316,7 @@ def _masked_weights(linears: dict[str, _Prunable], masks: dict[str, torch.Tensor
     originals = {name: linears[name].weight.data for name in masks}
     try:
         for name, mask in masks.items():
-            stored = mask.T if isinstance(linears[name], Conv1D) else mask  # the weight's own layout
+            stored = transpose(mask, fan_in_fan_out(linears[name]))  # the weight's own layout
             linears[name].weight.data = originals[name] * stored.to(originals[name].device, originals[name].dtype)
         yield
     finally:
@@ -511,43 +481,3 @@ def _inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> torch.T
             f"SparseGPT: the damped layer Hessian is not positive definite (percdamp={percdamp}); "
             "use a larger percdamp or more calibration data."
         ) from error
-
-
-# --------------------------------------------------------------------------------------------------------------
-# A one-shot mask as a mask adapter
-# --------------------------------------------------------------------------------------------------------------
-
-
-def prune(
-    model: nn.Module,
-    method: str,
-    calibration: torch.Tensor | None = None,
-    *,
-    n: int = 2,
-    m: int = 4,
-    target_modules: list[str] | str | None = None,
-    update_weights: bool = False,
-    show_progress: bool = True,
-):
-    """Prune ``model`` one-shot and return it as a ``PeftModel`` whose mask adapter is exactly that mask.
-
-    The standalone form of ``MaskConfig(prior=method, calibration=...)``: the adapter's hard masks equal the
-    pruner's masks (no prior noise), so ``save_pretrained`` stores the one-shot mask and ``sparse-peft eval``
-    measures it. With ``update_weights=True`` (SparseGPT only) the base weights are also changed in place; use
-    ``merge_and_unload()`` and save the model, since such an adapter only fits the updated weights.
-    """
-    from peft import get_peft_model
-
-    from .config import MaskConfig
-    from .model import _adapters_disabled, _mask_layers, set_masks
-
-    config = MaskConfig(n=n, m=m, target_modules=target_modules, prior=method, init_weights=False)
-    peft_model = get_peft_model(model, config)
-    names = list(_mask_layers(peft_model))
-    with _adapters_disabled(peft_model):
-        masks = compute_prior_masks(
-            peft_model, method, n, m, [f"base_model.model.{name}.base_layer" for name in names], calibration,
-            update_weights=update_weights, show_progress=show_progress,
-        )
-    set_masks(peft_model, {name: masks[f"base_model.model.{name}.base_layer"] for name in names})
-    return peft_model

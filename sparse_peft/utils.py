@@ -1,0 +1,56 @@
+"""Small helpers without any sparse_peft dependency: atomic file writes and ``[out, in]`` views of linear weights."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import IO, Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+from peft.utils import transpose
+from transformers.pytorch_utils import Conv1D
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write a file all-or-nothing: ``write`` fills a temp file in the same folder, which then replaces ``path``.
+
+    If ``write`` raises (or the process dies), an existing file at ``path`` is left untouched.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def fan_in_fan_out(layer: nn.Module) -> bool:
+    """Whether ``layer`` stores its weight ``[in, out]`` (GPT-2's ``Conv1D``) rather than ``[out, in]`` (``nn.Linear``)."""
+    return isinstance(layer, Conv1D)
+
+
+def weight_out_in(layer: nn.Module) -> torch.Tensor:
+    """``layer.weight`` (an ``nn.Linear`` or a ``Conv1D``) as ``[out, in]``: a view that shares its storage.
+
+    A plain tensor that follows the parameter's ``requires_grad`` and autograd (``peft.utils.transpose`` given the
+    parameter itself would wrap the transpose in a new, trainable ``Parameter``).
+    """
+    weight = layer.weight
+    return transpose(weight.view_as(weight), fan_in_fan_out(layer))
+
+
+def output_layer(model: nn.Module) -> Optional[nn.Module]:
+    """The model's output layer (``get_output_embeddings()``, e.g. ``lm_head``), or None if it has none."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    try:
+        return get_output() if callable(get_output) else None
+    except (AttributeError, NotImplementedError):
+        return None
