@@ -331,7 +331,6 @@ def test_inject_adapter_in_model_is_refused_before_touching_the_model(case):
 
 
 @CASES
-@pytest.mark.xfail(strict=True, reason="issue 14 A.4: adapter_names (mixed batches) is silently ignored")
 def test_mixed_batch_rows_equal_their_own_adapter_forward(case):
     model = adapted(case, adapter_name="one")
     model.add_adapter("two", MaskConfig(**case.config_kwargs))

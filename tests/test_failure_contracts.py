@@ -224,7 +224,6 @@ def test_merge_without_safe_merge_warns_about_nan_logits():
 
 
 # -- A.4: mixed-adapter batches -------------------------------------------------------------------------------------
-@xfail(4, "adapter_names=[...] is accepted and ignored: every row uses the active adapter")
 def test_mixed_batch_of_loaded_task_masks_equals_per_adapter_forwards(tmp_path):
     """Serving: several inference-only task masks loaded on one base, one batch, each row with its own mask."""
     for i, task in enumerate(("one", "two", "three")):
