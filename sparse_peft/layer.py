@@ -215,18 +215,32 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         device and dtype. Only the most recently used adapter's mask is kept, so switching between many adapters
         costs one mask, not one per adapter.
         """
-        logits = self.maskllm_logits[adapter_name]
-        weight = self.get_base_layer().weight
-        key = (logits._version, logits.data_ptr(), weight.dtype, weight.device)
+        key = self._hard_mask_key(adapter_name)
         cached = self._hard_mask_cache.get(adapter_name)
         if cached is None or cached[0] != key:
-            with torch.no_grad():
-                candidates = self._candidates(adapter_name, logits.device)
-                mask = hard_mask_from_indices(self.pattern_indices(adapter_name), candidates)
-                mask = mask.view(self.weight_shape).to(device=weight.device, dtype=weight.dtype)
-            cached = (key, mask)
+            cached = (key, self._compute_hard_mask(adapter_name))
             self._hard_mask_cache = {adapter_name: cached}
         return cached[1]
+
+    def _hard_mask_key(self, adapter_name: str) -> tuple:
+        logits = self.maskllm_logits[adapter_name]
+        weight = self.get_base_layer().weight
+        return (logits._version, logits.data_ptr(), weight.dtype, weight.device)
+
+    def _compute_hard_mask(self, adapter_name: str) -> torch.Tensor:
+        logits = self.maskllm_logits[adapter_name]
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            candidates = self._candidates(adapter_name, logits.device)
+            mask = hard_mask_from_indices(self.pattern_indices(adapter_name), candidates)
+            return mask.view(self.weight_shape).to(device=weight.device, dtype=weight.dtype)
+
+    def _transient_hard_mask(self, adapter_name: str) -> torch.Tensor:
+        """:meth:`hard_mask` read from the cache where it holds ``adapter_name``, else computed and not stored."""
+        cached = self._hard_mask_cache.get(adapter_name)
+        if cached is not None and cached[0] == self._hard_mask_key(adapter_name):
+            return cached[1]
+        return self._compute_hard_mask(adapter_name)
 
     def holds_indices(self, adapter_name: str) -> bool:
         """True if ``adapter_name`` was created for inference only and holds uint8 pattern indices, not logits."""
@@ -311,11 +325,22 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         return active[0] if active else None
 
     # -- forward --------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """The base layer with the active adapter's mask: a soft mask in training, the hard mask in eval.
+
+        ``adapter_names`` (PEFT's mixed-adapter batch, eval only): one adapter name per row of ``x`` (dim 0);
+        each row goes through its own adapter's hard mask, see :meth:`_mixed_batch_forward`.
+        """
+        if adapter_names is not None:
+            self._check_mixed_batch(x, adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         adapter_name = self.active_mask_adapter()
         if self.merged or adapter_name is None:
             return self.base_layer(x, *args, **kwargs)
@@ -323,6 +348,55 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
             return self._train_forward(x, adapter_name)
         weight = self.base_weight() * self.hard_mask(adapter_name)
         return F.linear(self._cast_input_dtype(x, weight.dtype), weight, self.get_base_layer().bias)
+
+    def _check_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> None:
+        if self.training:
+            raise ValueError(
+                f"{self.layer_name}: adapter_names (a mixed-adapter batch) is for inference only, but the layer is "
+                "in training mode. Call model.eval() first, or train one adapter at a time with set_adapter."
+            )
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise TypeError(
+                f"{self.layer_name}: adapter_names must be a list of adapter names (str), one per row of the batch; "
+                f"got {adapter_names!r}."
+            )
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"{self.layer_name}: adapter_names has {len(adapter_names)} names but the batch has {x.shape[0]} "
+                "rows; pass one adapter name (or '__base__') per row."
+            )
+        if self.merged:
+            raise ValueError(
+                f"{self.layer_name}: cannot serve a mixed-adapter batch while adapter {self.merged_adapters} is "
+                "merged into the weight. Call unmerge_adapter() first."
+            )
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Rows of ``x`` grouped by adapter, each group through ``F.linear(rows, W * hard_mask(name), bias)``.
+
+        ``x`` is ``[B, ..., in]`` with ``len(adapter_names) == B``; the result is ``[B, ..., out]``. Rows named
+        ``"__base__"``, or an adapter this layer does not hold (one whose ``target_modules`` skip it), go through
+        the dense base layer, as a single-adapter forward of that adapter does. Masks: an adapter whose mask the
+        cache holds uses it; every other group's mask is computed for this forward and freed after its group, so
+        the cache still holds one adapter's mask at most and a mixed batch of k adapters recomputes up to k masks
+        per layer per forward (one ``[out, in]`` mask alive at a time).
+        """
+        weight, bias = self.base_weight(), self.get_base_layer().bias
+        result = None
+        for name in dict.fromkeys(adapter_names):  # unique names in first-row order
+            rows = torch.tensor([i for i, row in enumerate(adapter_names) if row == name], device=x.device)
+            if name in self.maskllm_logits:
+                masked = weight * self._transient_hard_mask(name)
+                out = F.linear(self._cast_input_dtype(x[rows], masked.dtype), masked, bias)
+                del masked
+            else:
+                out = self.base_layer(x[rows], *args, **kwargs)
+            if result is None:
+                result = out.new_empty((x.shape[0], *out.shape[1:]))
+            result[rows] = out.to(result.dtype)
+        return result
 
     # -- merging --------------------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

@@ -8,6 +8,9 @@ between the in-memory logits and the packed file format (PEFT's ``_get_adapter_s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -124,6 +127,61 @@ class MaskModel(BaseTuner):
     def mask_schedule(self, adapter_name: str = "default") -> MaskSchedule:
         """The schedule values currently in force for ``adapter_name``."""
         return self._schedules[adapter_name]
+
+    # -- inference ------------------------------------------------------------------------------------------
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PEFT's mixed-adapter batches: ``model(input_ids, adapter_names=[...])`` and ``model.generate(...)``.
+
+        ``PeftModel.forward`` / ``generate`` enter this context with their kwargs. ``adapter_names`` holds one
+        adapter name per row of the batch (``"__base__"``: the dense base model); while the context is open every
+        mask layer receives it, and each row goes through its own adapter's hard mask
+        (:meth:`~sparse_peft.layer.MaskedLinear.forward`). Eval mode only, and no adapter may be merged. With
+        ``num_beams > 1`` each name is repeated for its row's beams. The active adapter is not changed.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError(
+                "adapter_names (a mixed-adapter batch) is for inference only, but the model is in training mode. "
+                "Call model.eval() first, or train one adapter at a time with set_adapter."
+            )
+        if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+            raise TypeError(
+                f"adapter_names must be a list of adapter names (str), one per row of the batch; got {adapter_names!r}."
+            )
+        layers = mask_layers(self.model).values()
+        known = {name for layer in layers for name in layer.maskllm_logits}
+        unknown = sorted(set(adapter_names) - known - {"__base__"})
+        if unknown:
+            raise ValueError(
+                f"adapter_names names adapter(s) {unknown} that the model does not hold; it holds {sorted(known)} "
+                "('__base__' means the model without adapter). Load them with load_adapter first."
+            )
+        merged = sorted({name for layer in layers for name in layer.merged_adapters})
+        if merged:
+            raise ValueError(
+                f"Cannot serve a mixed-adapter batch while adapter(s) {merged} are merged into the weights. Call "
+                "unmerge_adapter() first."
+            )
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+
+        def inject(module: nn.Module, args: tuple, layer_kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
+            return args, {**layer_kwargs, "adapter_names": names}
+
+        handles = [
+            layer.register_forward_pre_hook(partial(inject, names=list(adapter_names)), with_kwargs=True)
+            for layer in layers
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         model = super()._unload_and_optionally_merge(*args, **kwargs)

@@ -331,7 +331,6 @@ def test_inject_adapter_in_model_is_refused_before_touching_the_model(case):
 
 
 @CASES
-@pytest.mark.xfail(strict=True, reason="issue 14 A.4: adapter_names (mixed batches) is silently ignored")
 def test_mixed_batch_rows_equal_their_own_adapter_forward(case):
     model = adapted(case, adapter_name="one")
     model.add_adapter("two", MaskConfig(**case.config_kwargs))
@@ -352,3 +351,27 @@ def test_mixed_batch_rows_equal_their_own_adapter_forward(case):
     mixed = out(model, x, adapter_names=rows)
     for i, name in enumerate(rows):
         assert torch.allclose(mixed[i], per_adapter[name][i], rtol=0, atol=1e-5), (i, name)
+
+
+@pytest.mark.parametrize("case", [c for c in TEST_CASES if c.name != "mlp"], ids=lambda c: c.name)
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_with_mixed_adapter_names_equals_per_adapter_generate(case, num_beams):
+    model = adapted(case, adapter_name="one")
+    model.add_adapter("two", MaskConfig(**case.config_kwargs))
+    scramble(model, "two", 7)
+    model.eval()
+    x = case.inputs(3)
+    settings = dict(max_new_tokens=4, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    per_adapter = {}
+    with torch.no_grad():
+        for name in ("one", "two"):
+            model.set_adapter(name)
+            per_adapter[name] = model.generate(input_ids=x, **settings)
+        with model.disable_adapter():
+            per_adapter["__base__"] = model.generate(input_ids=x, **settings)
+        model.set_adapter("one")
+        rows = ["two", "__base__", "one"]
+        mixed = model.generate(input_ids=x, adapter_names=rows, **settings)
+    assert not torch.equal(mixed, per_adapter["one"])  # the rows did not all use the active adapter
+    for i, name in enumerate(rows):
+        assert torch.equal(mixed[i], per_adapter[name][i]), (i, name)

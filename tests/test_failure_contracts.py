@@ -224,7 +224,6 @@ def test_merge_without_safe_merge_warns_about_nan_logits():
 
 
 # -- A.4: mixed-adapter batches -------------------------------------------------------------------------------------
-@xfail(4, "adapter_names=[...] is accepted and ignored: every row uses the active adapter")
 def test_mixed_batch_of_loaded_task_masks_equals_per_adapter_forwards(tmp_path):
     """Serving: several inference-only task masks loaded on one base, one batch, each row with its own mask."""
     for i, task in enumerate(("one", "two", "three")):
@@ -249,6 +248,69 @@ def test_mixed_batch_of_loaded_task_masks_equals_per_adapter_forwards(tmp_path):
     # and the active adapter was not changed by the mixed batch
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, separate["one"])
+
+
+def two_mask_llama() -> PeftModel:
+    """A tiny Llama with mask adapters "one" (active) and "two", logits moved off their init, eval mode."""
+    model = get_peft_model(tiny_llama(0), MaskConfig(), adapter_name="one")
+    model.add_adapter("two", MaskConfig())
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in mask_layers(model):
+            for logits in layer.maskllm_logits.values():
+                logits.add_(torch.randn(logits.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "problem, error, match",
+    [
+        ("training", ValueError, r"inference only.*model\.eval\(\)"),
+        ("unknown", ValueError, r"\['tow'\].*holds \['one', 'two'\]"),
+        ("length", ValueError, r"3 names but the batch has 2 rows"),
+        ("merged", ValueError, r"merged.*unmerge_adapter\(\)"),
+        ("not a list", TypeError, r"list of adapter names"),
+    ],
+)
+def test_bad_mixed_batch_is_refused_and_leaves_no_hook(problem, error, match):
+    model = two_mask_llama()
+    before, expected = snapshot(model), logits_of(model)
+    names = {"unknown": ["one", "tow"], "length": ["one", "two", "one"], "not a list": "one"}.get(
+        problem, ["one", "two"]
+    )
+    if problem == "training":
+        model.train()
+    if problem == "merged":
+        model.merge_adapter()
+    with pytest.raises(error, match=match):
+        with torch.no_grad():
+            model(TOKENS, adapter_names=names)
+    if problem == "merged":
+        model.unmerge_adapter()
+    model.eval()
+    # a hook left behind would route the rows of this plain forward to "one" and "two" (or fail its length check)
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    assert torch.equal(logits_of(model), expected)
+
+
+def test_mixed_batch_with_adapters_of_different_target_modules():
+    """A layer that an adapter does not mask is dense for that adapter's rows, as in its own forward."""
+    model = get_peft_model(tiny_llama(0), MaskConfig(target_modules=["q_proj", "v_proj"]), adapter_name="attn")
+    model.add_adapter("mlp", MaskConfig(target_modules=["gate_proj", "up_proj", "down_proj"]))
+    model.eval()
+    tokens = torch.randint(0, 128, (3, 8), generator=torch.Generator().manual_seed(2))
+    separate = {}
+    with torch.no_grad():
+        for name in ("attn", "mlp"):
+            model.set_adapter(name)
+            separate[name] = model(tokens).logits
+        with model.disable_adapter():
+            separate["__base__"] = model(tokens).logits
+        rows = ["mlp", "__base__", "attn"]
+        mixed = model(tokens, adapter_names=rows).logits
+    assert not torch.allclose(separate["attn"], separate["mlp"])
+    for i, name in enumerate(rows):
+        assert torch.allclose(mixed[i], separate[name][i], rtol=0, atol=1e-5), (i, name)
 
 
 # -- A.5: messages ---------------------------------------------------------------------------------------------------

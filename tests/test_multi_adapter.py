@@ -54,6 +54,11 @@ def test_many_adapters_share_the_base_and_switch_exactly(tmp_path, tokens):
             model.set_adapter(task)
             assert torch.equal(model(input_ids=tokens).logits, separate[task])
             assert all(layer._hard_mask_cache.keys() == {task} for layer in layers)  # one cached eval mask
+        # a mixed batch (one adapter per row) equals the separate models row by row and leaves the cache alone
+        mixed = model(input_ids=tokens, adapter_names=["b", "c"]).logits
+        assert torch.allclose(mixed[0], separate["b"][0], rtol=0, atol=1e-5)
+        assert torch.allclose(mixed[1], separate["c"][1], rtol=0, atol=1e-5)
+        assert all(layer._hard_mask_cache.keys() == {TASKS[0]} for layer in layers)
     assert tensor_bytes(model) - dense_bytes == len(TASKS) * groups
     # an adapter loaded for training holds float32 logits [G, C] instead
     model.load_adapter(tmp_path / "a", adapter_name="trainable", is_trainable=True)
