@@ -141,6 +141,7 @@ def learn_mask(
     callbacks: Iterable = (),
     recompute_soft_mask: Optional[bool] = None,
     distill: bool = False,
+    resume_from_checkpoint: Optional[str | bool] = None,
 ) -> Trainer:
     """Train the mask logits of a ``get_peft_model(..., MaskConfig(...))`` model; returns the finished Trainer.
 
@@ -149,7 +150,10 @@ def learn_mask(
     False keeps each layer's soft-mask weights for backward (6 bytes per masked weight for 2:4, one Gumbel sample
     per step instead of two: faster steps), True keeps only the noise seed (least memory).
     ``distill=True`` trains on the KL divergence from the dense model (:class:`DenseDistillationTrainer`) instead of
-    the LM loss of the labels.
+    the LM loss of the labels. ``resume_from_checkpoint`` goes to ``trainer.train``: a checkpoint folder of an
+    earlier run with the same ``args``, or True for the latest one in ``args.output_dir``. Checkpoints (``args``
+    with ``save_strategy`` / ``save_steps``) hold the float logits (see :class:`~sparse_peft.MaskScheduleCallback`),
+    so a resumed run ends with the same adapter as an uninterrupted one.
 
     Warns when ``args.max_steps`` asks for more sequences than ``train_dataset`` holds: ``Trainer`` then goes over
     the text again, and a mask memorises text it has seen (see :func:`_warn_if_text_repeats`).
@@ -161,7 +165,7 @@ def learn_mask(
     trainer = trainer_class(
         model=model, args=args, train_dataset=train_dataset, callbacks=[MaskScheduleCallback(), *callbacks]
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     model.eval()
     return trainer
 

@@ -3,7 +3,9 @@
 ``accelerate launch --multi_gpu --num_processes 2 tests/distributed_train.py OUT_DIR ddp|fsdp2`` (without GPUs the
 processes run on the CPU with the gloo backend). ``ddp``: ``Trainer`` under Accelerate; ``fsdp2``: ``fully_shard``
 in a plain loop. Every rank writes ``OUT_DIR/rank<r>.pt`` with its logits before and after training; rank 0 saves
-the adapter (with logits) to ``OUT_DIR/adapter``.
+the adapter (with logits) to ``OUT_DIR/adapter``. A checkpoint of the last step, written with ``save_logits=False``
+and completed with the float logits by ``MaskScheduleCallback`` (``ddp``: ``OUT_DIR/trainer/checkpoint-<STEPS>``)
+or by ``save_checkpoint_logits`` on every rank (``fsdp2``: ``OUT_DIR/checkpoint``), holds the logits too.
 """
 
 import sys
@@ -16,6 +18,7 @@ from transformers import Trainer
 
 from conftest import tiny_llama
 from sparse_peft import MaskConfig, MaskScheduleCallback, update_mask_schedule
+from sparse_peft.schedule import save_checkpoint_logits
 from sparse_peft.training import mask_training_arguments
 
 
@@ -34,6 +37,7 @@ def token_rows() -> list[list[int]]:
 def train_with_trainer(out_dir: Path) -> None:
     """DDP through ``Trainer`` + Accelerate (on CPU: gloo)."""
     model = build_model()
+    model.peft_config["default"].save_logits = False  # the checkpoint gets its logits from MaskScheduleCallback
     dataset = Dataset.from_dict({"input_ids": token_rows(), "labels": token_rows()})
     args = mask_training_arguments(
         str(out_dir / "trainer"),
@@ -45,11 +49,14 @@ def train_with_trainer(out_dir: Path) -> None:
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
+        save_strategy="steps",
+        save_steps=STEPS,
     )
     initial = logits_of(model)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[MaskScheduleCallback()])
     trainer.train()
     report(out_dir, trainer.args.process_index, type(trainer.model_wrapped).__name__, initial, logits_of(trainer.model))
+    model.peft_config["default"].save_logits = True
     trainer.save_model(str(out_dir / "adapter"))  # writes from the main process only
 
 
@@ -82,6 +89,10 @@ def train_with_fsdp2(out_dir: Path) -> None:
     report(out_dir, rank, type(model).__name__, initial, final)
     if rank == 0:
         model.save_pretrained(str(out_dir / "adapter"), state_dict=full)
+        model.peft_config["default"].save_logits = False
+        model.save_pretrained(str(out_dir / "checkpoint"), state_dict=full)
+    dist.barrier()
+    save_checkpoint_logits(model, out_dir / "checkpoint", is_main_process=rank == 0)  # gathers: every rank calls it
     dist.barrier()
     dist.destroy_process_group()
 

@@ -72,3 +72,16 @@ def test_two_process_training_syncs_logits_and_rank0_saves_a_valid_adapter(mode,
     for name, module in merged.named_modules():
         if name.split(".")[-1] in LLAMA_TARGETS:
             assert (group_counts(module.weight, 4) <= 2).all(), name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_checkpoint_written_without_logits_is_completed_with_the_trained_float_logits(mode, runs):
+    out = runs[mode]
+    final = torch.load(out / "rank0.pt")["final"]
+    folder = {"ddp": out / "trainer" / "checkpoint-4", "fsdp2": out / "checkpoint"}[mode]
+    model = PeftModel.from_pretrained(tiny_llama(), folder, is_trainable=True)
+    assert model.peft_config["default"].save_logits is False
+    loaded = {n: p for n, p in model.named_parameters() if "maskllm_logits" in n}
+    assert loaded.keys() == final.keys() and loaded
+    for name, logits in final.items():
+        assert torch.equal(loaded[name], logits), name

@@ -500,17 +500,24 @@ def test_shipped_asset_name_outside_a_checkout_says_where_names_resolve(tmp_path
 
 
 # -- A.7: Trainer checkpoints hold what resuming needs ---------------------------------------------------------------
-def _train(output_dir: Path, resume_from: Path | None = None) -> PeftModel:
+def _train(
+    output_dir: Path, resume_from: Path | None = None, callbacks=(), model: PeftModel | None = None, **overrides
+) -> PeftModel:
     """8 steps of Trainer on a tiny Llama, checkpoints every 4 steps; the same seeds in every run."""
     ids = torch.randint(0, 128, (16, 8), generator=torch.Generator().manual_seed(0)).tolist()
     dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    model = get_peft_model(tiny_llama(0), MaskConfig(sparse_reg=0.0))
-    args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=8, per_device_train_batch_size=2, learning_rate=5e-2,
-        save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, seed=0, data_seed=0,
-        disable_tqdm=True, logging_strategy="no",
+    model = get_peft_model(tiny_llama(0), MaskConfig(sparse_reg=0.0)) if model is None else model
+    args = TrainingArguments(**{
+        **dict(
+            output_dir=str(output_dir), max_steps=8, per_device_train_batch_size=2, learning_rate=5e-2,
+            save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, seed=0, data_seed=0,
+            disable_tqdm=True, logging_strategy="no",
+        ),
+        **overrides,
+    })
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, callbacks=[MaskScheduleCallback(), *callbacks]
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[MaskScheduleCallback()])
     trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     return model.eval()
 
@@ -519,7 +526,18 @@ def _float_logits(model: PeftModel) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".maskllm_logits." in n}
 
 
-@xfail(7, "checkpoints hold only the hard mask, so a resumed run continues from a hard-mask prior")
+class _LogitsAtSave(transformers.TrainerCallback):
+    """Records the float logits of every adapter at each checkpoint: ``{global_step: {parameter name: logits}}``."""
+
+    def __init__(self) -> None:
+        self.at = {}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.at[state.global_step] = {
+            n: p.detach().clone() for n, p in model.named_parameters() if ".maskllm_logits." in n
+        } | {n: b.clone() for n, b in model.named_buffers() if ".maskllm_logits." in n}
+
+
 def test_resumed_trainer_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tmp_path):
     uninterrupted = _train(tmp_path / "run")
     assert (tmp_path / "run" / "checkpoint-4").is_dir()
@@ -535,3 +553,83 @@ def test_resumed_trainer_run_ends_with_the_same_adapter_as_an_uninterrupted_one(
     resumed.save_pretrained(tmp_path / "final-resumed")
     assert (tmp_path / "final-resumed" / WEIGHTS).read_bytes() == (tmp_path / "final" / WEIGHTS).read_bytes()
     assert resumed.base_model.mask_schedule("default") == uninterrupted.base_model.mask_schedule("default")
+
+
+def test_a_checkpoint_holds_the_float_logits_and_loads_them_exactly_into_a_fresh_model(tmp_path):
+    recorder = _LogitsAtSave()
+    model = _train(tmp_path / "run", callbacks=[recorder])
+    assert sorted(recorder.at) == [4, 8]
+    for step, logits in recorder.at.items():
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        assert [k for k in load_file(folder / WEIGHTS) if k.endswith(".maskllm_logits")]
+        # the config keeps save_logits=False, in the checkpoint and in memory: later saves stay small
+        assert json.loads((folder / "adapter_config.json").read_text())["save_logits"] is False
+        fresh = PeftModel.from_pretrained(tiny_llama(0), folder, is_trainable=True)
+        got = _float_logits(fresh)
+        assert got.keys() == logits.keys() and got
+        for name, value in logits.items():
+            assert torch.equal(got[name], value), name
+    assert model.peft_config["default"].save_logits is False
+    model.save_pretrained(tmp_path / "final")
+    assert not [k for k in load_file(tmp_path / "final" / WEIGHTS) if "maskllm_logits" in k]
+
+
+def test_checkpoints_with_save_only_model_stay_as_save_pretrained_writes_them(tmp_path):
+    model = _train(tmp_path / "run", max_steps=4, save_only_model=True)
+    assert not [k for k in load_file(tmp_path / "run" / "checkpoint-4" / WEIGHTS) if "maskllm_logits" in k]
+    model.save_pretrained(tmp_path / "final")
+    assert (tmp_path / "final" / WEIGHTS).read_bytes() == (tmp_path / "run" / "checkpoint-4" / WEIGHTS).read_bytes()
+
+
+def test_a_checkpoint_holds_the_float_logits_of_every_trainable_adapter_and_leaves_inference_ones_alone(tmp_path):
+    saved_adapter(tmp_path / "frozen", logit_seed=3)
+    model = get_peft_model(tiny_llama(0), MaskConfig(sparse_reg=0.0))
+    model.load_adapter(str(tmp_path / "frozen"), adapter_name="frozen")  # for inference: uint8 indices
+    frozen_file = (tmp_path / "frozen" / WEIGHTS).read_bytes()
+    recorder = _LogitsAtSave()
+    _train(tmp_path / "run", callbacks=[recorder], model=model, max_steps=4)
+    folder = tmp_path / "run" / "checkpoint-4"
+    assert [k for k in load_file(folder / WEIGHTS) if k.endswith(".maskllm_logits")]
+    assert (folder / "frozen" / WEIGHTS).read_bytes() == frozen_file
+    fresh = PeftModel.from_pretrained(tiny_llama(0), folder, is_trainable=True)
+    got = _float_logits(fresh)
+    expected = {n: v for n, v in recorder.at[4].items() if n.endswith(".default")}
+    assert got.keys() == expected.keys() and got
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_learn_mask_resumes_from_its_checkpoint_to_the_same_adapter(tmp_path):
+    from sparse_peft.training import learn_mask, mask_training_arguments
+
+    ids = torch.randint(0, 128, (16, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+    def run(output_dir: Path, resume_from_checkpoint=None) -> PeftModel:
+        model = get_peft_model(tiny_llama(0), MaskConfig(sparse_reg=0.0))
+        args = mask_training_arguments(
+            str(output_dir), max_steps=8, per_device_train_batch_size=2, learning_rate=5e-2, save_strategy="steps",
+            save_steps=4, use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, logging_strategy="no",
+        )
+        learn_mask(model, dataset, args, recompute_soft_mask=False, resume_from_checkpoint=resume_from_checkpoint)
+        return model
+
+    uninterrupted = run(tmp_path / "run")
+    shutil.copytree(tmp_path / "run" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    resumed = run(tmp_path / "resumed", resume_from_checkpoint=True)  # the latest checkpoint in output_dir
+    expected, got = _float_logits(uninterrupted), _float_logits(resumed)
+    assert got.keys() == expected.keys() and got
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_a_checkpoint_folder_the_callback_cannot_find_is_named_in_a_warning(tmp_path):
+    model = get_peft_model(tiny_llama(0), MaskConfig(sparse_reg=0.0))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state = transformers.TrainerState(global_step=3)
+    with pytest.warns(UserWarning, match="no checkpoint folder .*checkpoint-3.*save_checkpoint_logits"):
+        MaskScheduleCallback().on_save(args, state, transformers.TrainerControl(), model=model)
+    from sparse_peft.schedule import save_checkpoint_logits
+
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        save_checkpoint_logits(model, tmp_path / "nothing-here")
