@@ -365,7 +365,6 @@ def model_divisible_by_3(folder: Path) -> Path:
     return folder
 
 
-@xfail(5, "prune --m 3 fails on the blocksize default 128, a flag the user never passed")
 def test_cli_prune_with_m_3_uses_a_valid_blocksize_or_names_the_flag(tmp_path, story_file, capsys):
     model = model_divisible_by_3(tmp_path / "model")
     out = tmp_path / "out"
