@@ -404,14 +404,12 @@ def command_line_section() -> str:
     return readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
 
 
-@xfail(6, "the README's Command line section implies the shipped asset names work after any install")
 def test_readme_command_line_says_where_shipped_asset_names_resolve():
     section = command_line_section()
     assert "c4" in section  # the section the issue means
     assert "SPARSE_PEFT_ASSETS" in section and "checkout" in section, section
 
 
-@xfail(6, "outside a checkout the error does not say that the shipped names resolve only in a checkout")
 def test_shipped_asset_name_outside_a_checkout_says_where_names_resolve(tmp_path):
     """A non-editable install: the package copied into a site-packages folder, no SPARSE_PEFT_ASSETS."""
     site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
