@@ -341,7 +341,6 @@ def cli(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@xfail(5, "--prior sparsegtp is taken for a Hub id, after loading the model")
 def test_cli_prior_typo_suggests_the_nearest_prior_before_loading_the_model(tmp_path, story_file, capsys,
                                                                             monkeypatch):
     no_model_loading(monkeypatch)
@@ -381,7 +380,6 @@ def test_cli_prune_with_m_3_uses_a_valid_blocksize_or_names_the_flag(tmp_path, s
 
 
 @pytest.mark.parametrize("flag", ["--model", "--adapter"])
-@xfail(5, "eval with an unknown Hub id prints the raw transformers / PEFT message, without the id or a hint")
 def test_cli_eval_with_an_unknown_hub_id_names_it_and_gives_the_hint(tmp_path, story_file, capsys, monkeypatch,
                                                                       flag):
     import huggingface_hub.constants
