@@ -1,7 +1,8 @@
 """``sparse-peft`` command line: prune, learn, eval, inspect, and the end-to-end demo.
 
 Every ``--model``, ``--adapter`` and data argument takes a local path or a Hub id; data also takes the short
-names of the shipped assets (``wikitext2``, ``c4``, ``tinystories``).
+names of the shipped assets (``wikitext2``, ``c4``, ``tinystories``: in a project checkout or under
+``$SPARSE_PEFT_ASSETS``). Paths and names are checked before any model is loaded.
 """
 
 from __future__ import annotations
@@ -234,10 +235,10 @@ def learn_and_save(model, tokenizer, config: MaskConfig, data: str, output: str,
     :func:`~sparse_peft.training.mask_training_arguments`' and :func:`~sparse_peft.training.learn_mask`'.
     Returns ``{"prior", "tokens", "seconds", "output", "train_loss"}``.
     """
+    dataset = training.text_windows(load_texts(data, split="train"), tokenizer, seq_len,
+                                    max_windows=steps * batch_size * grad_accum)  # read before the prior is computed
     peft_model = get_peft_model(model, config)
     peft_model.print_trainable_parameters()
-    dataset = training.text_windows(load_texts(data, split="train"), tokenizer, seq_len,
-                                    max_windows=steps * batch_size * grad_accum)
     training_args = training.mask_training_arguments(
         os.path.join(output, "trainer"), steps, batch_size, learning_rate=lr,
         gradient_accumulation_steps=grad_accum, logging_steps=max(1, steps // 20),

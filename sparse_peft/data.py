@@ -232,7 +232,7 @@ def check_text_source(source: str) -> Optional[str]:
 
     A shipped asset name resolves to its file under :func:`assets_dir`; an existing file must have a supported
     suffix. Anything else is taken for a Hub dataset id (not looked up here) unless it is clearly a local path (see
-    :func:`looks_like_local_path`) or a near miss of a shipped name (``c5``).
+    :func:`looks_like_local_path`) or a bare near miss of a shipped name (``c5``; ``name:config`` is a Hub id).
 
     Raises:
         FileNotFoundError: a shipped name whose file is missing (saying where the names resolve and what to pass
@@ -261,10 +261,11 @@ def check_text_source(source: str) -> Optional[str]:
         return source
     if looks_like_local_path(source) or Path(source).suffix.lower() in _FILE_KINDS:
         raise FileNotFoundError(f"No data file at {source!r}.{did_you_mean(source, sibling_names(source))}")
-    if not looks_like_hub_id(source.partition(":")[0]) and get_close_matches(source, TEXT_ASSETS, n=1, cutoff=0.5):
+    suggestion = did_you_mean(source, TEXT_ASSETS)
+    if suggestion and "/" not in source and ":" not in source:  # a bare near miss; "wikitext:<config>" is a Hub id
         raise FileNotFoundError(
             f"{source!r} is not a shipped asset name ({', '.join(TEXT_ASSETS)}), a local file or a Hub dataset id "
-            f"(owner/name).{did_you_mean(source, TEXT_ASSETS)}"
+            f"(owner/name).{suggestion}"
         )
     return None
 
@@ -291,5 +292,5 @@ def sibling_names(path: str) -> list[str]:
 
 def did_you_mean(name: str, known) -> str:
     """``" Did you mean 'x'?"`` for the entry of ``known`` nearest to ``name`` (``difflib``), or ``""``."""
-    match = get_close_matches(name, list(known), n=1, cutoff=0.6)
+    match = get_close_matches(name, list(known), n=1, cutoff=0.5)
     return f" Did you mean {match[0]!r}?" if match else ""
