@@ -1,7 +1,8 @@
 """``sparse-peft`` command line: prune, learn, eval, inspect, and the end-to-end demo.
 
 Every ``--model``, ``--adapter`` and data argument takes a local path or a Hub id; data also takes the short
-names of the shipped assets (``wikitext2``, ``c4``, ``tinystories``).
+names of the shipped assets (``wikitext2``, ``c4``, ``tinystories``: in a project checkout or under
+``$SPARSE_PEFT_ASSETS``). Paths and names are checked before any model is loaded.
 """
 
 from __future__ import annotations
@@ -17,19 +18,36 @@ from typing import Any, Optional, Sequence
 
 import torch
 from peft import PeftModel, get_peft_model
+from peft.utils import CONFIG_NAME
 
 from . import training
-from .adapter_io import adapter_size, load_mask_adapter
+from .adapter_io import adapter_size, load_mask_adapter, resolve_file
 from .config import MaskConfig
 from .constants import CALIBRATED_PRIORS, ONE_SHOT_PRIORS
-from .data import calibration_from_texts, load_model_and_tokenizer, load_texts
+from .data import (
+    calibration_from_texts,
+    check_text_source,
+    did_you_mean,
+    load_model_and_tokenizer,
+    load_texts,
+    looks_like_hub_id,
+    looks_like_local_path,
+    shipped_model,
+    sibling_names,
+)
+from .download import offline_hint
 from .evaluation import perplexity
 from .oneshot import prune
+from .patterns import validate_n_m
+from .published import published_mask_file
 from .stats import format_stats, mask_stats
 from .utils import atomic_write
 
 logger = logging.getLogger("sparse_peft")
 _CONFIG_FIELDS = {f.name: f for f in fields(MaskConfig)}
+#: What ``--prior`` takes by name; anything else is a mask adapter (or MaskLLM masks) by path or Hub id.
+_PRIOR_NAMES = ("none", *ONE_SHOT_PRIORS)
+_LOG_HANDLER = "sparse-peft-cli"
 
 
 # -- shared pieces ----------------------------------------------------------------------------------------------
@@ -95,7 +113,13 @@ def _targets(args) -> Optional[list[str]]:
 
 
 def _load(args):
-    return load_model_and_tokenizer(args.model, gguf_file=args.gguf_file, dtype=getattr(torch, args.dtype))
+    try:
+        return load_model_and_tokenizer(args.model, gguf_file=args.gguf_file, dtype=getattr(torch, args.dtype))
+    except OSError as err:
+        if args.model is None or os.path.exists(args.model):
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"--model {args.model!r}: could not load it from the Hub ({reason}). {offline_hint()}") from err
 
 
 def _calibration(args, tokenizer) -> torch.Tensor:
@@ -103,6 +127,70 @@ def _calibration(args, tokenizer) -> torch.Tensor:
         load_texts(args.calibration, split="train"), tokenizer, num_samples=args.num_samples,
         seq_len=args.calibration_len,
     )
+
+
+# -- checks of the arguments, before any model is loaded -----------------------------------------------------------
+def _check_model(args) -> None:
+    """Fail at once for a ``--model`` / ``--gguf-file`` that is a missing local path, a folder without the model, a
+    file, or the default model when it is not installed. A Hub id is looked up by the loader (see :func:`_load`)."""
+    model, gguf = args.model, args.gguf_file
+    if model is None:
+        if gguf is None:
+            shipped_model()
+        return
+    if os.path.isdir(model):
+        if gguf is not None and not os.path.isfile(os.path.join(model, gguf)):
+            raise FileNotFoundError(
+                f"--gguf-file: {model!r} has no file {gguf!r}.{did_you_mean(gguf, os.listdir(model))}"
+            )
+        if gguf is None and not os.path.isfile(os.path.join(model, "config.json")):
+            raise FileNotFoundError(
+                f"--model {model!r} is a folder without config.json, not a model folder (for a GGUF file in it, add "
+                "--gguf-file)."
+            )
+    elif os.path.exists(model):
+        raise ValueError(f"--model {model!r} is a file; pass the folder holding config.json, or a Hub id.")
+    elif looks_like_local_path(model):
+        raise FileNotFoundError(f"--model: no model folder at {model!r}.{did_you_mean(model, sibling_names(model))}")
+
+
+def _check_adapter(flag: str, source: str) -> None:
+    """A mask adapter argument: a folder holding adapter_config.json, or a Hub id (``owner/name``) whose
+    adapter_config.json is fetched now (a small file, then cached for the load)."""
+    if os.path.isfile(source):
+        raise ValueError(f"{flag} {source!r} is a file; pass the mask adapter's folder (with {CONFIG_NAME}).")
+    if not os.path.isdir(source) and not looks_like_hub_id(source):
+        raise FileNotFoundError(
+            f"{flag}: no mask adapter folder at {source!r}, and it is not a Hub id (owner/name)."
+            f"{did_you_mean(source, sibling_names(source))}"
+        )
+    try:
+        resolve_file(source, CONFIG_NAME)
+    except (FileNotFoundError, ConnectionError) as err:
+        raise type(err)(f"{flag}: {err}") from err
+
+
+def _check_prior(prior: Optional[str]) -> None:
+    """``--prior``: a name of :data:`_PRIOR_NAMES`, an existing local adapter folder / MaskLLM masks, or a Hub id
+    of either; a typo (neither, nor ``owner/name``) fails at once with the nearest name."""
+    if prior is None or prior in _PRIOR_NAMES or os.path.exists(prior):
+        return  # what a local folder or file holds is checked when the prior is read
+    if not looks_like_hub_id(prior):
+        raise FileNotFoundError(
+            f"--prior {prior!r} is not a prior name ({' | '.join(_PRIOR_NAMES)}), an existing adapter folder or "
+            f"file, or a Hub id (owner/name).{did_you_mean(prior, [*_PRIOR_NAMES, *sibling_names(prior)])}"
+        )
+    if published_mask_file(prior) is None:  # a Hub repo of MaskLLM masks has no adapter_config.json
+        _check_adapter("--prior", prior)
+
+
+def _check_text(flag: str, source: str) -> None:
+    """A text argument (``--data``, ``--calibration``, ``--eval-data``): see :func:`sparse_peft.data.check_text_source`;
+    a Hub dataset id is looked up when it is read."""
+    try:
+        check_text_source(source)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"{flag}: {err}") from err
 
 
 def _markdown(rows: list[dict], columns: Sequence[str]) -> str:
@@ -147,10 +235,10 @@ def learn_and_save(model, tokenizer, config: MaskConfig, data: str, output: str,
     :func:`~sparse_peft.training.mask_training_arguments`' and :func:`~sparse_peft.training.learn_mask`'.
     Returns ``{"prior", "tokens", "seconds", "output", "train_loss"}``.
     """
+    dataset = training.text_windows(load_texts(data, split="train"), tokenizer, seq_len,
+                                    max_windows=steps * batch_size * grad_accum)  # read before the prior is computed
     peft_model = get_peft_model(model, config)
     peft_model.print_trainable_parameters()
-    dataset = training.text_windows(load_texts(data, split="train"), tokenizer, seq_len,
-                                    max_windows=steps * batch_size * grad_accum)
     training_args = training.mask_training_arguments(
         os.path.join(output, "trainer"), steps, batch_size, learning_rate=lr,
         gradient_accumulation_steps=grad_accum, logging_steps=max(1, steps // 20),
@@ -190,6 +278,10 @@ def evaluate_adapters(model, tokenizer, eval_data: str, adapters: Sequence[str],
 # -- commands ---------------------------------------------------------------------------------------------------
 def cmd_prune(args) -> dict:
     """One-shot N:M mask -> mask adapter (or, with --update-weights, a pruned model folder)."""
+    validate_n_m(args.n, args.m)
+    _check_model(args)
+    if args.method != "magnitude":
+        _check_text("--calibration", args.calibration)
     model, tokenizer = _load(args)
     calibration = None if args.method == "magnitude" else _calibration(args, tokenizer)
     return prune_and_save(model, tokenizer, args.method, args.output, calibration, n=args.n, m=args.m,
@@ -198,15 +290,21 @@ def cmd_prune(args) -> dict:
 
 def cmd_learn(args) -> dict:
     """Learn a mask with Trainer from a prior on a text dataset; save the mask adapter."""
-    model, tokenizer = _load(args)
     prior = None if args.prior in (None, "none") else args.prior
-    calibration = _calibration(args, tokenizer) if prior in CALIBRATED_PRIORS else None
     config = MaskConfig(
-        n=args.n, m=args.m, target_modules=_targets(args), prior=prior, calibration=calibration,
+        n=args.n, m=args.m, target_modules=_targets(args), prior=prior,
         prior_strength=args.prior_strength, tau_start=args.tau_start, tau_end=args.tau_end,
         kappa_start=args.kappa_start, kappa_end=args.kappa_end, sparse_reg=args.sparse_reg,
         save_logits=args.save_logits, task_type="CAUSAL_LM",
     )
+    _check_model(args)
+    _check_prior(prior)
+    _check_text("--data", args.data)
+    if prior in CALIBRATED_PRIORS:
+        _check_text("--calibration", args.calibration)
+    model, tokenizer = _load(args)
+    if prior in CALIBRATED_PRIORS:
+        config.calibration = _calibration(args, tokenizer)
     return learn_and_save(
         model, tokenizer, config, args.data, args.output, steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, lr=args.lr, bf16=args.bf16, grad_accum=args.grad_accum,
@@ -217,6 +315,10 @@ def cmd_learn(args) -> dict:
 
 def cmd_eval(args) -> list[dict]:
     """Perplexity of the dense model and of each adapter (hard masks, eval mode)."""
+    _check_model(args)
+    _check_text("--eval-data", args.eval_data)
+    for adapter in args.adapter or []:
+        _check_adapter("--adapter", adapter)
     model, tokenizer = _load(args)
     return evaluate_adapters(model, tokenizer, args.eval_data, args.adapter or [], window=args.window,
                              max_windows=args.max_windows, json_path=args.json)
@@ -224,6 +326,9 @@ def cmd_eval(args) -> list[dict]:
 
 def cmd_inspect(args) -> dict:
     """Per-layer sparsity, N:M validity, agreement with a reference, and size in bits per weight."""
+    _check_adapter("adapter", args.adapter)
+    if args.reference is not None:
+        _check_adapter("--reference", args.reference)
     adapter = load_mask_adapter(args.adapter)
     rows = mask_stats(adapter, args.reference)
     print(format_stats(rows))
@@ -238,6 +343,9 @@ def cmd_inspect(args) -> dict:
 
 def cmd_demo(args) -> list[dict]:
     """The main job: dense vs one-shot SparseGPT vs learned 2:4 mask on the shipped real model."""
+    _check_model(args)
+    for flag, source in (("--calibration", args.calibration), ("--data", args.data), ("--eval-data", args.eval_data)):
+        _check_text(flag, source)
     os.makedirs(args.output, exist_ok=True)
     prior_dir, learned_dir = os.path.join(args.output, "sparsegpt"), os.path.join(args.output, "learned")
     config = MaskConfig(prior=prior_dir, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM")
@@ -311,10 +419,26 @@ def run(argv: Sequence[str]):
     return args.func(args)
 
 
+def _log_to_stderr(verbose: bool) -> None:
+    """Print the package's log records on stderr, INFO and up with ``-v``, else WARNING and up.
+
+    Only the ``sparse_peft`` logger gets a handler (replaced on every call, so it writes to the current stderr):
+    huggingface_hub, transformers and datasets print through handlers of their own, and a root handler
+    (``logging.basicConfig``) would print each of their lines a second time.
+    """
+    for handler in [h for h in logger.handlers if h.get_name() == _LOG_HANDLER]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler.set_name(_LOG_HANDLER)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point: clear one-line errors for bad input, exit status 2."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _log_to_stderr(args.verbose)
 
     try:
         args.func(args)

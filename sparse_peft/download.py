@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 
-from huggingface_hub import constants, hf_hub_download
+from huggingface_hub import constants, hf_hub_download, is_offline_mode
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HFValidationError,
@@ -24,6 +24,19 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 def hub_endpoint() -> str:
     """The Hub URL ``huggingface_hub`` talks to (``HF_ENDPOINT`` at its import, default https://huggingface.co)."""
     return constants.ENDPOINT
+
+
+def offline_hint() -> str:
+    """What to check after a failed Hub lookup: the offline mode (``HF_HUB_OFFLINE``), the endpoint, a local folder."""
+    if is_offline_mode():
+        return (
+            "HF_HUB_OFFLINE is set, so only the local Hub cache was searched: unset it to download, or pass a local "
+            "path."
+        )
+    return (
+        f"If this machine is offline, check the network and HF_ENDPOINT ({hub_endpoint()}), or set HF_HUB_OFFLINE=1 to "
+        "use only the local Hub cache and pass a local path."
+    )
 
 
 def hub_download(repo_id: str, filename: str, revision: str | None = None) -> str:
@@ -49,7 +62,7 @@ def hub_download(repo_id: str, filename: str, revision: str | None = None) -> st
     except LocalEntryNotFoundError as err:
         raise ConnectionError(
             f"Could not download {filename} of {repo_id!r} from {where} and it is not in the local cache "
-            f"({err.__cause__ or err}). Check the network and HF_ENDPOINT."
+            f"({err.__cause__ or err}). {offline_hint()}"
         ) from err
     except EntryNotFoundError as err:
         raise FileNotFoundError(

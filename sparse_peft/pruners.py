@@ -57,7 +57,7 @@ def compute_prior_masks(
     calibration: torch.Tensor | None = None,
     *,
     update_weights: bool = False,
-    blocksize: int = 128,
+    blocksize: int | None = None,
     percdamp: float = 0.01,
     batch_size: int = 8,
     show_progress: bool = True,
@@ -78,7 +78,8 @@ def compute_prior_masks(
         update_weights: ``sparsegpt`` only. ``False`` (MaskLLM's prior, "mask-only"): the model's weights stay
             bit-identical, the mask is chosen by the full OBS procedure on a scratch copy. ``True`` (the
             SparseGPT baseline): the pruned and OBS-updated weights are written into the targets in place.
-        blocksize: SparseGPT's column block size (a multiple of ``m``); it changes speed, not the result.
+        blocksize: SparseGPT's column block size (a multiple of ``m``); it changes speed, not the result. Default:
+            the largest multiple of ``m`` not above 128.
         percdamp: SparseGPT dampening, added to the Hessian diagonal as a fraction of its mean.
         batch_size: calibration sequences per forward pass.
         show_progress: show a tqdm bar over the transformer blocks.
@@ -98,6 +99,8 @@ def compute_prior_masks(
             is not an ``nn.Linear``/``Conv1D`` of the model or whose input dimension is not divisible by ``m``,
             or (for the data-driven methods) targets outside the transformer blocks.
     """
+    if blocksize is None and isinstance(m, int) and m > 0:  # an invalid m is reported by the checks below
+        blocksize = max(m, 128 // m * m)
     _validate_options(method, n, m, calibration, update_weights, blocksize, batch_size)
     linears = _resolve_targets(model, target_names, m)
     if method == "magnitude":
@@ -114,7 +117,7 @@ def _validate_options(
     m: int,
     calibration: torch.Tensor | None,
     update_weights: bool,
-    blocksize: int,
+    blocksize: int | None,
     batch_size: int,
 ) -> None:
     """Raise ``ValueError`` for any argument of :func:`compute_prior_masks` that does not depend on the model."""

@@ -130,3 +130,61 @@ def test_bad_input_is_one_clear_line_and_exit_status_2(argv, message, capsys, tm
     assert main(argv) == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bars
     assert last_line.startswith(f"sparse-peft {argv[0]}: error:") and message in last_line
+
+
+def refuse_model_loading(monkeypatch) -> None:
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError("the CLI loaded a model before checking its arguments")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(refuse))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--adapter", "runs/demo/learnd"], "Did you mean 'runs/demo/learned'?"),
+        (["eval", "--eval-data", "wikitxt2"], "Did you mean 'wikitext2'?"),
+        (["learn", "--data", "c5", "--prior", "magnitude", "--output", "out"], "Did you mean 'c4'?"),
+        (["learn", "--prior", "runs/demo/sparsegtp", "--output", "out"], "Did you mean 'runs/demo/sparsegpt'?"),
+        (["learn", "--prior", "wand", "--output", "out"], "Did you mean 'wanda'?"),
+        (["prune", "--calibration", "c5", "--output", "out"], "Did you mean 'c4'?"),
+        (["prune", "--method", "magnitude", "--n", "2", "--m", "9", "--output", "out"], "Invalid N:M sparsity 2:9"),
+        (["prune", "--model", "./models/no-such", "--method", "magnitude", "--output", "out"], "./models/no-such"),
+        (["inspect", "runs/demo/learnd"], "Did you mean 'runs/demo/learned'?"),
+    ],
+)
+def test_typos_fail_before_any_model_is_loaded_with_the_nearest_name(argv, message, tmp_path, monkeypatch, capsys):
+    """Issue 19: every path and name is checked before the model is read (here: reading it is an error)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("sparsegpt", "learned"):
+        (tmp_path / "runs" / "demo" / name).mkdir(parents=True)
+        (tmp_path / "runs" / "demo" / name / "adapter_config.json").write_text("{}")
+    refuse_model_loading(monkeypatch)
+    if "--model" not in argv and argv[0] != "inspect":
+        argv = [argv[0], "--model", str(AIDREAMS), *argv[1:]]
+    assert main(argv) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith(f"sparse-peft {argv[0]}: error:") and message in last_line, last_line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_hub_dataset_lookup_names_the_id_and_the_offline_switch(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"'no-such-user-xyz/no-such-data'.*HF_HUB_OFFLINE"):
+        load_texts("no-such-user-xyz/no-such-data")
+
+
+def test_main_prints_library_log_lines_once(capsys):
+    """No root handler (``logging.basicConfig``) beside huggingface_hub's and transformers' own handlers."""
+    import logging
+
+    root_handlers = list(logging.getLogger().handlers)
+    for _ in range(2):
+        assert main(["inspect", "/no/such/adapter"]) == 2
+    assert logging.getLogger().handlers == root_handlers
+    assert len(logging.getLogger("sparse_peft").handlers) == 1
+    capsys.readouterr()
