@@ -14,12 +14,27 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-from safetensors import SafetensorError
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load
 
-from .codec import MaskRecord, decode_record, fingerprints_match, is_delta, split_records, weight_fingerprint
-from .constants import mask_peft_type
+from .codec import (
+    FINGERPRINT,
+    PATTERN_BITS,
+    PATTERN_CODES,
+    RECORD_FIELDS,
+    SHAPE,
+    MaskRecord,
+    check_pattern_size,
+    decode_record,
+    fingerprints_match,
+    is_delta,
+    split_records,
+    weight_fingerprint,
+)
+from .constants import PEFT_KEY_PREFIX, mask_peft_type
 from .download import downloaded_commit, hub_download
 
 
@@ -115,9 +130,7 @@ def load_mask_adapter(name_or_path: str | os.PathLike, revision: str | None = No
     try:
         state_dict = load(data)
     except SafetensorError as err:
-        raise ValueError(
-            f"{weights_file} is not a readable safetensors file ({err}); re-save or re-download it."
-        ) from None
+        raise unreadable_weights(weights_file, err) from None
     n, m = int(config["n"]), int(config["m"])
     grouped, _ = split_records(state_dict)
     if not grouped:
@@ -132,6 +145,77 @@ def load_mask_adapter(name_or_path: str | os.PathLike, revision: str | None = No
         sha256=hashlib.sha256(data).hexdigest(),
         revision=None if os.path.isdir(source) else downloaded_commit(weights_file),
     )
+
+
+def unreadable_weights(weights_file: str, err: Exception) -> ValueError:
+    """The error for a weights file that safetensors cannot parse (``err``): it names the file."""
+    return ValueError(
+        f"{weights_file} is truncated or corrupt: it is not a readable safetensors file ({err}). Re-save the adapter "
+        "or download it again."
+    )
+
+
+def adapter_weights_file(
+    name_or_path: str, subfolder: str | None = None, hub_kwargs: dict[str, Any] | None = None
+) -> str | None:
+    """The local path of the ``adapter_model.safetensors`` that PEFT's ``load_peft_weights`` reads for the adapter
+    ``name_or_path`` (a folder, or a Hub repo id: downloaded into the Hub cache with ``hub_kwargs``).
+
+    None if there is none to check: a local folder with only a pickled ``adapter_model.bin``, or a Hub repo without a
+    safetensors file (PEFT then reads or reports what there is). ``FileNotFoundError`` for a local folder with
+    neither.
+    """
+    folder = os.path.join(name_or_path, subfolder) if subfolder else name_or_path
+    if os.path.isdir(folder):
+        if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)) and not os.path.isfile(
+            os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+        ):
+            return None
+        return resolve_file(folder, SAFETENSORS_WEIGHTS_NAME)
+    try:
+        return hf_hub_download(name_or_path, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **(hub_kwargs or {}))
+    except EntryNotFoundError:
+        return None
+
+
+def check_adapter_file(
+    weights_file: str, n: int, m: int, weights: dict[str, torch.Tensor], made_for: Optional[str], model: nn.Module
+) -> None:
+    """Check a mask adapter's weights file before anything is loaded from it: a complete safetensors file whose
+    every entry holds ``n:m`` masks (the config's) and fits the model's ``{name: weight [out, in]}`` (as
+    :func:`check_base`).
+
+    Reads only the header and the small shape / fingerprint tensors. ``ValueError`` naming the file if it is
+    truncated or corrupt, naming the config and both N:M if they disagree, or listing what differs from the model.
+    """
+    try:
+        with safe_open(weights_file, framework="pt") as f:
+            keys: dict[str, dict[str, str]] = {}
+            for key in f.keys():
+                module, _, field = key.rpartition(".")
+                if field in RECORD_FIELDS:
+                    keys.setdefault(module.removeprefix(PEFT_KEY_PREFIX), {})[field] = key
+            records = {}
+            for name, fields in keys.items():
+                if SHAPE not in fields or FINGERPRINT not in fields:
+                    raise ValueError(
+                        f"Mask adapter entry for {name!r} in {weights_file} lacks its shape or fingerprint: the file "
+                        "is incomplete or corrupt."
+                    )
+                shape = tuple(int(v) for v in f.get_tensor(fields[SHAPE]).tolist())
+                for field in (PATTERN_CODES, PATTERN_BITS):
+                    if field in fields and len(shape) == 2 and shape[1] % m == 0:
+                        dims = f.get_slice(fields[field]).get_shape()
+                        length = dims[0] if len(dims) == 1 else -1
+                        check_pattern_size(name, field, length, shape, n, m)
+                records[name] = MaskRecord(
+                    shape=shape, indices=torch.empty(0, dtype=torch.long), fingerprint=f.get_tensor(fields[FINGERPRINT])
+                )
+    except SafetensorError as err:
+        raise unreadable_weights(weights_file, err) from None
+    if not records:
+        raise ValueError(f"{weights_file} holds no masks: it is not a mask adapter's weights file.")
+    check_base(records, weights, made_for, model, "This mask adapter")
 
 
 def load_general_mask(
@@ -184,7 +268,10 @@ def adapter_size(name_or_path: str | os.PathLike, revision: str | None = None) -
 
 
 def base_mismatches(records: dict[str, MaskRecord], weights: dict[str, torch.Tensor]) -> list[str]:
-    """What differs between saved mask records and a model's ``{name: weight [out, in]}``, one line each."""
+    """What differs between saved mask records and a model's ``{name: weight [out, in]}``, one line each.
+
+    Only each record's ``shape`` and ``fingerprint`` are compared.
+    """
     problems = []
     for name in sorted(weights.keys() - records.keys()):
         problems.append(f"{name}: this model masks it, the adapter has no mask for it")

@@ -130,6 +130,55 @@ def unpack_codes(packed: torch.Tensor, num_groups: int, candidates: int) -> torc
     return ((codes.unsqueeze(1) // powers) % candidates).flatten()[:num_groups]
 
 
+def pattern_bytes(field: str, shape: tuple[int, int], n: int, m: int) -> int:
+    """Length of a full mask's :data:`PATTERN_CODES` or :data:`PATTERN_BITS` tensor for ``n:m`` masks of a
+    ``[out, in]`` weight (``in`` divisible by ``m``)."""
+    num_groups = shape[0] * shape[1] // m
+    if field == PATTERN_CODES:
+        return -(-num_groups // digits_per_byte(num_candidates(n, m)))
+    return (num_groups * index_bits(n, m) + 7) // 8
+
+
+def n_m_of_pattern_field(field: str, length: int, shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """Every N:M (``0 < n < m <= 8``) whose full masks of a ``[out, in]`` weight take ``length`` bytes in ``field``.
+
+    Only N:M the writer stores in that field count: :data:`PATTERN_CODES` is written for the N:M of
+    :func:`uses_pattern_codes`, :data:`PATTERN_BITS` is read for any.
+    """
+    return [
+        (n, m)
+        for m in range(2, 9)
+        for n in range(1, m)
+        if shape[1] % m == 0
+        and (field == PATTERN_BITS or uses_pattern_codes(n, m))
+        and pattern_bytes(field, shape, n, m) == length
+    ]
+
+
+def check_pattern_size(name: str, field: str, length: int, shape: tuple[int, int], n: int, m: int) -> None:
+    """Raise ``ValueError`` unless one layer's stored pattern field of ``length`` bytes holds ``n:m`` masks of
+    ``shape`` ``[out, in]``.
+
+    If the bytes fit another N:M, the message says that the config (``adapter_config.json``, where ``n`` and ``m``
+    are recorded) and the weights file disagree, with both values; otherwise that the file is corrupt.
+    """
+    if pattern_bytes(field, shape, n, m) == length:
+        return
+    fits = n_m_of_pattern_field(field, length, shape)
+    if fits:
+        found = " or ".join(f"{a}:{b}" for a, b in fits)
+        raise ValueError(
+            f"adapter_config.json says the masks are {n}:{m}, but the weights file holds {found} masks (entry "
+            f"{name!r}: {length} bytes of {field} for weight shape {shape}): the config and the weights file "
+            f"disagree. Restore the adapter_config.json saved with this adapter_model.safetensors, or set \"n\" "
+            f"and \"m\" in it to the file's {fits[0][0]} and {fits[0][1]}."
+        )
+    raise ValueError(
+        f"Mask adapter entry for {name!r} has {length} bytes of {field}; {n}:{m} masks of weight shape {shape} take "
+        f"{pattern_bytes(field, shape, n, m)}. The adapter file is corrupt."
+    )
+
+
 def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
     """``FINGERPRINT_SIZE`` float32 values of a ``[out, in]`` weight at evenly spaced flat positions (CPU)."""
     flat = weight.detach().reshape(-1)
@@ -249,6 +298,8 @@ def decode_record(
     if len(shape) != 2 or shape[1] % m or min(shape) <= 0:
         raise ValueError(f"Mask adapter entry for {name!r} has invalid shape {shape} for {n}:{m} masks.")
     num_groups = shape[0] * shape[1] // m
+    if not delta and tensors[pattern_field].dim() == 1:
+        check_pattern_size(name, pattern_field, tensors[pattern_field].numel(), shape, n, m)
     try:
         if not delta and pattern_field == PATTERN_CODES:
             indices = unpack_codes(tensors[PATTERN_CODES], num_groups, num_candidates(n, m))
@@ -261,7 +312,8 @@ def decode_record(
         else:
             indices = decode_delta(tensors, general.indices, index_bits(n, m))
     except ValueError as err:
-        raise ValueError(f"Mask adapter entry for {name!r}: {err}. The adapter file is corrupt.") from None
+        corrupt = "" if "corrupt" in str(err) else " The adapter file is corrupt."
+        raise ValueError(f"Mask adapter entry for {name!r}: {str(err).rstrip('.')}.{corrupt}") from None
     if indices.numel() and int(indices.max()) >= num_candidates(n, m):
         raise ValueError(f"Mask adapter entry for {name!r} holds pattern indices >= C({m},{n}): the file is corrupt.")
     logits = tensors.get(LOGITS)

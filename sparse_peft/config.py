@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -27,6 +28,20 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
+
+
+@dataclass(frozen=True)
+class AdapterLocation:
+    """Where a saved adapter is being loaded from: PEFT's ``model_id`` (local folder or Hub repo id), its
+    ``subfolder`` and the ``hf_hub_download`` keyword arguments (revision, token, cache folder, ...)."""
+
+    name_or_path: str
+    subfolder: Optional[str] = None
+    hub_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+#: The PEFT functions that read an adapter's config and then inject the adapter and load its weights file.
+_PEFT_LOADERS = {("peft.peft_model", "from_pretrained"), ("peft.peft_model", "load_adapter")}
 
 
 @dataclass
@@ -143,6 +158,28 @@ class MaskConfig(PeftConfig):
             )
         if isinstance(self.target_modules, list):
             self.target_modules = list(self.target_modules)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        """PEFT's ``from_pretrained``; when PEFT's own loader (``PeftModel.from_pretrained`` / ``load_adapter``)
+        calls it, the config also remembers the adapter's location (see :meth:`take_pending_load`), so that the
+        weights file can be checked against the base model before anything is injected.
+
+        The location is a plain attribute, not a field: it is never written to ``adapter_config.json``. A config
+        read by user code (e.g. to start a new adapter with the same settings) remembers nothing.
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        caller = sys._getframe(1)
+        if (caller.f_globals.get("__name__"), caller.f_code.co_name) in _PEFT_LOADERS:
+            hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+            hub_kwargs.pop("user_agent", None)
+            config._pending_load = AdapterLocation(os.fspath(pretrained_model_name_or_path), subfolder, hub_kwargs)
+        return config
+
+    def take_pending_load(self) -> Optional[AdapterLocation]:
+        """The location PEFT's loader read this config from, if its weights have not been injected yet; then
+        forgets it (the first injection of the config is the load)."""
+        return self.__dict__.pop("_pending_load", None)
 
     @property
     def prior_is_adapter(self) -> bool:

@@ -8,6 +8,7 @@ between the in-memory logits and the packed file format (PEFT's ``_get_adapter_s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -19,14 +20,23 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_a
 from peft.utils import transpose
 from transformers.pytorch_utils import Conv1D
 
-from .adapter_io import MaskAdapter, check_base, decode_records, load_general_mask, load_mask_adapter
+from .adapter_io import (
+    MaskAdapter,
+    adapter_weights_file,
+    check_adapter_file,
+    check_base,
+    decode_records,
+    load_general_mask,
+    load_mask_adapter,
+)
 from .annealing import MaskSchedule, schedule_at
 from .codec import MaskRecord, encode_record, split_records, weight_fingerprint
-from .config import DEFAULT_TARGET_MODULES, MaskConfig
+from .config import DEFAULT_TARGET_MODULES, AdapterLocation, MaskConfig
 from .constants import FSDP_PREFIX, LOGITS, PREFIX, plain_name
 from .layer import MaskedLinear, encode_mask, mask_layers, stored_indices
+from .patterns import check_groupable
 from .prior_masks import prior_masks
-from .utils import fan_in_fan_out, output_layer
+from .utils import fan_in_fan_out, output_layer, weight_out_in
 
 
 class MaskModel(BaseTuner):
@@ -39,6 +49,9 @@ class MaskModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = MaskedLinear
     target_module_mapping = DEFAULT_TARGET_MODULES
+    # Each adapter's schedule lives on the tuner and is shared by its layers, so PEFT's inject_adapter_in_model
+    # (which returns the bare model and drops the tuner) must refuse this method.
+    uses_shared_state = True
 
     # -- injection ------------------------------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config: MaskConfig, model_config: dict) -> MaskConfig:
@@ -58,30 +71,108 @@ class MaskModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
-        """PEFT's injection, preceded by the per-adapter set-up: schedule, prior masks, regulariser hook.
+        """PEFT's injection, preceded by checks and the per-adapter set-up (schedule, prior masks, regulariser hook),
+        all-or-nothing.
+
+        Every target is checked (type, not the output layer, groupable by ``m``) before any is replaced. When PEFT's
+        loader is injecting an adapter it is about to load (see :meth:`MaskConfig.take_pending_load`), its weights
+        file is checked against the config's N:M and the targets' weights first
+        (:func:`~sparse_peft.adapter_io.check_adapter_file`). If anything fails, the model is restored to what it
+        was before the call (modules, parameters, ``requires_grad``, train/eval mode, hooks) and the error re-raised.
 
         Overridden rather than using PEFT's pre/post-injection hooks because ``PeftModel.add_adapter`` calls
         ``inject_adapter`` without them.
         """
+        config = self.peft_config[adapter_name]
+        pending = config.take_pending_load() if isinstance(config, MaskConfig) else None
+        self.__dict__.pop("_pending_load_undo", None)
+        undo = _Injection(self, model, adapter_name)
+        try:
+            self._check_and_set_up(model, adapter_name, config, pending, low_cpu_mem_usage, state_dict)
+            try:
+                super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
+            finally:
+                self._prior_masks.pop(adapter_name, None)
+        except BaseException:
+            undo.restore()
+            raise
+        if pending is not None:  # the load's weights file is read next; a failure there undoes this injection
+            self._pending_load_undo = undo
+
+    def _check_and_set_up(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        config: MaskConfig,
+        pending: Optional[AdapterLocation],
+        low_cpu_mem_usage: bool,
+        state_dict: Optional[dict[str, torch.Tensor]],
+    ) -> None:
+        """:meth:`inject_adapter`'s checks and set-up, before PEFT's injection: nothing is replaced here."""
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        config = _maybe_include_all_linear_layers(config, model)
+        targets = self._targets(model, config, state_dict)
+        for key, target in targets.items():
+            _check_target(model, key, target, config.m)
+        if pending is not None:
+            weights_file = adapter_weights_file(pending.name_or_path, pending.subfolder, pending.hub_kwargs)
+            if weights_file is not None:
+                weights = {plain_name(key): weight_out_in(_base_of(target)) for key, target in targets.items()}
+                check_adapter_file(weights_file, config.n, config.m, weights, config.base_model_name_or_path, model)
         if "_schedules" not in self.__dict__:  # first adapter
             self._schedules: dict[str, MaskSchedule] = {}  # adapter -> schedule shared by its layers
             self._prior_masks: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> {module name: bool [out, in]}
             # On the wrapped model itself: PeftModel calls it directly when no task_type is set, bypassing us.
             self._sparse_reg_hook = model.register_forward_hook(_add_sparse_reg_to_loss)
-        config = self.peft_config[adapter_name]
         self._schedules[adapter_name] = schedule_at(config, 0, 1)
         if config.init_weights and config.prior is not None and not low_cpu_mem_usage:
-            config = self._prepare_adapter_config(config, self.get_model_config(model))
-            config = _maybe_include_all_linear_layers(config, model)
             self.disable_adapter_layers()  # the calibrated pruners run the dense model
             try:
                 self._prior_masks[adapter_name] = prior_masks(model, config)
             finally:
                 self.enable_adapter_layers()
-        try:
-            super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
-        finally:
-            self._prior_masks.pop(adapter_name, None)
+
+    def _targets(
+        self, model: nn.Module, config: MaskConfig, state_dict: Optional[dict[str, torch.Tensor]]
+    ) -> dict[str, nn.Module]:
+        """``{module name: module}`` that PEFT's ``inject_adapter`` will pass to ``_create_and_replace``: matched
+        by ``config`` (or named in ``state_dict``), not inside an existing tuner layer."""
+        named = list(model.named_modules())
+        inside = tuple(f"{key}." for key, module in named if isinstance(module, BaseTunerLayer))
+        from_state_dict = None
+        if state_dict is not None:
+            from_state_dict = {k.rsplit(f".{self.prefix}", 1)[0].removeprefix("_orig_mod.") for k in state_dict}
+        targets = {}
+        for key, module in named:
+            if not key or key.startswith(inside):
+                continue
+            if from_state_dict is not None:
+                hit = key.removeprefix("_orig_mod.") in from_state_dict
+            else:
+                hit = self._check_tied_module_exists(config, key) or self._check_target_module_exists(config, key)
+            if hit:
+                targets[key] = module
+        return targets
+
+    def _take_pending_load_undo(self, adapter_name: str) -> Optional["_Injection"]:
+        """The undo of the injection of ``adapter_name`` whose weights PEFT's loader is loading now, if any."""
+        undo = self.__dict__.get("_pending_load_undo")
+        if undo is None or undo.adapter_name != adapter_name:
+            return None
+        del self.__dict__["_pending_load_undo"]
+        return undo
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's adapter dtype cast; ``autocast_adapter_dtype=False`` cannot keep the logits in the base dtype
+        (they are always float32), so it warns."""
+        if not autocast_adapter_dtype:
+            warnings.warn(
+                "autocast_adapter_dtype=False has no effect on mask adapters: their logits are always float32 (an "
+                "adapter loaded for inference holds uint8 pattern indices), whatever the base model's dtype.",
+                UserWarning,
+                stacklevel=3,
+            )
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
     def _create_and_replace(
         self,
@@ -96,17 +187,7 @@ class MaskModel(BaseTuner):
     ) -> None:
         if parameter_name is not None:
             raise ValueError("MaskConfig does not support target_parameters; use target_modules.")
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if base is output_layer(self.model):
-            raise ValueError(
-                f"{current_key} is the model's output layer (lm_head); it is never masked. Remove it from "
-                "target_modules."
-            )
-        if not isinstance(base, (nn.Linear, Conv1D)):
-            raise TypeError(
-                f"{current_key} is a {type(base).__name__}; mask adapters support nn.Linear and GPT-2 Conv1D layers "
-                "only. Remove it from target_modules."
-            )
+        _check_target(self.model, current_key, target, peft_config.m)
         schedule = self._schedules[adapter_name]
         prior_mask = self._prior_masks.get(adapter_name, {}).get(current_key)
         if isinstance(target, MaskedLinear):
@@ -183,10 +264,56 @@ class MaskModel(BaseTuner):
             for handle in handles:
                 handle.remove()
 
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
-        model = super()._unload_and_optionally_merge(*args, **kwargs)
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        """PEFT's unload; with ``merge``, every layer is checked before any is merged, so a refused merge leaves the
+        model exactly as it was.
+
+        Refused: a layer that would take several masks or a second one on top of a merged one, and, with
+        ``safe_merge``, NaN or infinite logits in any layer. Without ``safe_merge`` such logits still merge (their
+        argmax is a valid-looking mask), with one warning naming the layers.
+        """
+        if merge:
+            self._check_merge_allowed()
+            self._check_mergeable(safe_merge, adapter_names)
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=False, adapter_names=adapter_names
+        )
         self._sparse_reg_hook.remove()
         return model
+
+    def _check_mergeable(self, safe_merge: bool, adapter_names: Optional[list[str]]) -> None:
+        """Raise if merging ``adapter_names`` (default: the active ones) into any layer would fail; warn about
+        non-finite logits that ``safe_merge=False`` lets through."""
+        non_finite = []
+        for name, layer in mask_layers(self.model).items():
+            names = [a for a in (layer.active_adapters if adapter_names is None else adapter_names)
+                     if a not in layer.merged_adapters]
+            if names and (len(names) > 1 or layer.merged):
+                raise ValueError(
+                    f"Cannot merge {names} into {name}, which already holds {layer.merged_adapters}: a weight takes "
+                    "one mask. Nothing was merged. Pass adapter_names=[<one name>], or unmerge first."
+                )
+            if names and names[0] in layer.maskllm_logits and not torch.isfinite(layer.maskllm_logits[names[0]]).all():
+                non_finite.append(name)
+        if not non_finite:
+            return
+        shown = ", ".join(non_finite[:5]) + (f" and {len(non_finite) - 5} more" if len(non_finite) > 5 else "")
+        count = f"{len(non_finite)} layer has" if len(non_finite) == 1 else f"{len(non_finite)} layers have"
+        problem = f"{count} NaN or infinite mask logits ({shown}); the training run diverged"
+        if safe_merge:
+            raise ValueError(f"{problem}. Nothing was merged: restore an earlier checkpoint.")
+        warnings.warn(
+            f"{problem}, and their merged masks are argmaxes of those logits. Restore an earlier checkpoint, or pass "
+            "safe_merge=True to refuse such merges.",
+            UserWarning,
+            stacklevel=4,
+        )
 
     # -- the adapter file format (PEFT's internal save / load hooks) -----------------------------------------
     @classmethod
@@ -236,7 +363,23 @@ class MaskModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """Check the file matches this base model, then turn packed masks (or deltas) back into logits, or into
-        uint8 pattern indices for layers that hold an inference-only adapter."""
+        uint8 pattern indices for layers that hold an inference-only adapter.
+
+        If this is PEFT's loader loading the adapter it just injected and the file is refused, the injection is
+        undone (and the adapter's config forgotten) before the error propagates.
+        """
+        tuner = getattr(model, "base_model", None)
+        undo = tuner._take_pending_load_undo(adapter_name) if isinstance(tuner, MaskModel) else None
+        try:
+            return cls._decode_for_load(model, config, adapter_name, state_dict)
+        except BaseException:
+            if undo is not None:
+                undo.restore()
+                tuner.peft_config.pop(adapter_name, None)
+            raise
+
+    @classmethod
+    def _decode_for_load(cls, model, config, adapter_name, state_dict):
         grouped, rest = split_records(state_dict)
         layers = {
             name: module
@@ -258,6 +401,74 @@ class MaskModel(BaseTuner):
                 logits = encode_mask(record.mask(config.n, config.m), config)
             rest[f"{name}.{LOGITS}.{adapter_name}"] = logits
         return rest
+
+
+def _base_of(target: nn.Module) -> nn.Module:
+    return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+
+
+def _check_target(model: nn.Module, key: str, target: nn.Module, m: int) -> None:
+    """Raise unless ``target`` (module ``key`` of ``model``) can take an N:M mask with groups of ``m``."""
+    base = _base_of(target)
+    if base is output_layer(model):
+        raise ValueError(
+            f"{key} is the model's output layer (lm_head); it is never masked. Remove it from target_modules."
+        )
+    if not isinstance(base, (nn.Linear, Conv1D)):
+        raise TypeError(
+            f"{key} is a {type(base).__name__}; mask adapters support nn.Linear and GPT-2 Conv1D layers only. Remove "
+            "it from target_modules."
+        )
+    check_groupable(tuple(weight_out_in(base).shape), m, key)
+
+
+class _Injection:
+    """What one ``inject_adapter`` call may change, recorded before it, and :meth:`restore` to undo it.
+
+    Recorded for every module of the model: its children, parameters and buffers, train/eval mode, forward hooks
+    and, for tuner layers, the active adapter; every parameter's ``requires_grad``; the model's own attributes
+    (PEFT adds ``peft_config``); and the tuner's adapter state. Modules are not copied: restoring puts the same
+    objects back.
+    """
+
+    def __init__(self, tuner: MaskModel, model: nn.Module, adapter_name: str) -> None:
+        self.tuner, self.model, self.adapter_name = tuner, model, adapter_name
+        self.modules = [
+            (module, dict(module._modules), dict(module._parameters), dict(module._buffers), module.training,
+             dict(module._forward_hooks), dict(module._forward_pre_hooks), module.__dict__.get("_active_adapter"))
+            for module in model.modules()
+        ]
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.attributes = dict(model.__dict__)
+        self.tuner_state = {k: tuner.__dict__.get(k) for k in ("active_adapter", "targeted_module_names")}
+        self.tuner_state["targeted_module_names"] = list(tuner.__dict__.get("targeted_module_names") or [])
+        self.first = "_schedules" not in tuner.__dict__
+
+    def restore(self) -> None:
+        """Put the model and the tuner back as they were when this was recorded."""
+        for module, *_ in self.modules:
+            if isinstance(module, MaskedLinear) and self.adapter_name in module.maskllm_logits:
+                module.delete_adapter(self.adapter_name)
+        for module, children, parameters, buffers, training, hooks, pre_hooks, active in self.modules:
+            for store, saved in ((module._modules, children), (module._parameters, parameters),
+                                 (module._buffers, buffers), (module._forward_hooks, hooks),
+                                 (module._forward_pre_hooks, pre_hooks)):
+                store.clear()
+                store.update(saved)
+            module.training = training
+            if active is not None:
+                module._active_adapter = active
+        for parameter, requires_grad in self.requires_grad:
+            parameter.requires_grad_(requires_grad)
+        for key in [k for k in self.model.__dict__ if k not in self.attributes]:
+            del self.model.__dict__[key]
+        self.model.__dict__.update(self.attributes)
+        self.tuner.__dict__.update(self.tuner_state)
+        if self.first:
+            for key in ("_schedules", "_prior_masks", "_sparse_reg_hook"):
+                self.tuner.__dict__.pop(key, None)
+        elif "_schedules" in self.tuner.__dict__:
+            self.tuner._schedules.pop(self.adapter_name, None)
 
 
 def _general_for_save(config: MaskConfig) -> Optional[MaskAdapter]:
@@ -282,8 +493,34 @@ def _add_sparse_reg_to_loss(model: nn.Module, args: Any, outputs: Any) -> Any:
     The regulariser's gradient is added inside each layer (exact under any gradient checkpointing); here only
     its value joins the reported loss, so a plain ``Trainer`` logs the full MaskLLM objective it optimises.
     """
-    penalties = [p for layer in mask_layers(model).values() if (p := layer.pop_sparse_reg()) is not None]
+    layers = mask_layers(model).values()
+    penalties = [p for layer in layers if (p := layer.pop_sparse_reg()) is not None]
     loss = getattr(outputs, "loss", None)
     if model.training and penalties and loss is not None:
         outputs["loss"] = loss - torch.stack(penalties).sum().to(loss)
+    elif not model.training and torch.is_grad_enabled() and loss is not None and not loss.requires_grad:
+        trainable = next((logits for layer in layers for logits in layer.maskllm_logits.values()
+                          if logits.requires_grad), None)
+        if trainable is not None:
+            outputs["loss"] = _EvalModeLoss.apply(loss, trainable)
     return outputs
+
+
+class _EvalModeLoss(torch.autograd.Function):
+    """The loss of an eval-mode forward, unchanged, whose backward explains why there is no gradient.
+
+    In eval mode the layers apply the hard (argmax) mask, which has no gradient, so the loss does not depend on
+    any trainable tensor and torch's own error would be the generic "does not require grad". One trainable logits
+    tensor is an input only so that ``backward`` reaches this function.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        raise RuntimeError(
+            "The model is in eval mode, where mask layers apply the hard mask, which has no gradient, so this loss "
+            "cannot train the masks. Call model.train() before the training forward (and model.eval() for evaluation)."
+        )

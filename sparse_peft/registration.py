@@ -2,10 +2,13 @@
 
 Registering makes PEFT build :class:`~sparse_peft.MaskModel` for a :class:`~sparse_peft.MaskConfig` and load
 ``adapter_config.json`` files of our PEFT type (:func:`~sparse_peft.constants.mask_peft_type`), and installs
-:func:`install_atomic_adapter_writes`.
+:func:`install_atomic_adapter_writes` and :func:`install_safetensors_only_saves`.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import peft.peft_model
 import safetensors.torch
@@ -42,9 +45,38 @@ def install_atomic_adapter_writes() -> None:
     peft.peft_model.safe_save_file = safe_save_file
 
 
+def install_safetensors_only_saves() -> None:
+    """Make ``PeftModel.save_pretrained(safe_serialization=False)`` of a mask adapter write safetensors, with a warning.
+
+    PEFT would write a pickled ``adapter_model.bin`` in place (not through :func:`install_atomic_adapter_writes`),
+    a format mask adapters never use. For a ``PeftModel`` of this method the call goes on with
+    ``safe_serialization=True``: the same ``adapter_model.safetensors`` a default save writes, atomically. Other
+    PEFT methods are passed through unchanged. Installing it again is a no-op.
+    """
+    original = peft.peft_model.PeftModel.save_pretrained
+    if getattr(original, "_sparse_peft_safetensors_only", False):
+        return
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, *args, **kwargs):
+        if not safe_serialization and getattr(self, "peft_type", None) == mask_peft_type():
+            warnings.warn(
+                "save_pretrained(safe_serialization=False): mask adapters are saved as safetensors only; writing "
+                "adapter_model.safetensors (no pickled adapter_model.bin).",
+                UserWarning,
+                stacklevel=2,
+            )
+            safe_serialization = True
+        return original(self, save_directory, safe_serialization, *args, **kwargs)
+
+    save_pretrained._sparse_peft_safetensors_only = True
+    peft.peft_model.PeftModel.save_pretrained = save_pretrained
+
+
 def register() -> None:
     """Register config, tuner and prefix with PEFT. Safe to call again (PEFT itself raises on a second call)."""
     install_atomic_adapter_writes()
+    install_safetensors_only_saves()
     peft_type = mask_peft_type()
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if registered is MaskModel:
