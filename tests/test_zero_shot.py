@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,44 @@ def test_shipped_tasks_on_the_real_model_agree_with_label_word_accuracy(task, wo
     assert label_word_predictions(model, tokenizer, prompts, words, batch_size=8) == harness
     targets = [s["target"] for s in samples]
     assert summarize(raw)[task]["acc"] == metric_scores(harness, targets)["accuracy"]
+
+
+def test_standard_tasks_pointed_at_local_data_files(tmp_path):
+    """docs/zero_shot.md's recipe: a YAML that includes lm-eval's own task and swaps its Hub dataset for files."""
+    import lm_eval
+
+    builtin = Path(lm_eval.__file__).parent / "tasks"
+    hellaswag = [{"ind": i, "activity_label": "Robots", "ctx_a": "A robot walks into a room.", "ctx_b": "it",
+                  "endings": ["sits down.", "dreams of sheep.", "hums softly.", "opens a window."], "label": str(i)}
+                 for i in range(3)]
+    arc = [{"id": str(i), "question": f"What does robot {i} dream of?",
+            "choices": {"text": ["sheep", "the sea", "code"], "label": ["A", "B", "C"]}, "answerKey": "ABC"[i]}
+           for i in range(3)]
+    for name, rows in (("hellaswag", hellaswag), ("arc", arc)):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "hellaswag_local.yaml").write_text(
+        f"include: {builtin / 'hellaswag' / 'hellaswag.yaml'}\n"
+        "task: hellaswag_local\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {tmp_path / 'hellaswag.jsonl'}\n"
+        "training_split: null\n"
+    )
+    (folder / "arc_easy_local.yaml").write_text(
+        f"include: {builtin / 'arc' / 'arc_easy.yaml'}\n"
+        "task: arc_easy_local\n"
+        "dataset_path: json\n"
+        "dataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'arc.jsonl'}\n"
+        "training_split: null\n"
+        "validation_split: null\n"
+    )
+    model, tokenizer = _aidreams()
+    raw = lm_eval_results(model, tokenizer, ["hellaswag_local", "arc_easy_local"], include_path=folder,
+                          log_samples=True)
+    first = raw["samples"]["hellaswag_local"][0]
+    assert first["arguments"][0][0] == "Robots: A robot walks into a room. It"  # lm-eval's own process_docs ran
+    assert [s["target"] for s in raw["samples"]["arc_easy_local"]] == [0, 1, 2]
+    results = summarize(raw)
+    assert results["hellaswag_local"]["samples"] == 3 and "acc_norm" in results["arc_easy_local"]
