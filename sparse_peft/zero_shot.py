@@ -119,7 +119,8 @@ def lm_eval_results(
         # simple_evaluate seeds the global RNGs; give the caller's streams back afterwards.
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
-            with torch.random.fork_rng(devices=[]):
+            cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=cuda_devices):
                 model.eval()  # mask adapters: the hard mask (HFLM calls eval() too)
                 # A copy: HFLM sets a pad token on the tokenizer it is given.
                 lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
