@@ -124,3 +124,7 @@ def metric_scores(
     for name in metrics:
         scores.update(load_metric(name).compute(predictions=list(predictions), references=list(references)))
     return scores
+
+
+# Zero-shot accuracy with lm-evaluation-harness (optional extra `eval`); lm_eval itself is imported on first use.
+from .zero_shot import lm_eval_results, zero_shot, zero_shot_table  # noqa: E402,F401
