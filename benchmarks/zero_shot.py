@@ -27,7 +27,7 @@ from peft import PeftModel
 import sparse_peft
 from sparse_peft.data import load_model_and_tokenizer, load_texts
 from sparse_peft.evaluation import perplexity
-from sparse_peft.storage import atomic_write
+from sparse_peft.utils import atomic_write
 from sparse_peft.zero_shot import write_zero_shot_json, zero_shot, zero_shot_table
 
 #: Settings every row of one table shares: a ``--resume`` run must use the values the table was measured with.

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from typing import Any, Optional, Sequence
 
@@ -42,6 +43,7 @@ from .patterns import validate_n_m
 from .published import published_mask_file
 from .stats import format_stats, mask_stats
 from .utils import atomic_write
+from .zero_shot import write_zero_shot_json, zero_shot, zero_shot_table
 
 logger = logging.getLogger("sparse_peft")
 _CONFIG_FIELDS = {f.name: f for f in fields(MaskConfig)}
@@ -256,22 +258,46 @@ def learn_and_save(model, tokenizer, config: MaskConfig, data: str, output: str,
             "train_loss": trainer.state.log_history[-1].get("train_loss")}
 
 
+def _each_model(model, adapters: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """``("dense", model)``, then ``(adapter, PeftModel with that adapter)`` for each of ``adapters`` in turn; each
+    adapter is unloaded again before the next one is loaded, so one base model serves them all."""
+    yield "dense", model
+    for adapter in adapters:
+        peft_model = PeftModel.from_pretrained(model, adapter)
+        yield adapter, peft_model
+        model = peft_model.unload()
+
+
 def evaluate_adapters(model, tokenizer, eval_data: str, adapters: Sequence[str], *, window: Optional[int],
                       max_windows: Optional[int], json_path: Optional[str]) -> list[dict]:
     """Perplexity on the text ``eval_data`` of the dense ``model`` and of each of ``adapters`` (hard masks, eval
     mode), ``window`` tokens per window; printed as a table, written to ``json_path`` if set. One row per model."""
     texts = load_texts(eval_data, split="test")
-
-    def ppl(evaluated) -> dict:
-        return perplexity(evaluated, tokenizer, texts, window=window, max_windows=max_windows)
-
-    rows = [{"model": "dense", **ppl(model)}]
-    for adapter in adapters:
-        peft_model = PeftModel.from_pretrained(model, adapter)
-        rows.append({"model": adapter, **ppl(peft_model)})
-        model = peft_model.unload()
+    rows = [{"model": name, **perplexity(evaluated, tokenizer, texts, window=window, max_windows=max_windows)}
+            for name, evaluated in _each_model(model, adapters)]
     print(_markdown(rows, ("model", "ppl", "tokens", "windows")))
     _write_json(json_path, rows)
+    return rows
+
+
+def zero_shot_adapters(model, tokenizer, tasks: Sequence[str], adapters: Sequence[str], *, limit: Optional[float],
+                       num_fewshot: int, include_path: Optional[str], json_path: Optional[str],
+                       ppl_data: Optional[str] = None, window: Optional[int] = None,
+                       max_windows: Optional[int] = None) -> dict[str, dict]:
+    """lm-evaluation-harness accuracy on ``tasks`` of the dense ``model`` and of each of ``adapters`` (hard masks),
+    and with ``ppl_data`` also the perplexity on that text. Printed as one table (rows: models; columns: each task's
+    accuracy +- stderr, and PPL), written to ``json_path`` if set. Returns ``{model: {task: {metric: value}}}``."""
+    texts = None if ppl_data is None else load_texts(ppl_data, split="test")
+    rows, ppls = {}, {}
+    for name, evaluated in _each_model(model, adapters):
+        rows[name] = zero_shot(evaluated, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot,
+                               include_path=include_path)
+        if texts is not None:
+            ppls[name] = perplexity(evaluated, tokenizer, texts, window=window, max_windows=max_windows)["ppl"]
+    print(zero_shot_table(rows, ppl=ppls or None))
+    if json_path is not None:
+        write_zero_shot_json(json_path, rows, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+                             ppl=ppls or None, ppl_data=ppl_data, window=window, max_windows=max_windows)
     return rows
 
 
@@ -320,6 +346,12 @@ def cmd_eval(args) -> list[dict]:
     for adapter in args.adapter or []:
         _check_adapter("--adapter", adapter)
     model, tokenizer = _load(args)
+    if args.tasks:
+        return zero_shot_adapters(
+            model, tokenizer, args.tasks.split(","), args.adapter or [], limit=args.limit,
+            num_fewshot=args.num_fewshot, include_path=args.include_path, json_path=args.json,
+            ppl_data=args.eval_data if args.ppl else None, window=args.window, max_windows=args.max_windows,
+        )
     return evaluate_adapters(model, tokenizer, args.eval_data, args.adapter or [], window=args.window,
                              max_windows=args.max_windows, json_path=args.json)
 
@@ -396,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help=cmd_eval.__doc__)
     _add_model_args(p), _add_eval_args(p)
     p.add_argument("--adapter", action="append", help="mask adapter path / Hub id (repeatable)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-evaluation-harness tasks (e.g. sst2_local,agnews_local,imdb_local or "
+                        "built-in names) instead of perplexity; needs pip install 'sparse-peft[eval]'")
+    p.add_argument("--limit", type=float, default=None, help="with --tasks: score only the first N documents per task")
+    p.add_argument("--num-fewshot", type=int, default=0, help="with --tasks: in-context examples (default: 0)")
+    p.add_argument("--include-path", default=None, help="with --tasks: a folder of your own lm-eval task YAMLs")
+    p.add_argument("--ppl", action="store_true", help="with --tasks: also the perplexity on --eval-data")
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(func=cmd_eval)
 

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+# Zero-shot accuracy with lm-evaluation-harness (optional extra `eval`); lm_eval itself is imported on first use.
+from .zero_shot import lm_eval_results, zero_shot, zero_shot_table  # noqa: F401  (re-exported)
+
 #: Metrics bundled with the package as ``evaluate`` modules: name -> script path.
 BUNDLED_METRICS = {"accuracy": os.path.join(os.path.dirname(__file__), "metrics", "accuracy.py")}
 #: Default perplexity window cap (tokens), for models whose context is longer.
@@ -125,6 +128,3 @@ def metric_scores(
         scores.update(load_metric(name).compute(predictions=list(predictions), references=list(references)))
     return scores
 
-
-# Zero-shot accuracy with lm-evaluation-harness (optional extra `eval`); lm_eval itself is imported on first use.
-from .zero_shot import lm_eval_results, zero_shot, zero_shot_table  # noqa: E402,F401

@@ -25,6 +25,9 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from .data import assets_dir
+from .utils import atomic_write
+
 #: The task YAMLs shipped with the package (data files relative to the assets folder).
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 INSTALL_HINT = 'pip install "sparse-peft[eval]"'
@@ -59,8 +62,6 @@ def render_shipped_tasks(folder: str | os.PathLike, assets: Optional[str | os.Pa
     """
     import yaml
 
-    from .data import assets_dir
-
     root = Path(assets) if assets is not None else assets_dir()
     tasks = {}
     for path in sorted(TASKS_DIR.glob("*.yaml")):
@@ -80,21 +81,15 @@ def _absolute(root: Path, files):
 
 
 def lm_eval_results(
-    model: torch.nn.Module,
-    tokenizer,
-    tasks: Sequence[str],
-    *,
-    num_fewshot: Optional[int] = 0,
-    limit: Optional[int | float] = None,
-    batch_size: int = 8,
+    model: torch.nn.Module, tokenizer, tasks: Sequence[str], *, batch_size: int = 8,
     include_path: Optional[str | os.PathLike | Sequence[str | os.PathLike]] = None,
-    assets: Optional[str | os.PathLike] = None,
-    log_samples: bool = False,
-    **simple_evaluate_kwargs: Any,
+    assets: Optional[str | os.PathLike] = None, **simple_evaluate_kwargs: Any,
 ) -> dict:
     """lm-eval's own result dict of ``simple_evaluate`` (``results``, ``n-samples``, ``configs``, and ``samples``
-    with ``log_samples=True``); arguments as :func:`zero_shot`, the rest go to ``simple_evaluate``.
+    with ``log_samples=True``); arguments as :func:`zero_shot`; ``num_fewshot`` (default 0), ``limit``,
+    ``log_samples`` and the rest go to ``simple_evaluate``.
     """
+    simple_evaluate_kwargs.setdefault("num_fewshot", 0)
     simple_evaluate, HFLM, TaskManager = _lm_eval()
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     user_paths = [] if include_path is None else (
@@ -124,10 +119,7 @@ def lm_eval_results(
                 model.eval()  # mask adapters: the hard mask (HFLM calls eval() too)
                 # A copy: HFLM sets a pad token on the tokenizer it is given.
                 lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-                return simple_evaluate(
-                    model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
-                    log_samples=log_samples, **simple_evaluate_kwargs,
-                )
+                return simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, **simple_evaluate_kwargs)
         finally:
             model.train(was_training)
             random.setstate(py_state)
@@ -232,8 +224,6 @@ def zero_shot_table(
 
 def write_zero_shot_json(path: str | os.PathLike, rows: Mapping[str, Any], **settings: Any) -> None:
     """Write ``{"settings": settings, "rows": rows}`` as JSON to ``path`` all-or-nothing (parent folders made)."""
-    from .storage import atomic_write
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = {"settings": settings, "rows": rows}
     atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import AIDREAMS, REPO_ROOT
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sparse_peft import MaskConfig
@@ -249,3 +250,33 @@ def test_standard_tasks_pointed_at_local_data_files(tmp_path):
     assert [s["target"] for s in raw["samples"]["arc_easy_local"]] == [0, 1, 2]
     results = summarize(raw)
     assert results["hellaswag_local"]["samples"] == 3 and "acc_norm" in results["arc_easy_local"]
+
+
+def test_cli_eval_tasks_prints_one_table_and_writes_json_equal_to_zero_shot(user_task, tmp_path, capsys):
+    from sparse_peft.cli import run
+
+    folder, _ = user_task
+    model, tokenizer = _aidreams()
+    adapter = tmp_path / "magnitude"
+    get_peft_model(model, MaskConfig(prior="magnitude", target_modules=["q_proj", "up_proj"])).save_pretrained(adapter)
+    text_file = tmp_path / "eval.txt"
+    text_file.write_text("\n".join(PROMPTS * 4))
+    out = tmp_path / "zs.json"
+    rows = run(["eval", "--model", str(AIDREAMS), "--tasks", "dreams_local", "--include-path", str(folder),
+                "--adapter", str(adapter), "--ppl", "--eval-data", str(text_file), "--window", "16",
+                "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert set(rows) == {"dense", str(adapter)}
+    model, tokenizer = _aidreams()
+    expected_dense = zero_shot(model, tokenizer, ["dreams_local"], include_path=folder)
+    assert rows["dense"] == expected_dense
+    expected_masked = zero_shot(PeftModel.from_pretrained(model, adapter), tokenizer, ["dreams_local"],
+                                include_path=folder)
+    assert rows[str(adapter)] == expected_masked
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and saved["settings"]["tasks"] == ["dreams_local"]
+    assert set(saved["settings"]["ppl"]) == {"dense", str(adapter)}
+    assert all(math.isfinite(v) for v in saved["settings"]["ppl"].values())
+    for name in rows:  # one table: a row per model with its accuracy and PPL
+        assert any(line.startswith(f"| {name} |") and f"{saved['settings']['ppl'][name]:.2f}" in line
+                   for line in printed.splitlines()), printed
