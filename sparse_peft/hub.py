@@ -3,8 +3,9 @@
 :func:`push_mask_adapter` uploads ``adapter_config.json``, ``adapter_model.safetensors`` and a ``README.md``: a
 ``huggingface_hub.ModelCard`` rendered from the Jinja2 template ``hub_cards/mask_adapter.md``, whose
 ``ModelCardData`` front matter has ``library_name: peft``, ``base_model``, the tags the Hub uses for PEFT adapters
-and, for ``EvalResult`` s passed in, the ``model-index`` the Hub shows as evaluation results. Use it instead of ``peft_model.push_to_hub``: with transformers 5.x that call
-replaces the card of a new repo with transformers' generic one (``library_name: transformers``, no ``base_model``).
+and, for ``EvalResult`` s passed in, the ``model-index`` the Hub shows as evaluation results.
+Use it instead of ``peft_model.push_to_hub``: with transformers 5.x that call replaces the card of a new repo with
+transformers' generic one (``library_name: transformers``, no ``base_model``).
 
 The Hub endpoint is ``huggingface_hub``'s (``HF_ENDPOINT``, default https://huggingface.co); the token is the one
 passed, else ``HF_TOKEN`` / ``hf auth login``'s. Pulling needs nothing from this module:
@@ -284,7 +285,9 @@ def _check_eval_results(eval_results: Sequence[EvalResult] | None) -> list[EvalR
     if isinstance(eval_results, EvalResult):
         return [eval_results]
     if isinstance(eval_results, (str, Mapping)) or not isinstance(eval_results, Sequence):
-        raise TypeError(f"eval_results must be a list of huggingface_hub.EvalResult, got {type(eval_results).__name__}.")
+        raise TypeError(
+            f"eval_results must be a list of huggingface_hub.EvalResult, got {type(eval_results).__name__}."
+        )
     for i, result in enumerate(eval_results):
         if not isinstance(result, EvalResult):
             raise TypeError(
