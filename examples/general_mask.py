@@ -14,30 +14,44 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 from peft import get_peft_model
+from transformers import HfArgumentParser
 
 import sparse_peft
 from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer, load_texts
 from sparse_peft.oneshot import prune
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
 
+MASK_FIELDS = sparse_peft.MaskConfig.__dataclass_fields__  # MaskConfig options below take their help from here
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows every default and this docstring as written."""
+
+
+@dataclass
+class Args:
+    model: Optional[str] = field(default=None, metadata={"help": "Hub id or folder; None: the shipped SmolLM2-135M"})
+    data: str = field(default="c4", metadata={"help": "broad text: shipped asset name, file or Hub dataset id"})
+    num_samples: int = field(default=32, metadata={"help": "SparseGPT calibration sequences"})
+    calibration_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
+    steps: int = field(default=60, metadata={"help": "training steps"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per step"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per training sequence"})
+    lr: float = field(default=5e-4, metadata={"help": "learning rate of the mask logits"})
+    # 0, not MaskConfig's 1e-5: these batches are far below the ~1M tokens per step that value assumes.
+    sparse_reg: float = field(default=0.0, metadata=MASK_FIELDS["sparse_reg"].metadata)
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    output: str = field(default="runs/general", metadata={"help": "folder for the general mask adapter"})
+    prior_output: str = field(default="runs/oneshot-sparsegpt", metadata={"help": "folder for the SparseGPT mask"})
+
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="Hub id or folder (default: the shipped SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default="c4", help="broad text: shipped asset name, file or Hub dataset id")
-    p.add_argument("--num-samples", type=int, default=32, help="SparseGPT calibration sequences")
-    p.add_argument("--calibration-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--sparse-reg", type=float, default=0.0, help="regulariser lambda (paper: 1e-5 at ~1M tokens/step)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--output", default="runs/general")
-    p.add_argument("--prior-output", default="runs/oneshot-sparsegpt")
-    args = p.parse_args(argv)
+    parser = HfArgumentParser(Args, description=__doc__, formatter_class=HelpFormatter)
+    (args,) = parser.parse_args_into_dataclasses(argv)
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     texts = load_texts(args.data, split="train")

@@ -20,11 +20,15 @@ agreement of each task mask with the general mask, and the metric bars) into ``-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 from peft import PeftModel, get_peft_model
+from transformers import HfArgumentParser
 
 import sparse_peft
 from sparse_peft.adapter_io import adapter_size
@@ -34,6 +38,42 @@ from sparse_peft.stats import mask_stats
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
 from sparse_peft.utils import atomic_write
 
+MASK_FIELDS = sparse_peft.MaskConfig.__dataclass_fields__  # MaskConfig options below take their help from here
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows every default and this docstring as written."""
+
+
+@dataclass
+class Args:
+    model: Optional[str] = field(default=None, metadata={"help": "Hub id or folder; None: the shipped SmolLM2-135M"})
+    general: str = field(default="runs/general", metadata={"help": "the general mask adapter (path or Hub id)"})
+    scratch_prior: str = field(
+        default="runs/oneshot-sparsegpt", metadata={"help": "prior of the from-scratch task masks"}
+    )
+    lm_data: str = field(default="tinystories", metadata={"help": "LM task text: asset name, file or Hub id"})
+    sst2_train: str = field(
+        default=os.path.join("{assets}", "sst2", "train.tsv"), metadata={"help": "SST-2 training table"}
+    )
+    sst2_dev: str = field(default=os.path.join("{assets}", "sst2", "dev.tsv"), metadata={"help": "SST-2 dev table"})
+    steps: int = field(default=40, metadata={"help": "training steps per task mask"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per step"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per training sequence"})
+    lr: float = field(default=5e-4, metadata={"help": "learning rate of the mask logits"})
+    # 0, not MaskConfig's 1e-5: these batches are far below the ~1M tokens per step that value assumes.
+    sparse_reg: float = field(default=0.0, metadata=MASK_FIELDS["sparse_reg"].metadata)
+    window: int = field(default=256, metadata={"help": "perplexity window (tokens)"})
+    eval_windows: int = field(default=16, metadata={"help": "perplexity windows scored"})
+    eval_examples: int = field(default=400, metadata={"help": "SST-2 dev examples scored (at most all of them)"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    output: str = field(default="runs/transfer", metadata={"help": "folder for the task masks and the report"})
+
+    def __post_init__(self):
+        self.sst2_train = self.sst2_train.format(assets=assets_dir())  # {assets}: the shipped data folder
+        self.sst2_dev = self.sst2_dev.format(assets=assets_dir())
+
+
 LABEL_WORDS = ("negative", "positive")
 
 
@@ -41,7 +81,7 @@ def sst2_prompt(sentence: str) -> str:
     return f"Review: {sentence.strip()}\nSentiment:"
 
 
-def load_tasks(args, tokenizer) -> dict[str, dict]:
+def load_tasks(args: Args, tokenizer) -> dict[str, dict]:
     """Per task: training texts and an ``evaluate(model) -> {metric: value}`` function."""
     stories = load_texts(args.lm_data, split="train")
     cut = int(0.8 * len(stories))
@@ -67,7 +107,7 @@ def load_tasks(args, tokenizer) -> dict[str, dict]:
     }
 
 
-def train_mask(model, tokenizer, prior: str, texts: list[str], output: str, args) -> tuple[PeftModel, float]:
+def train_mask(model, tokenizer, prior: str, texts: list[str], output: str, args: Args) -> tuple[PeftModel, float]:
     """Learn a task mask from ``prior`` on ``texts``; save it to ``output``; return the model and the seconds."""
     config = sparse_peft.MaskConfig(prior=prior, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
@@ -84,26 +124,8 @@ def train_mask(model, tokenizer, prior: str, texts: list[str], output: str, args
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="Hub id or folder (default: the shipped SmolLM2-135M-Instruct)")
-    p.add_argument("--general", default="runs/general", help="the general mask adapter (path or Hub id)")
-    p.add_argument("--scratch-prior", default="runs/oneshot-sparsegpt", help="prior of the from-scratch task masks")
-    p.add_argument("--lm-data", default="tinystories")
-    p.add_argument("--sst2-train", default=os.path.join("{assets}", "sst2", "train.tsv"))
-    p.add_argument("--sst2-dev", default=os.path.join("{assets}", "sst2", "dev.tsv"))
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--sparse-reg", type=float, default=0.0, help="regulariser lambda (paper: 1e-5 at ~1M tokens/step)")
-    p.add_argument("--window", type=int, default=256, help="perplexity window (tokens)")
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--eval-examples", type=int, default=400, help="SST-2 dev examples scored (at most all of them)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--output", default="runs/transfer")
-    args = p.parse_args(argv)
-    args.sst2_train = args.sst2_train.format(assets=assets_dir())
-    args.sst2_dev = args.sst2_dev.format(assets=assets_dir())
+    parser = HfArgumentParser(Args, description=__doc__, formatter_class=HelpFormatter)
+    (args,) = parser.parse_args_into_dataclasses(argv)
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     tasks = load_tasks(args, tokenizer)
@@ -131,8 +153,8 @@ def main(argv=None) -> dict:
         for task in tasks
     }
     sizes = {name: adapter_size(path) for name, path in adapters.items()}
-    payload = {"settings": vars(args), "results": results, "train_seconds": seconds, "adapter_sizes": sizes,
-               "agreement_with_general": agreement}
+    payload = {"settings": dataclasses.asdict(args), "results": results, "train_seconds": seconds,
+               "adapter_sizes": sizes, "agreement_with_general": agreement}
     table = markdown(results, sizes)
     print(table)
     os.makedirs(args.output, exist_ok=True)

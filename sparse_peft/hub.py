@@ -1,9 +1,11 @@
 """Sharing mask adapters on the Hugging Face Hub: push with a sparse-peft model card, download with clear errors.
 
-:func:`push_mask_adapter` uploads ``adapter_config.json``, ``adapter_model.safetensors`` and a ``README.md``
-rendered from ``hub_cards/mask_adapter.md`` (front matter with ``library_name: peft``, ``base_model`` and the tags
-the Hub uses for PEFT adapters). Use it instead of ``peft_model.push_to_hub``: with transformers 5.x that call
-replaces the card of a new repo with transformers' generic one (``library_name: transformers``, no ``base_model``).
+:func:`push_mask_adapter` uploads ``adapter_config.json``, ``adapter_model.safetensors`` and a ``README.md``: a
+``huggingface_hub.ModelCard`` rendered from the Jinja2 template ``hub_cards/mask_adapter.md``, whose
+``ModelCardData`` front matter has ``library_name: peft``, ``base_model``, the tags the Hub uses for PEFT adapters
+and, for ``EvalResult`` s passed in, the ``model-index`` the Hub shows as evaluation results.
+Use it instead of ``peft_model.push_to_hub``: with transformers 5.x that call replaces the card of a new repo with
+transformers' generic one (``library_name: transformers``, no ``base_model``).
 
 The Hub endpoint is ``huggingface_hub``'s (``HF_ENDPOINT``, default https://huggingface.co); the token is the one
 passed, else ``HF_TOKEN`` / ``hf auth login``'s. Pulling needs nothing from this module:
@@ -17,22 +19,22 @@ import math
 import os
 import re
 import shutil
-import string
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import torch.nn as nn
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from .adapter_io import load_mask_adapter
 from .constants import ONE_SHOT_PRIORS
 from .stats import LayerMaskStats, format_stats, mask_stats
+from .utils import atomic_write
 
-#: Model-card template used by :func:`push_mask_adapter` (a file in ``hub_cards/``).
+#: Model-card template used by :func:`push_mask_adapter` (a Jinja2 file in ``hub_cards/``).
 DEFAULT_TEMPLATE = "mask_adapter.md"
 #: The files of a mask adapter that are uploaded (PEFT's names), besides the rendered ``README.md``.
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
@@ -69,15 +71,22 @@ def render_card(
     repo_id: str,
     *,
     metrics: Mapping[str, Any] | None = None,
+    eval_results: Sequence[EvalResult] | None = None,
     base_model: str | None = None,
     template: str = DEFAULT_TEMPLATE,
 ) -> str:
     """The ``README.md`` text for the mask adapter saved in ``folder``, to be pushed to ``repo_id``.
 
-    ``base_model`` (a Hub model id) defaults to the adapter's ``base_model_name_or_path``; ``metrics`` maps metric
-    names to measured values (e.g. ``{"wikitext-2 PPL": 6.72}``) and is rendered as a table as given, units and all.
-    The sparsity section is computed from the adapter file itself with :func:`~sparse_peft.mask_stats`.
+    A ``huggingface_hub.ModelCard`` rendered from the Jinja2 template ``hub_cards/<template>`` with
+    ``ModelCardData`` front matter. ``base_model`` (a Hub model id) defaults to the adapter's
+    ``base_model_name_or_path``. ``eval_results`` (``huggingface_hub.EvalResult`` s, e.g. ``task_type=
+    "text-generation", dataset_type="wikitext", metric_type="perplexity"``) go into the front matter's
+    ``model-index``, which the Hub shows as evaluation results, and into a table; ``metrics`` maps further metric
+    names to values (e.g. ``{"wikitext-2 PPL, dense": 5.12}``), shown in a table as given, units and all. The
+    sparsity section is computed from the adapter file itself with :func:`~sparse_peft.mask_stats`.
     """
+    metric_rows = _metric_rows(metrics)
+    eval_results = _check_eval_results(eval_results)
     adapter = load_mask_adapter(folder)
     config = adapter.config
     base = _base_model_id(base_model if base_model is not None else config.get("base_model_name_or_path"))
@@ -86,31 +95,40 @@ def render_card(
     pipeline_tag, auto_class = _TASKS.get(config.get("task_type") or "", (None, "AutoModel"))
     tags = ["peft", "sparse-peft", "maskllm", "n:m-sparsity", f"{n}:{m}-sparsity", "transformers",
             f"base_model:adapter:{base}"]
-    card_data = ModelCardData(library_name="peft", base_model=base, pipeline_tag=pipeline_tag, tags=tags)
+    card_data = ModelCardData(
+        library_name="peft", base_model=base, pipeline_tag=pipeline_tag, tags=tags,
+        eval_results=eval_results or None, model_name=repo_id.split("/")[-1] if eval_results else None,
+    )
     num_weights = sum(row.shape[0] * row.shape[1] for row in stats)
     file_bytes = os.path.getsize(Path(folder) / ADAPTER_FILES[1])
-    values = {
-        "card_data": card_data.to_yaml(),
-        "title": f"{n}:{m} sparsity mask for {base}",
-        "base_model": base,
-        "repo_id": repo_id,
-        "n": n,
-        "m": m,
-        "n_m": f"{n}:{m}",
-        "bits_per_group": math.ceil(math.log2(math.comb(m, n))),
-        "targets": _targets(config.get("target_modules")),
-        "num_layers": len(stats),
-        "num_weights": f"{num_weights:,}",
-        "prior": _prior(config.get("prior")),
-        "file_bytes": f"{file_bytes:,}",
-        "bits_per_weight": f"{8 * file_bytes / num_weights:.3f}",
-        "valid_layers": sum(row.valid_n_m for row in stats),
-        "sparsity": f"{_overall_sparsity(stats):.4f}",
-        "layer_table": format_stats(stats),
-        "metrics": _metrics_table(metrics),
-        "auto_class": auto_class,
-    }
-    return string.Template(template_path(template).read_text(encoding="utf-8")).substitute(values)
+    prior = config.get("prior")
+    delta = None
+    if config.get("save_delta") and config.get("prior_sha256"):
+        delta = {"prior": prior, "revision": config.get("prior_revision"), "sha256": config["prior_sha256"]}
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path(template)),
+        base_model=base,
+        repo_id=repo_id,
+        n=n,
+        m=m,
+        n_m=f"{n}:{m}",
+        bits_per_group=math.ceil(math.log2(math.comb(m, n))),
+        targets=_targets(config.get("target_modules")),
+        num_layers=len(stats),
+        num_weights=f"{num_weights:,}",
+        prior=_prior(prior),
+        delta=delta,
+        file_bytes=f"{file_bytes:,}",
+        bits_per_weight=f"{8 * file_bytes / num_weights:.3f}",
+        valid_layers=sum(row.valid_n_m for row in stats),
+        sparsity=f"{_overall_sparsity(stats):.4f}",
+        layer_table=format_stats(stats),
+        eval_rows=[_eval_row(result) for result in eval_results],
+        metric_rows=metric_rows,
+        auto_class=auto_class,
+    )
+    return str(card)
 
 
 def push_mask_adapter(
@@ -118,6 +136,7 @@ def push_mask_adapter(
     repo_id: str,
     *,
     metrics: Mapping[str, Any] | None = None,
+    eval_results: Sequence[EvalResult] | None = None,
     base_model: str | None = None,
     adapter_name: str = "default",
     private: bool | None = None,
@@ -129,7 +148,8 @@ def push_mask_adapter(
 
     ``model_or_folder`` is a ``PeftModel`` holding mask adapter ``adapter_name`` (saved to a temporary folder
     first) or the folder of a saved mask adapter, which is only read. One commit adds ``adapter_config.json``,
-    ``adapter_model.safetensors`` and ``README.md`` (:func:`render_card` with ``metrics`` and ``base_model``);
+    ``adapter_model.safetensors`` and ``README.md`` (:func:`render_card` with ``metrics``, ``eval_results`` and
+    ``base_model``);
     other files already in the repo stay. ``private`` applies when the repo is created.
 
     Returns the commit URL (a ``huggingface_hub.CommitInfo``, which is a ``str``). Raises ``ConnectionError`` if
@@ -140,13 +160,15 @@ def push_mask_adapter(
         raise ValueError(
             f"repo_id must be 'namespace/name' (a Hub user or organisation and a repo name), got {repo_id!r}."
         )
-    if metrics is not None:
-        _metrics_table(metrics)  # validate before any network call
+    _metric_rows(metrics)  # validate before any network call
+    _check_eval_results(eval_results)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="sparse-peft-push-") as staging:
         _stage_adapter(model_or_folder, adapter_name, staging)
-        card = render_card(staging, repo_id, metrics=metrics, base_model=base_model, template=template)
-        Path(staging, "README.md").write_text(card, encoding="utf-8")
+        card = render_card(
+            staging, repo_id, metrics=metrics, eval_results=eval_results, base_model=base_model, template=template
+        )
+        atomic_write(os.path.join(staging, "README.md"), lambda f: f.write(card.encode("utf-8")))
         operations = [
             CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(staging, name))
             for name in (*ADAPTER_FILES, "README.md")
@@ -242,19 +264,52 @@ def _overall_sparsity(stats: list[LayerMaskStats]) -> float:
     return sum(row.sparsity * w for row, w in zip(stats, weights)) / sum(weights)
 
 
-def _metrics_table(metrics: Mapping[str, Any] | None) -> str:
-    """A Markdown table of ``{name: value}``; floats with 4 significant digits, other numbers and strings as is."""
+def _metric_rows(metrics: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """``metrics`` as Markdown table cells ``(name, value)``; floats with 4 significant digits, the rest as is."""
     if not metrics:
-        return "No metrics were reported with this upload."
+        return []
     if not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a mapping {{name: value}}, got {type(metrics).__name__}.")
-    lines = ["| metric | value |", "|---|---|"]
+    rows = []
     for name, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise TypeError(f"metrics[{name!r}] is {value!r}; metric values must be numbers or strings.")
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        lines.append(f"| {str(name).replace('|', '/')} | {shown.replace('|', '/')} |")
-    return "\n".join(lines)
+        rows.append((_cell(name), _cell(value)))
+    return rows
+
+
+def _check_eval_results(eval_results: Sequence[EvalResult] | None) -> list[EvalResult]:
+    """``eval_results`` as a list, or a TypeError naming the entry that is not a ``huggingface_hub.EvalResult``."""
+    if eval_results is None:
+        return []
+    if isinstance(eval_results, EvalResult):
+        return [eval_results]
+    if isinstance(eval_results, (str, Mapping)) or not isinstance(eval_results, Sequence):
+        raise TypeError(
+            f"eval_results must be a list of huggingface_hub.EvalResult, got {type(eval_results).__name__}."
+        )
+    for i, result in enumerate(eval_results):
+        if not isinstance(result, EvalResult):
+            raise TypeError(
+                f"eval_results[{i}] is {result!r}; pass huggingface_hub.EvalResult(task_type=..., dataset_type=..., "
+                "dataset_name=..., metric_type=..., metric_value=...), or put free-form values in metrics=."
+            )
+    return list(eval_results)
+
+
+def _eval_row(result: EvalResult) -> tuple[str, ...]:
+    """Table cells (task, dataset, split, metric, value) of one evaluation result."""
+    dataset = result.dataset_name + (f" ({result.dataset_config})" if result.dataset_config else "")
+    return tuple(_cell(cell) for cell in (
+        result.task_name or result.task_type, dataset, result.dataset_split or "-",
+        result.metric_name or result.metric_type, result.metric_value,
+    ))
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: floats with 4 significant digits, ``|`` replaced so the table stays intact."""
+    shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return shown.replace("|", "/")
 
 
 def _is_network_error(err: BaseException) -> bool:

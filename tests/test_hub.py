@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from huggingface_hub import EvalResult, ModelCard
 from peft import get_peft_model
 
 from conftest import REPO_ROOT, tiny_llama
@@ -195,6 +196,10 @@ def test_bad_arguments_fail_before_any_request(hub, trained, tmp_path):
         push_mask_adapter(folder, "no-namespace", base_model=BASE_ID, token=hub.token)
     with pytest.raises(TypeError, match="metric values must be numbers or strings"):
         push_mask_adapter(folder, "user/x", base_model=BASE_ID, metrics={"ppl": [1, 2]}, token=hub.token)
+    with pytest.raises(TypeError, match=r"eval_results\[0\] is \{'ppl': 6.7\}; pass huggingface_hub.EvalResult"):
+        push_mask_adapter(folder, "user/x", base_model=BASE_ID, eval_results=[{"ppl": 6.7}], token=hub.token)
+    with pytest.raises(TypeError, match="eval_results must be a list of huggingface_hub.EvalResult, got dict"):
+        push_mask_adapter(folder, "user/x", base_model=BASE_ID, eval_results={"ppl": 6.7}, token=hub.token)
     with pytest.raises(ValueError, match="base model None is not a Hub model id.*base_model="):
         push_mask_adapter(folder, "user/x", token=hub.token)  # the adapter records no base model
     with pytest.raises(ValueError, match="not a Hub model id.*base_model="):
@@ -229,7 +234,12 @@ def test_task_mask_delta_coded_against_a_hub_general_mask_round_trips(hub, train
     first_commit = hub.repos["user/general"].head
     assert saved["save_delta"] and saved["prior"] == "user/general" and saved["prior_revision"] == first_commit
     push_mask_adapter(tmp_path / "task", "user/task", base_model=BASE_ID, token=hub.token)
-    assert "mask adapter [`user/general`](/user/general)" in hub.files("user/task")["README.md"].decode()
+    task_card = hub.files("user/task")["README.md"].decode()
+    assert "mask adapter [`user/general`](/user/general)" in task_card
+    # The card names the general mask the delta refers to: its commit and the hash the loader checks.
+    assert f"[`user/general`](/user/general) at revision `{first_commit}`" in task_card
+    assert f"`{saved['prior_sha256']}`" in task_card
+    assert "delta-coded" not in hub.files("user/general")["README.md"].decode()
 
     pulled = load_mask_adapter("user/task").masks()  # resolves the delta against user/general, hash-checked
     expected = {n: m.hard_mask("default").bool() for n, m in task.named_modules() if isinstance(m, MaskedLinear)}
@@ -266,6 +276,22 @@ def test_card_records_a_hub_prior_as_a_link(trained, tmp_path):
     (prior_folder / "adapter_model.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes())
     card = render_card(prior_folder, "user/task-mask", base_model=BASE_ID)
     assert "mask adapter [`user/general-mask`](/user/general-mask) (transfer from a general mask)" in card
+
+
+def test_card_is_a_model_card_with_eval_results_in_its_model_index(trained):
+    _, folder = trained
+    ppl = EvalResult(
+        task_type="text-generation", dataset_type="wikitext", dataset_name="WikiText-2",
+        dataset_config="wikitext-2-raw-v1", dataset_split="test", metric_type="perplexity", metric_value=12.3456,
+    )
+    text = render_card(folder, "user/tiny-mask", base_model=BASE_ID, eval_results=[ppl], metrics={"run": "smoke"})
+    card = ModelCard(text)
+    assert card.data.library_name == "peft" and card.data.base_model == BASE_ID
+    assert card.data.model_name == "tiny-mask" and card.data.eval_results == [ppl]  # the Hub's model-index
+    assert "| text-generation | WikiText-2 (wikitext-2-raw-v1) | test | perplexity | 12.35 |" in text
+    assert "| run | smoke |" in text and "No metrics were reported" not in text
+    assert "[More Information Needed]" not in text and "{{" not in text and "{%" not in text
+    assert "model-index" not in front_matter(render_card(folder, "user/tiny-mask", base_model=BASE_ID).encode())
 
 
 def test_plain_peft_push_to_hub_replaces_a_new_repos_card(hub, trained):
