@@ -35,7 +35,7 @@ from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer, l
 from sparse_peft.evaluation import perplexity
 from sparse_peft.oneshot import prune
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
-from sparse_peft.utils import atomic_write
+from sparse_peft.utils import atomic_write, check_resumed_settings
 
 
 #: Settings all rows of one table share: a ``--resume`` run must use the values the table was measured with.
@@ -86,12 +86,7 @@ def resumed_rows(args, json_path: str) -> list[dict]:
         return []
     with open(json_path) as f:
         saved = json.load(f)
-    differ = {k: (saved["settings"].get(k), getattr(args, k)) for k in SHARED_SETTINGS
-              if saved["settings"].get(k) != getattr(args, k)}
-    if differ:
-        shown = ", ".join(f"--{k.replace('_', '-')} {old!r} there, {new!r} now" for k, (old, new) in differ.items())
-        raise ValueError(f"--resume: {json_path} was measured with other settings ({shown}). Pass the same values, "
-                         "or write to another --output.")
+    check_resumed_settings(saved["settings"], args, SHARED_SETTINGS, json_path)
     for row in saved["rows"]:
         if row["kind"] == "one-shot" and not os.path.isdir(os.path.join(args.output, f"oneshot-{row['mask']}")):
             raise ValueError(f"--resume: {json_path} has a {row['mask']!r} row but its mask folder "

@@ -1,4 +1,5 @@
-"""Evaluation: the papers' perplexity protocol, label-word classification, and ``evaluate`` metrics.
+"""Evaluation: the papers' perplexity protocol, label-word and sequence-classification predictions, and ``evaluate``
+metrics.
 
 All functions take a plain ``transformers`` model, a ``PeftModel`` with a mask adapter (evaluated in eval mode,
 i.e. with the hard mask) or a merged model, and restore the model's training flag afterwards.
@@ -128,3 +129,27 @@ def metric_scores(
         scores.update(load_metric(name).compute(predictions=list(predictions), references=list(references)))
     return scores
 
+
+def sequence_classification_predictions(
+    model: torch.nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 8, max_length: Optional[int] = None
+) -> list[int]:
+    """The argmax class of a sequence-classification model (``task_type="SEQ_CLS"``) for each text.
+
+    Texts are tokenised in batches of ``batch_size``, padded with the tokenizer's pad token (the model's
+    ``config.pad_token_id`` must be the same, so that it reads the last real token) and cut to ``max_length`` tokens
+    if given. Returns one class index per text.
+    """
+    if tokenizer.pad_token_id is None or getattr(model.config, "pad_token_id", None) != tokenizer.pad_token_id:
+        raise ValueError(
+            f"Batched sequence classification needs the tokenizer's pad token (id {tokenizer.pad_token_id}) to be "
+            f"the model's config.pad_token_id ({getattr(model.config, 'pad_token_id', None)}). Set "
+            "tokenizer.pad_token (e.g. to its eos token) and model.config.pad_token_id = tokenizer.pad_token_id."
+        )
+    predictions = []
+    with _inference(model) as device:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=max_length is not None,
+                              max_length=max_length, return_tensors="pt", verbose=False)
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            predictions += logits.logits.argmax(dim=-1).tolist()
+    return predictions

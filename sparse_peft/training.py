@@ -4,7 +4,7 @@ optional distillation loss from the dense model."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +142,7 @@ def learn_mask(
     recompute_soft_mask: Optional[bool] = None,
     distill: bool = False,
     resume_from_checkpoint: Optional[str | bool] = None,
+    data_collator: Optional[Callable] = None,
 ) -> Trainer:
     """Train the mask logits of a ``get_peft_model(..., MaskConfig(...))`` model; returns the finished Trainer.
 
@@ -153,7 +154,9 @@ def learn_mask(
     the LM loss of the labels. ``resume_from_checkpoint`` goes to ``trainer.train``: a checkpoint folder of an
     earlier run with the same ``args``, or True for the latest one in ``args.output_dir``. Checkpoints (``args``
     with ``save_strategy`` / ``save_steps``) hold the float logits (see :class:`~sparse_peft.MaskScheduleCallback`),
-    so a resumed run ends with the same adapter as an uninterrupted one.
+    so a resumed run ends with the same adapter as an uninterrupted one. ``data_collator`` goes to ``Trainer`` (e.g.
+    ``DataCollatorWithPadding`` for examples of different lengths; default: ``default_data_collator``, which needs
+    equal lengths such as :func:`text_windows`).
 
     Warns when ``args.max_steps`` asks for more sequences than ``train_dataset`` holds: ``Trainer`` then goes over
     the text again, and a mask memorises text it has seen (see :func:`_warn_if_text_repeats`).
@@ -163,7 +166,8 @@ def learn_mask(
         set_soft_mask_memory(model, recompute_soft_mask)
     trainer_class = DenseDistillationTrainer if distill else Trainer
     trainer = trainer_class(
-        model=model, args=args, train_dataset=train_dataset, callbacks=[MaskScheduleCallback(), *callbacks]
+        model=model, args=args, train_dataset=train_dataset, callbacks=[MaskScheduleCallback(), *callbacks],
+        data_collator=data_collator,
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     model.eval()

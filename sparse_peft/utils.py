@@ -1,10 +1,11 @@
-"""Small helpers without any sparse_peft dependency: atomic file writes and ``[out, in]`` views of linear weights."""
+"""Small helpers without any sparse_peft dependency: atomic file writes, ``[out, in]`` views of linear weights, and
+the settings check of resumed benchmark tables."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import IO, Any, Callable, Optional
+from typing import IO, Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -54,3 +55,13 @@ def output_layer(model: nn.Module) -> Optional[nn.Module]:
         return get_output() if callable(get_output) else None
     except (AttributeError, NotImplementedError):
         return None
+
+
+def check_resumed_settings(saved: dict, current: Any, keys: Iterable[str], json_path: str) -> None:
+    """Raise ``ValueError`` if a saved results table (``json_path``, its ``saved`` settings dict) was measured with
+    other values of ``keys`` than ``current`` (an ``argparse.Namespace``) has; the message names each as a flag."""
+    differ = {k: (saved.get(k), getattr(current, k)) for k in keys if saved.get(k) != getattr(current, k)}
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} {old!r} there, {new!r} now" for k, (old, new) in differ.items())
+        raise ValueError(f"--resume: {json_path} was measured with other settings ({shown}). Pass the same values, "
+                         "or write to another --output.")

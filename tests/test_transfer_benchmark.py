@@ -1,0 +1,111 @@
+"""benchmarks/transfer.py end to end on the shipped 231K-parameter model: rows, sizes, a reference number, resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import AIDREAMS, REPO_ROOT
+from sparse_peft.data import load_model_and_tokenizer
+from sparse_peft.evaluation import perplexity
+from sparse_peft.oneshot import prune
+from sparse_peft.tasks import load_task
+
+SMALL = ["--model", str(AIDREAMS), "--device", "cpu", "--tasks", "tinystories,sst2", "--seq-len", "32",
+         "--batch-size", "2", "--window", "32", "--eval-windows", "1", "--eval-examples", "8", "--num-samples", "2",
+         "--calibration-len", "16"]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("transfer", REPO_ROOT / "benchmarks" / "transfer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def general(tmp_path_factory):
+    """A general mask for the tiny model (a magnitude 2:4 mask adapter stands in for a learned one)."""
+    folder = tmp_path_factory.mktemp("general") / "general"
+    prune(load_model_and_tokenizer(str(AIDREAMS))[0], "magnitude", show_progress=False).save_pretrained(folder)
+    return str(folder)
+
+
+def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
+    transfer = load_benchmark()
+    out = str(tmp_path / "t")
+    learned = []
+    learn_mask = transfer.learn_mask
+    monkeypatch.setattr(transfer, "learn_mask", lambda model, data, args, **kw: learned.append(args.seed)
+                        or learn_mask(model, data, args, **kw))
+    args = [*SMALL, "--general", general, "--output", out]
+    first = transfer.main([*args, "--budgets", "64", "--seeds", "0,1", "--objective", "seq_cls"])
+    keys = [(r["task"], r["objective"], r["row"], r["budget"], r["seed"]) for r in first["rows"]]
+    fixed = [("tinystories", "lm", k, None, None) for k in ("dense", "general", "sparsegpt", "sparsegpt+update")]
+    fixed += [("sst2", "seq_cls", k, 64, 0) for k in ("dense", "general", "sparsegpt", "sparsegpt+update")]
+    learned_rows = [("tinystories", "lm", k, 64, s) for k in ("scratch", "transfer") for s in (0, 1)]
+    learned_rows += [("sst2", "seq_cls", k, 64, s) for k in ("lora", "scratch", "transfer") for s in (0, 1)]
+    assert sorted(keys, key=str) == sorted(fixed + learned_rows, key=str)
+    assert len(learned) == 8  # the mask rows; LoRA trains with a plain Trainer
+    for row in first["rows"]:
+        assert row["value"] == row["value"] and 0 <= row["value"] < float("inf")  # finite
+        assert row["metric"] == ("ppl" if row["task"] == "tinystories" else "accuracy")
+    for row in first["rows"]:
+        if row["row"] in ("lora", "scratch", "transfer"):
+            assert row["steps"] >= 1 and row["tokens"] >= 64 and row["seconds"] > 0
+    masks = [r for r in first["rows"] if r["row"] in ("scratch", "transfer")]
+    for row in masks:
+        assert row["bits_raw"] > 0 and row["bits_delta"] > 0 and 0 < row["mean_agreement"] <= 1
+        config = json.loads((tmp_path / "t" / "adapters" / row["adapter"].rsplit("/", 1)[-1] /
+                             "adapter_config.json").read_text())
+        assert config["save_delta"] and config["prior"] == general  # delta-coded against the general mask
+        if row["row"] == "transfer":
+            assert row["bits_delta"] < row["bits_raw"]
+    seed_files = [(tmp_path / "t" / "adapters" / f"tinystories-lm-scratch-64-seed{s}" / "adapter_model.safetensors")
+                  for s in (0, 1)]
+    assert seed_files[0].read_bytes() != seed_files[1].read_bytes()
+
+    # The dense row is the library's perplexity on the held-out TinyStories documents.
+    model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
+    dense = next(r for r in first["rows"] if r["task"] == "tinystories" and r["row"] == "dense")
+    held_out = load_task("tinystories").held_out
+    assert dense["value"] == perplexity(model, tokenizer, held_out, window=32, max_windows=1, show_progress=False)["ppl"]
+
+    saved = json.loads((tmp_path / "t" / "transfer.json").read_text())
+    assert saved["rows"] == first["rows"]
+    table = (tmp_path / "t" / "transfer.md").read_text()
+    assert "### sst2 (seq_cls; accuracy)" in table and "| task mask from general mask | " in table
+    assert (tmp_path / "t" / "transfer.png").stat().st_size > 0
+
+    # Resuming with a smaller budget and the other objective runs only the missing rows.
+    learned.clear()
+    second = transfer.main([*args, "--budgets", "32,64", "--seeds", "0,1", "--objective", "both",
+                            "--rows", "dense,transfer", "--resume"])
+    assert second["rows"][: len(first["rows"])] == first["rows"]
+    new = [(r["task"], r["objective"], r["row"], r["budget"], r["seed"]) for r in second["rows"][len(first["rows"]):]]
+    assert sorted(new, key=str) == sorted([
+        ("tinystories", "lm", "transfer", 32, 0), ("sst2", "label_words", "dense", None, None),
+        ("sst2", "label_words", "transfer", 32, 0), ("sst2", "label_words", "transfer", 64, 0),
+        ("sst2", "label_words", "transfer", 64, 1), ("sst2", "seq_cls", "transfer", 32, 0)], key=str)
+    assert sorted(learned) == [0, 0, 0, 0, 1]
+    assert "### sst2 (label_words; accuracy)" in (tmp_path / "t" / "transfer.md").read_text()
+
+    # Other shared settings, or no --resume, are refused before anything runs; the table is untouched.
+    before = (tmp_path / "t" / "transfer.json").read_bytes()
+    changed = [a if SMALL[i - 1] != "--seq-len" else "16" for i, a in enumerate(SMALL)]
+    with pytest.raises(ValueError, match="--seq-len 32 there, 16 now"):
+        transfer.main([*changed, "--general", general, "--output", out, "--budgets", "64", "--resume"])
+    with pytest.raises(ValueError, match="pass --resume"):
+        transfer.main([*args, "--budgets", "64"])
+    assert (tmp_path / "t" / "transfer.json").read_bytes() == before
+
+
+def test_unknown_task_and_missing_general_fail_before_any_model_load(tmp_path, general):
+    transfer = load_benchmark()
+    with pytest.raises(SystemExit):
+        transfer.main([*SMALL[:4], "--general", general, "--tasks", "sst3", "--output", str(tmp_path)])
+    with pytest.raises(FileNotFoundError):
+        transfer.main([*SMALL, "--general", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
