@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from .layer import set_soft_mask_memory
-from .schedule import MaskScheduleCallback
+from .schedule import MaskScheduleCallback, place_mask_callback
 
 
 def text_windows(texts: Iterable[str], tokenizer, seq_len: int, max_windows: Optional[int] = None) -> Dataset:
@@ -145,7 +145,9 @@ def learn_mask(
 ) -> Trainer:
     """Train the mask logits of a ``get_peft_model(..., MaskConfig(...))`` model; returns the finished Trainer.
 
-    Adds :class:`~sparse_peft.MaskScheduleCallback`, so tau, kappa and lambda anneal over ``args.max_steps``.
+    Adds :class:`~sparse_peft.MaskScheduleCallback` before the ``report_to`` integrations
+    (:func:`~sparse_peft.schedule.place_mask_callback`), so tau, kappa and lambda anneal over ``args.max_steps``
+    and the logs (``state.log_history`` and every integration) get tau, kappa and the mask's statistics.
     ``recompute_soft_mask`` (if not None) is passed to :func:`~sparse_peft.layer.set_soft_mask_memory` first:
     False keeps each layer's soft-mask weights for backward (6 bytes per masked weight for 2:4, one Gumbel sample
     per step instead of two: faster steps), True keeps only the noise seed (least memory).
@@ -165,6 +167,7 @@ def learn_mask(
     trainer = trainer_class(
         model=model, args=args, train_dataset=train_dataset, callbacks=[MaskScheduleCallback(), *callbacks]
     )
+    place_mask_callback(trainer)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     model.eval()
     return trainer
