@@ -142,6 +142,7 @@ def learn_mask(
     recompute_soft_mask: Optional[bool] = None,
     distill: bool = False,
     resume_from_checkpoint: Optional[str | bool] = None,
+    eval_dataset: Optional[Dataset] = None,
 ) -> Trainer:
     """Train the mask logits of a ``get_peft_model(..., MaskConfig(...))`` model; returns the finished Trainer.
 
@@ -155,7 +156,8 @@ def learn_mask(
     the LM loss of the labels. ``resume_from_checkpoint`` goes to ``trainer.train``: a checkpoint folder of an
     earlier run with the same ``args``, or True for the latest one in ``args.output_dir``. Checkpoints (``args``
     with ``save_strategy`` / ``save_steps``) hold the float logits (see :class:`~sparse_peft.MaskScheduleCallback`),
-    so a resumed run ends with the same adapter as an uninterrupted one.
+    so a resumed run ends with the same adapter as an uninterrupted one. ``eval_dataset`` goes to ``Trainer``
+    (evaluated as ``args.eval_strategy`` says, with the hard mask: the model is in eval mode there).
 
     Warns when ``args.max_steps`` asks for more sequences than ``train_dataset`` holds: ``Trainer`` then goes over
     the text again, and a mask memorises text it has seen (see :func:`_warn_if_text_repeats`).
@@ -165,7 +167,8 @@ def learn_mask(
         set_soft_mask_memory(model, recompute_soft_mask)
     trainer_class = DenseDistillationTrainer if distill else Trainer
     trainer = trainer_class(
-        model=model, args=args, train_dataset=train_dataset, callbacks=[MaskScheduleCallback(), *callbacks]
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        callbacks=[MaskScheduleCallback(), *callbacks],
     )
     place_mask_callback(trainer)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
