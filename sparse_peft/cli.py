@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import MISSING, fields
@@ -20,6 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 from peft import PeftModel, get_peft_model
 from peft.utils import CONFIG_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
 from . import training
 from .adapter_io import adapter_size, load_mask_adapter, resolve_file
@@ -38,11 +40,12 @@ from .data import (
 )
 from .download import offline_hint
 from .evaluation import perplexity
+from .layer import mask_layers
 from .oneshot import prune
 from .patterns import validate_n_m
 from .published import published_mask_file
-from .stats import format_stats, mask_stats
-from .utils import atomic_write
+from .stats import format_stats, mask_stats, plot_stats
+from .utils import atomic_write, weight_out_in
 from .zero_shot import write_zero_shot_json, zero_shot, zero_shot_table
 
 logger = logging.getLogger("sparse_peft")
@@ -50,6 +53,20 @@ _CONFIG_FIELDS = {f.name: f for f in fields(MaskConfig)}
 #: What ``--prior`` takes by name; anything else is a mask adapter (or MaskLLM masks) by path or Hub id.
 _PRIOR_NAMES = ("none", *ONE_SHOT_PRIORS)
 _LOG_HANDLER = "sparse-peft-cli"
+#: Trainer's folder (checkpoints, report_to logs) inside a ``learn`` output folder; removed again if left empty.
+TRAINER_DIR = "trainer"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse help with each option's default appended, unless its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or (
+            "default" in text
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 # -- shared pieces ----------------------------------------------------------------------------------------------
@@ -75,7 +92,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--model", default=None, help="base model: Hub id or local folder (default: the shipped SmolLM2-135M-Instruct)"
     )
     parser.add_argument("--gguf-file", default=None, help="a GGUF file inside --model to dequantise and use")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the base model's weights (the mask logits stay float32)")
 
 
 def _add_n_m_args(parser: argparse.ArgumentParser) -> None:
@@ -90,24 +108,50 @@ def _add_calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-len", type=int, default=512, help="tokens per calibration sequence")
 
 
-def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+def _add_eval_args(parser: argparse.ArgumentParser, window: Optional[int] = None,
+                   max_windows: Optional[int] = None) -> None:
     parser.add_argument("--eval-data", default="wikitext2", help="perplexity text: wikitext2 | path | Hub id")
-    parser.add_argument("--window", type=int, default=None, help="tokens per window (default: context, max 2048)")
-    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    parser.add_argument("--window", type=int, default=window,
+                        help="tokens per window, printed with the table" + (
+                            " (default: the model's context, at most 2048)" if window is None else ""))
+    parser.add_argument("--max-windows", type=int, default=max_windows,
+                        help="evaluate only the first K windows" + (" (default: all)" if max_windows is None else ""))
 
 
 def _add_training_args(parser: argparse.ArgumentParser, steps: int, batch_size: int, seq_len: int) -> None:
-    parser.add_argument("--data", default="c4", help="training text: c4 | tinystories | path | Hub dataset id")
-    parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--seq-len", type=int, default=seq_len)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--data", default="c4",
+                        help="training text: c4 | tinystories | .txt/.jsonl/.csv/.tsv file | Hub dataset id")
+    parser.add_argument("--text-column", default=None,
+                        help="the column of --data holding the text (tables: .csv/.tsv/.jsonl, Hub datasets; "
+                             "default: the first of text, sentence, review, content)")
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="training windows per step and device")
+    parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per training window")
+    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate of the logits (cosine to lr/10)")
     add_config_arg(parser, "sparse_reg", default=0.0,
                     help="regulariser lambda; the paper's 1e-5 is for ~1M tokens per step and collapses small-batch "
                          "runs")
     parser.add_argument("--bf16", action="store_true",
                         help="train under bf16 autocast (Trainer's bf16=True; logits stay fp32): fast on a CUDA GPU "
                              "or a CPU with AVX512-BF16 / AMX, slow where bf16 matmuls are emulated")
+    parser.add_argument("--report-to", default="none",
+                        help="Trainer's report_to: none | all | comma-separated integrations (tensorboard, wandb, "
+                             "...); the logs hold loss, tau, kappa, mask_flip_rate and mask_max_prob")
+
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save-steps", type=int, default=None,
+                        help=f"write a resumable Trainer checkpoint (with the float logits) every N steps into "
+                             f"OUTPUT/{TRAINER_DIR}/ (default: no checkpoints)")
+    parser.add_argument("--resume", default=None,
+                        help=f"continue from a checkpoint folder, or 'last' for the newest in OUTPUT/{TRAINER_DIR}/; "
+                             "use the same --steps, --batch-size, --seq-len and data as the interrupted run")
+    parser.add_argument("--eval-steps", type=int, default=None,
+                        help="log the hard mask's loss on --eval-data every N steps (default: no evaluation)")
+    parser.add_argument("--eval-data", default=None,
+                        help="held-out text for --eval-steps (its test split): wikitext2 | path | Hub dataset id")
+    parser.add_argument("--eval-windows", type=int, default=16,
+                        help="--seq-len-token windows of --eval-data evaluated each time")
 
 
 def _targets(args) -> Optional[list[str]]:
@@ -230,25 +274,46 @@ def prune_and_save(model, tokenizer, method: str, output: str, calibration: Opti
 
 def learn_and_save(model, tokenizer, config: MaskConfig, data: str, output: str, *, steps: int, batch_size: int,
                    seq_len: int, lr: float, bf16: bool, grad_accum: int = 1, gradient_checkpointing: bool = False,
-                   seed: int = 0, recompute_soft_mask: bool = False, distill: bool = False) -> dict:
+                   seed: int = 0, recompute_soft_mask: bool = False, distill: bool = False,
+                   text_column: Optional[str] = None, report_to: str = "none", save_steps: Optional[int] = None,
+                   resume: Optional[str] = None, eval_data: Optional[str] = None, eval_steps: Optional[int] = None,
+                   eval_windows: int = 16) -> dict:
     """Learn the mask adapter ``config`` of ``model`` on the text ``data`` with ``Trainer``; save it to ``output``.
 
     ``steps`` optimizer steps of ``batch_size * grad_accum`` windows of ``seq_len`` tokens; the other options are
     :func:`~sparse_peft.training.mask_training_arguments`' and :func:`~sparse_peft.training.learn_mask`'.
+    ``text_column``: the column of a table ``data``. ``report_to``: Trainer's (comma-separated). ``save_steps``:
+    write a resumable checkpoint every that many steps into ``output/trainer``; ``resume``: a checkpoint folder or
+    ``"last"`` (the newest there). ``eval_steps``: log the loss on ``eval_windows`` windows of ``eval_data``'s test
+    split every that many steps. ``output/trainer`` is removed again if it is left empty.
     Returns ``{"prior", "tokens", "seconds", "output", "train_loss"}``.
     """
-    dataset = training.text_windows(load_texts(data, split="train"), tokenizer, seq_len,
+    dataset = training.text_windows(load_texts(data, split="train", text_column=text_column), tokenizer, seq_len,
                                     max_windows=steps * batch_size * grad_accum)  # read before the prior is computed
+    eval_dataset = None
+    if eval_steps is not None:
+        eval_dataset = training.text_windows(load_texts(eval_data, split="test"), tokenizer, seq_len,
+                                             max_windows=eval_windows)
     peft_model = get_peft_model(model, config)
     peft_model.print_trainable_parameters()
+    trainer_dir = os.path.join(output, TRAINER_DIR)
+    trainer_dir_existed = os.path.isdir(trainer_dir)
+    checkpoints = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
+    evaluation = {"eval_strategy": "steps", "eval_steps": eval_steps} if eval_steps else {}
     training_args = training.mask_training_arguments(
-        os.path.join(output, "trainer"), steps, batch_size, learning_rate=lr,
+        trainer_dir, steps, batch_size, learning_rate=lr,
         gradient_accumulation_steps=grad_accum, logging_steps=max(1, steps // 20),
         activation_checkpointing=gradient_checkpointing, seed=seed, bf16=bf16,
+        report_to=[] if report_to == "none" else report_to.split(","), **checkpoints, **evaluation,
     )
     start = time.perf_counter()
-    trainer = training.learn_mask(peft_model, dataset, training_args, recompute_soft_mask=recompute_soft_mask,
-                                  distill=distill)
+    try:
+        trainer = training.learn_mask(peft_model, dataset, training_args, recompute_soft_mask=recompute_soft_mask,
+                                      distill=distill, eval_dataset=eval_dataset,
+                                      resume_from_checkpoint=True if resume == "last" else resume)
+    finally:
+        if not trainer_dir_existed and os.path.isdir(trainer_dir) and not _holds_files(trainer_dir):
+            shutil.rmtree(trainer_dir)  # only empty folders: Trainer makes output_dir even without checkpoints
     seconds = time.perf_counter() - start
     peft_model.save_pretrained(output)
     tokens = steps * batch_size * grad_accum * seq_len
@@ -268,14 +333,59 @@ def _each_model(model, adapters: Sequence[str]) -> Iterator[tuple[str, Any]]:
         model = peft_model.unload()
 
 
+def _holds_files(folder: str) -> bool:
+    """Whether ``folder`` or any folder below it holds a file."""
+    return any(files for _, _, files in os.walk(folder))
+
+
+def _check_training_options(args) -> None:
+    """``--resume``, ``--eval-steps`` / ``--eval-data`` and ``--save-steps`` of ``learn``, before any model load."""
+    for flag in ("save_steps", "eval_steps", "eval_windows"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number of steps, got {value}.")
+    if args.eval_steps is not None and args.eval_data is None:
+        raise ValueError("--eval-steps needs --eval-data (held-out text: wikitext2, a file or a Hub dataset id).")
+    if args.eval_data is not None:
+        _check_text("--eval-data", args.eval_data)
+    if args.resume == "last":
+        folder = os.path.join(args.output, TRAINER_DIR)
+        if not os.path.isdir(folder) or get_last_checkpoint(folder) is None:
+            raise FileNotFoundError(
+                f"--resume last: no checkpoint in {folder}. Checkpoints are written with --save-steps N; pass the "
+                "--output of the interrupted run."
+            )
+    elif args.resume is not None and not os.path.isfile(os.path.join(args.resume, "trainer_state.json")):
+        raise FileNotFoundError(
+            f"--resume {args.resume!r} is not a Trainer checkpoint folder (no trainer_state.json); pass "
+            f"OUTPUT/{TRAINER_DIR}/checkpoint-<step> or 'last'."
+        )
+
+
 def evaluate_adapters(model, tokenizer, eval_data: str, adapters: Sequence[str], *, window: Optional[int],
                       max_windows: Optional[int], json_path: Optional[str]) -> list[dict]:
     """Perplexity on the text ``eval_data`` of the dense ``model`` and of each of ``adapters`` (hard masks, eval
-    mode), ``window`` tokens per window; printed as a table, written to ``json_path`` if set. One row per model."""
+    mode), ``window`` tokens per window; printed as a table under a line naming the data, the window and the
+    windows scored, written to ``json_path`` if set. One row per model, with its ``sparsity``: ``dense`` or the
+    adapter's N:M and the fraction of all the model's weights it prunes."""
     texts = load_texts(eval_data, split="test")
-    rows = [{"model": name, **perplexity(evaluated, tokenizer, texts, window=window, max_windows=max_windows)}
+    total = sum(p.numel() for p in model.parameters())
+
+    def sparsity(evaluated) -> str:
+        if not isinstance(evaluated, PeftModel):
+            return "dense"
+        config = evaluated.active_peft_config
+        masked = sum(weight_out_in(layer.get_base_layer()).numel() for layer in mask_layers(evaluated).values())
+        pruned = masked * (config.m - config.n) // config.m
+        return f"{config.n}:{config.m}, {pruned / total:.1%} of all weights"
+
+    rows = [{"model": name, "sparsity": sparsity(evaluated),
+             **perplexity(evaluated, tokenizer, texts, window=window, max_windows=max_windows)}
             for name, evaluated in _each_model(model, adapters)]
-    print(_markdown(rows, ("model", "ppl", "tokens", "windows")))
+    scored = f"first {max_windows} windows" if max_windows is not None else "all windows"
+    print(f"Perplexity on {eval_data} (test split), windows of {rows[0]['window']} tokens, {scored} "
+          f"({rows[0]['windows']} scored, {rows[0]['tokens']} predicted tokens):")
+    print(_markdown(rows, ("model", "sparsity", "ppl", "tokens", "windows")))
     _write_json(json_path, rows)
     return rows
 
@@ -326,6 +436,7 @@ def cmd_learn(args) -> dict:
     _check_model(args)
     _check_prior(prior)
     _check_text("--data", args.data)
+    _check_training_options(args)
     if prior in CALIBRATED_PRIORS:
         _check_text("--calibration", args.calibration)
     model, tokenizer = _load(args)
@@ -335,7 +446,9 @@ def cmd_learn(args) -> dict:
         model, tokenizer, config, args.data, args.output, steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, lr=args.lr, bf16=args.bf16, grad_accum=args.grad_accum,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-        recompute_soft_mask=args.recompute_soft_mask, distill=args.distill,
+        recompute_soft_mask=args.recompute_soft_mask, distill=args.distill, text_column=args.text_column,
+        report_to=args.report_to, save_steps=args.save_steps, resume=args.resume, eval_data=args.eval_data,
+        eval_steps=args.eval_steps, eval_windows=args.eval_windows,
     )
 
 
@@ -357,13 +470,17 @@ def cmd_eval(args) -> list[dict]:
 
 
 def cmd_inspect(args) -> dict:
-    """Per-layer sparsity, N:M validity, agreement with a reference, and size in bits per weight."""
+    """Per-layer sparsity, N:M validity, agreement with a reference, and size in bits per weight (layers in model
+    order; --plot draws them)."""
     _check_adapter("adapter", args.adapter)
     if args.reference is not None:
         _check_adapter("--reference", args.reference)
     adapter = load_mask_adapter(args.adapter)
     rows = mask_stats(adapter, args.reference)
     print(format_stats(rows))
+    if args.plot:
+        plot_stats(rows, args.plot)
+        print(f"plot -> {args.plot}")
     size = adapter_size(args.adapter)
     valid = all(r.valid_n_m for r in rows)
     print(f"\n{len(rows)} layers, N:M valid: {'yes' if valid else 'NO'}; "
@@ -386,7 +503,7 @@ def cmd_demo(args) -> list[dict]:
                    targets=None, update_weights=False)
     learned = learn_and_save(
         _load(args)[0], tokenizer, config, args.data, learned_dir, steps=args.steps, batch_size=args.batch_size,
-        seq_len=args.seq_len, lr=args.lr, bf16=args.bf16,
+        seq_len=args.seq_len, lr=args.lr, bf16=args.bf16, text_column=args.text_column, report_to=args.report_to,
     )
     rows = evaluate_adapters(_load(args)[0], tokenizer, args.eval_data, [prior_dir, learned_dir], window=args.window,
                              max_windows=args.max_windows, json_path=os.path.join(args.output, "ppl.json"))
@@ -396,59 +513,69 @@ def cmd_demo(args) -> list[dict]:
 
 # -- parser -----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparse-peft", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(prog="sparse-peft", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the package's INFO log lines on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", help=cmd_prune.__doc__)
+    def add_parser(name, command):
+        return sub.add_parser(name, help=command.__doc__, description=command.__doc__, formatter_class=_HelpFormatter)
+
+    p = add_parser("prune", cmd_prune)
     _add_model_args(p), _add_n_m_args(p), _add_calibration_args(p)
-    p.add_argument("--method", choices=ONE_SHOT_PRIORS, default="sparsegpt")
-    p.add_argument("--update-weights", action="store_true", help="SparseGPT with its weight update (baseline)")
-    p.add_argument("--output", required=True)
+    p.add_argument("--method", choices=ONE_SHOT_PRIORS, default="sparsegpt", help="one-shot pruner")
+    p.add_argument("--update-weights", action="store_true",
+                   help="SparseGPT with its weight update: write a pruned model folder instead of a mask adapter "
+                        "(baseline)")
+    p.add_argument("--output", required=True, help="folder to write the mask adapter (or pruned model) to")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("learn", help=cmd_learn.__doc__)
+    p = add_parser("learn", cmd_learn)
     _add_model_args(p), _add_n_m_args(p), _add_calibration_args(p)
     add_config_arg(p, "prior", type=str, default="sparsegpt",
                     help=f"none | {' | '.join(ONE_SHOT_PRIORS)} | adapter path/Hub id")
     _add_training_args(p, steps=100, batch_size=4, seq_len=256)
-    p.add_argument("--grad-accum", type=int, default=1)
+    _add_checkpoint_args(p)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end", "save_logits"):
         add_config_arg(p, name)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward (less memory, one more forward per step)")
     p.add_argument("--recompute-soft-mask", action="store_true",
                    help="regenerate the Gumbel sample in backward: 6 bytes per weight less memory, slower steps")
     p.add_argument("--distill", action="store_true",
                    help="train on the KL divergence from the dense model instead of the LM loss (one extra forward "
                         "per step; docs/training.md says when it pays)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0, help="Trainer's seed (data order, Gumbel noise)")
+    p.add_argument("--output", required=True, help="folder to write the mask adapter to")
     p.set_defaults(func=cmd_learn)
 
-    p = sub.add_parser("eval", help=cmd_eval.__doc__)
+    p = add_parser("eval", cmd_eval)
     _add_model_args(p), _add_eval_args(p)
     p.add_argument("--adapter", action="append", help="mask adapter path / Hub id (repeatable)")
     p.add_argument("--tasks", default=None,
                    help="comma-separated lm-evaluation-harness tasks (e.g. sst2_local,agnews_local,imdb_local or "
                         "built-in names) instead of perplexity; needs pip install 'sparse-peft[eval]'")
     p.add_argument("--limit", type=float, default=None, help="with --tasks: score only the first N documents per task")
-    p.add_argument("--num-fewshot", type=int, default=0, help="with --tasks: in-context examples (default: 0)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="with --tasks: in-context examples")
     p.add_argument("--include-path", default=None, help="with --tasks: a folder of your own lm-eval task YAMLs")
     p.add_argument("--ppl", action="store_true", help="with --tasks: also the perplexity on --eval-data")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("inspect", help=cmd_inspect.__doc__)
+    p = add_parser("inspect", cmd_inspect)
     p.add_argument("adapter", help="mask adapter path / Hub id")
     p.add_argument("--reference", default=None, help="another adapter to compare with (e.g. the general mask)")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="also write the per-layer rows and the size to this JSON file")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw the per-layer sparsity (and agreement with --reference) into this image (matplotlib)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help=cmd_demo.__doc__)
-    _add_model_args(p), _add_calibration_args(p), _add_eval_args(p)
+    p = add_parser("demo", cmd_demo)
+    _add_model_args(p), _add_calibration_args(p), _add_eval_args(p, window=512, max_windows=8)
     _add_training_args(p, steps=40, batch_size=2, seq_len=128)
-    p.add_argument("--output", default="runs/demo")
-    p.set_defaults(func=cmd_demo, num_samples=32, calibration_len=256, window=512, max_windows=8)
+    p.add_argument("--output", default="runs/demo",
+                   help="folder for the SparseGPT prior, the learned adapter and ppl.json")
+    p.set_defaults(func=cmd_demo, num_samples=32, calibration_len=256)
     return parser
 
 

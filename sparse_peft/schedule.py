@@ -1,5 +1,5 @@
 """Applying the annealing of tau, kappa and the sparse regulariser to a model, for ``Trainer`` and custom loops,
-and completing ``Trainer`` checkpoints with what resuming needs.
+logging them with the mask's statistics, and completing ``Trainer`` checkpoints with what resuming needs.
 
 The values per step are :func:`sparse_peft.annealing.schedule_at`'s.
 """
@@ -17,7 +17,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
-from transformers import TrainerCallback
+from transformers import DefaultFlowCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import MaskConfig
@@ -115,6 +115,54 @@ def _full_state_dict(model: nn.Module, peft_model: nn.Module) -> dict[str, torch
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+#: Groups per chunk when the logging statistics go over a layer's ``[G, C]`` logits.
+_STATS_CHUNK = 1 << 20
+
+
+def mask_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The chosen pattern of each group: ``argmax`` of ``[G, C]`` logits as uint8 ``[G]`` (on the logits' device),
+    computed in chunks without autograd. A sharded (FSDP2 ``DTensor``) tensor gives its local shard's groups."""
+    logits = logits.to_local() if isinstance(logits, DTensor) else logits
+    with torch.no_grad():
+        return torch.cat([chunk.argmax(dim=-1).to(torch.uint8) for chunk in logits.detach().split(_STATS_CHUNK)])
+
+
+def mask_max_prob_sum(logits: torch.Tensor, kappa: float) -> float:
+    """Sum over the groups of ``[G, C]`` logits of the largest pattern probability, ``max softmax(kappa * logits)``:
+    the categorical distribution the Gumbel-softmax samples from. Chunked, without autograd; local shard only for
+    a ``DTensor``."""
+    logits = logits.to_local() if isinstance(logits, DTensor) else logits
+    with torch.no_grad():
+        return sum(
+            float(torch.softmax(kappa * chunk.float(), dim=-1).amax(dim=-1).sum())
+            for chunk in logits.detach().split(_STATS_CHUNK)
+        )
+
+
+def trained_mask_layers(model: nn.Module) -> dict[str, list[MaskedLinear]]:
+    """``{adapter name: its layers}`` for the mask adapters of ``model`` that hold trainable float logits."""
+    adapters: dict[str, list[MaskedLinear]] = {}
+    for module in model.modules():
+        if isinstance(module, MaskedLinear):
+            for name, logits in module.maskllm_logits.items():
+                if logits.is_floating_point() and logits.requires_grad:
+                    adapters.setdefault(name, []).append(module)
+    return adapters
+
+
+def place_mask_callback(trainer) -> TrainerCallback:
+    """Move ``trainer``'s :class:`MaskScheduleCallback` (adding one if it has none) right after ``Trainer``'s
+    ``DefaultFlowCallback``, before the ``report_to`` integrations, so that these receive the mask statistics the
+    callback adds to each log. Returns the callback."""
+    callbacks = trainer.callback_handler.callbacks
+    ours = next((cb for cb in callbacks if isinstance(cb, MaskScheduleCallback)), None) or MaskScheduleCallback()
+    if ours in callbacks:
+        callbacks.remove(ours)
+    flow = next((i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), -1)
+    callbacks.insert(flow + 1, ours)
+    return ours
+
+
 class MaskScheduleCallback(TrainerCallback):
     """Anneals tau, kappa and the regulariser weight per optimizer step of a ``Trainer`` run, and completes its
     checkpoints for resuming.
@@ -127,7 +175,50 @@ class MaskScheduleCallback(TrainerCallback):
     float logits (:func:`save_checkpoint_logits`), so ``trainer.train(resume_from_checkpoint=...)`` continues from
     the trained logits and ends with the same adapter as an uninterrupted run. With ``save_only_model=True``, whose
     checkpoints ``Trainer`` cannot resume from, the checkpoints stay as ``save_pretrained`` wrote them.
+
+    Every training log (the ones with ``loss``, every ``logging_steps``) gets, per trained mask adapter, the values
+    in force for the last step and two statistics of its logits: ``tau``, ``kappa``, ``mask_flip_rate`` (fraction
+    of groups whose chosen pattern changed since the previous log; the first log: since training began) and
+    ``mask_max_prob`` (mean over groups of the largest pattern probability, ``softmax(kappa * logits)``; 1 means a
+    settled mask). An adapter other than ``"default"`` gets its name as a suffix (``tau_<name>``). They go into
+    ``state.log_history`` and, with the callback placed before the ``report_to`` integrations
+    (:func:`place_mask_callback`, which :func:`~sparse_peft.training.learn_mask` calls), to TensorBoard, W&B etc.
     """
+
+    def __init__(self) -> None:
+        self._last_choice: dict[tuple[str, int], torch.Tensor] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._last_choice = {
+            (name, i): mask_argmax(layer.maskllm_logits[name])
+            for name, layers in trained_mask_layers(model).items()
+            for i, layer in enumerate(layers)
+        }
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or model is None:
+            return
+        added = {}
+        for name, layers in trained_mask_layers(model).items():
+            schedule = _mask_model(model).mask_schedule(name)
+            flips = groups = 0
+            prob_sum = 0.0
+            for i, layer in enumerate(layers):
+                logits = layer.maskllm_logits[name]
+                choice = mask_argmax(logits)
+                last = self._last_choice.get((name, i))
+                flips += int((choice != last).sum()) if last is not None and last.shape == choice.shape else 0
+                self._last_choice[(name, i)] = choice
+                groups += choice.numel()
+                prob_sum += mask_max_prob_sum(logits, schedule.kappa)
+            suffix = "" if name == "default" else f"_{name}"
+            added[f"tau{suffix}"] = schedule.tau
+            added[f"kappa{suffix}"] = schedule.kappa
+            added[f"mask_flip_rate{suffix}"] = flips / max(1, groups)
+            added[f"mask_max_prob{suffix}"] = prob_sum / max(1, groups)
+        logs.update(added)
+        if state.log_history and state.log_history[-1].get("loss") is logs["loss"]:
+            state.log_history[-1].update(added)  # Trainer appended its copy of these logs before calling back
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         update_mask_schedule(model, state.global_step, state.max_steps)

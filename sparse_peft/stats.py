@@ -1,13 +1,15 @@
-"""Per-layer mask statistics: sparsity, exact N:M validity, agreement between two masks."""
+"""Per-layer mask statistics: sparsity, exact N:M validity, agreement between two masks; as a table or a plot."""
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .adapter_io import MaskAdapter, load_mask_adapter
 from .constants import plain_name
@@ -36,6 +38,31 @@ class LayerMaskStats:
         if self.hamming is None:
             return None
         return 1.0 - self.hamming / (self.shape[0] * self.shape[1])
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders digit runs by value: ``layers.2`` before ``layers.10``."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def module_order(base_model: Optional[str]) -> Optional[list[str]]:
+    """The module names of ``base_model`` in model order, built on the meta device from its ``config.json`` alone (no
+    weights are read, nothing is downloaded: a local folder, or a Hub id already in the local cache); None if the
+    config is not at hand or cannot be built."""
+    if not base_model:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(base_model, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    for auto_class in (AutoModelForCausalLM, AutoModel):
+        try:
+            with torch.device("meta"):
+                model = auto_class.from_config(config)
+        except (ValueError, KeyError, ImportError):
+            continue
+        return [name for name, _ in model.named_modules()]
+    return None
 
 
 def _masks(source: MaskSource, adapter_name: Optional[str]) -> tuple[dict[str, torch.Tensor], Optional[tuple]]:
@@ -68,20 +95,32 @@ def mask_stats(
     n: Optional[int] = None,
     m: Optional[int] = None,
     adapter_name: Optional[str] = None,
+    order: Optional[Sequence[str]] = None,
 ) -> list[LayerMaskStats]:
     """Per-layer sparsity and N:M validity of ``source``, and its Hamming distance to ``reference`` if given.
 
     Typical uses: ``mask_stats(peft_model)``, ``mask_stats("out/task-a", "out/general")`` (task vs general
     mask), ``mask_stats(peft_model, peft_model.peft_config["default"].prior)`` (drift from the prior).
     ``n``/``m`` are read from adapters and models; pass them for plain mask dicts.
+
+    Rows come in model order: a model's module order; for a saved adapter (whose file keeps no order) the module
+    order of its base model if :func:`module_order` can build it from ``base_model_name_or_path``; else
+    ``order`` (module names) if given, else names with digit runs sorted by value (:func:`natural_key`).
     """
+    if order is None and isinstance(source, nn.Module):
+        order = [plain_name(name) for name, _ in source.named_modules()]
+    elif order is None and isinstance(source, (str, os.PathLike)):
+        source = load_mask_adapter(source)
+    if order is None and isinstance(source, MaskAdapter):
+        order = module_order(source.config.get("base_model_name_or_path"))
     masks, source_n_m = _masks(source, adapter_name)
     n_m = (n, m) if n is not None and m is not None else source_n_m
     if n_m is None:
         raise ValueError("Pass n= and m= to check N:M validity of plain mask dicts.")
     ref_masks = _masks(reference, adapter_name)[0] if reference is not None else {}
+    rank = {name: i for i, name in enumerate(order or ())}
     stats = []
-    for name in sorted(masks):
+    for name in sorted(masks, key=lambda name: (rank.get(name, len(rank)), natural_key(name))):
         mask = masks[name]
         row = LayerMaskStats(
             name=name,
@@ -115,3 +154,32 @@ def format_stats(stats: list[LayerMaskStats]) -> str:
             line += " - | - | - |"
         lines.append(line)
     return "\n".join(lines)
+
+
+def plot_stats(stats: list[LayerMaskStats], path: str | os.PathLike) -> None:
+    """Draw :func:`mask_stats` rows as a per-layer plot, in their order, into the image file ``path`` (PNG, SVG, PDF
+    by suffix): each layer's sparsity and, for rows with a reference, its agreement with the reference. Layers that
+    are not exact N:M are marked red. Needs matplotlib (``pip install matplotlib``)."""
+    try:
+        from matplotlib.figure import Figure  # optional dependency, only for this plot
+    except ImportError as err:
+        raise ImportError("Plotting mask statistics needs matplotlib: pip install matplotlib") from err
+    if not stats:
+        raise ValueError("No layers to plot.")
+    x = list(range(len(stats)))
+    fig = Figure(figsize=(max(6.0, 0.12 * len(stats) + 2), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(x, [row.sparsity for row in stats], marker=".", label="sparsity")
+    with_ref = [(i, row.agreement) for i, row in enumerate(stats) if row.agreement is not None]
+    if with_ref:
+        ax.plot(*zip(*with_ref), marker=".", label="agreement with reference")
+    invalid = [i for i, row in enumerate(stats) if not row.valid_n_m]
+    if invalid:
+        ax.scatter(invalid, [stats[i].sparsity for i in invalid], color="red", zorder=3, label="not N:M")
+    ax.set_xticks(x, [row.name for row in stats], rotation=90, fontsize=5 if len(stats) > 40 else 8)
+    ax.set_xlabel("layer (model order)")
+    ax.set_ylabel("fraction")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(os.fspath(path), dpi=150)

@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 from .layer import set_soft_mask_memory
-from .schedule import MaskScheduleCallback
+from .schedule import MaskScheduleCallback, place_mask_callback
 
 
 def text_windows(texts: Iterable[str], tokenizer, seq_len: int, max_windows: Optional[int] = None) -> Dataset:
@@ -143,10 +143,13 @@ def learn_mask(
     distill: bool = False,
     resume_from_checkpoint: Optional[str | bool] = None,
     data_collator: Optional[Callable] = None,
+    eval_dataset: Optional[Dataset] = None,
 ) -> Trainer:
     """Train the mask logits of a ``get_peft_model(..., MaskConfig(...))`` model; returns the finished Trainer.
 
-    Adds :class:`~sparse_peft.MaskScheduleCallback`, so tau, kappa and lambda anneal over ``args.max_steps``.
+    Adds :class:`~sparse_peft.MaskScheduleCallback` before the ``report_to`` integrations
+    (:func:`~sparse_peft.schedule.place_mask_callback`), so tau, kappa and lambda anneal over ``args.max_steps``
+    and the logs (``state.log_history`` and every integration) get tau, kappa and the mask's statistics.
     ``recompute_soft_mask`` (if not None) is passed to :func:`~sparse_peft.layer.set_soft_mask_memory` first:
     False keeps each layer's soft-mask weights for backward (6 bytes per masked weight for 2:4, one Gumbel sample
     per step instead of two: faster steps), True keeps only the noise seed (least memory).
@@ -156,7 +159,8 @@ def learn_mask(
     with ``save_strategy`` / ``save_steps``) hold the float logits (see :class:`~sparse_peft.MaskScheduleCallback`),
     so a resumed run ends with the same adapter as an uninterrupted one. ``data_collator`` goes to ``Trainer`` (e.g.
     ``DataCollatorWithPadding`` for examples of different lengths; default: ``default_data_collator``, which needs
-    equal lengths such as :func:`text_windows`).
+    equal lengths such as :func:`text_windows`). ``eval_dataset`` goes to ``Trainer`` too (evaluated as
+    ``args.eval_strategy`` says, with the hard mask: the model is in eval mode there).
 
     Warns when ``args.max_steps`` asks for more sequences than ``train_dataset`` holds: ``Trainer`` then goes over
     the text again, and a mask memorises text it has seen (see :func:`_warn_if_text_repeats`).
@@ -166,9 +170,10 @@ def learn_mask(
         set_soft_mask_memory(model, recompute_soft_mask)
     trainer_class = DenseDistillationTrainer if distill else Trainer
     trainer = trainer_class(
-        model=model, args=args, train_dataset=train_dataset, callbacks=[MaskScheduleCallback(), *callbacks],
-        data_collator=data_collator,
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        callbacks=[MaskScheduleCallback(), *callbacks], data_collator=data_collator,
     )
+    place_mask_callback(trainer)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     model.eval()
     return trainer

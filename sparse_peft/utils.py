@@ -16,13 +16,15 @@ from transformers.pytorch_utils import Conv1D
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     """Write a file all-or-nothing: ``write`` fills a temp file in the same folder, which then replaces ``path``.
 
-    If ``write`` raises (or the process dies), an existing file at ``path`` is left untouched.
+    The file gets the mode ``open()`` would give a new file (``0o666`` less the process umask), not the temp file's
+    ``0o600``. If ``write`` raises (or the process dies), an existing file at ``path`` is left untouched.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), umask_mode(0o666))
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -31,6 +33,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def umask_mode(mode: int) -> int:
+    """``mode`` less the process umask: the permission bits a new file (``0o666``) or folder (``0o777``) gets."""
+    umask = os.umask(0o022)  # reading the umask means setting it; it is restored at once
+    os.umask(umask)
+    return mode & ~umask
 
 
 def fan_in_fan_out(layer: nn.Module) -> bool:

@@ -57,6 +57,6 @@ def test_readme_quick_start_runs_on_a_tiny_model(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "README quick start: ok" in result.stdout
-    assert "trainable params" in result.stdout  # print_trainable_parameters ran
+    assert "default: trainable: " in result.stdout and " || saved: " in result.stdout  # print_trainable_parameters ran
     saved = tmp_path / "runs" / "c4-2of4"
     assert (saved / "adapter_config.json").is_file() and (saved / "adapter_model.safetensors").is_file()
