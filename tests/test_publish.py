@@ -174,3 +174,20 @@ def test_an_adapter_of_the_shipped_model_refused_elsewhere_says_how_to_load_its_
     assert f'from_pretrained("{SHIPPED_ID}")\nmodel = PeftModel' not in card
     other = render_card(tmp_path / "adapter", "user/x", base_model="test-org/tiny")
     assert "Q4_1" not in other and 'AutoModelForCausalLM.from_pretrained("test-org/tiny")' in other
+
+
+def test_label_words_are_scored_with_the_one_leading_space_their_docstring_documents():
+    """Item 5 of issue 19: label words are passed bare; the helper scores the first token of " " + word."""
+    from sparse_peft.evaluation import label_word_predictions
+
+    assert "without a leading space" in label_word_predictions.__doc__
+    assert "without a trailing space" in label_word_predictions.__doc__
+    model, tokenizer = sparse_peft.data.load_model_and_tokenizer(str(AIDREAMS))
+    prompts, words = ["Once upon a time there was a", "The little robot looked at the"], ["girl", "dog", "sky"]
+    first = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            logits = model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1]
+            expected.append(int(logits[first].argmax()))
+    assert label_word_predictions(model, tokenizer, prompts, words, batch_size=2) == expected
