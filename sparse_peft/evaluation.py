@@ -90,8 +90,22 @@ def label_word_predictions(
 ) -> list[int]:
     """Zero-shot classification with a causal LM: the label whose word the model finds likeliest after each prompt.
 
-    Each label is scored by the log-probability of the first token of ``" " + word`` at the position after the
-    prompt (label words should start with distinct tokens; this is checked). Returns one class index per prompt.
+    Leading-space convention: pass ``label_words`` bare (``["negative", "positive"]``, no leading space) and end
+    each prompt without a trailing space (``"Review: ... Sentiment:"``). The function puts the one space between
+    them itself: each label is scored by the log-probability of the first token of ``" " + word`` at the position
+    after the prompt, as lm-evaluation-harness scores ``target_delimiter + choice`` with its default delimiter
+    ``" "`` (so the shipped lm-eval tasks and this function score the same continuations). With a BPE tokenizer
+    ``" positive"`` and ``"positive"`` are different tokens, so a word given with its own leading space, or a prompt
+    ending in a space, scores a different (and usually rarer) token.
+
+    Args:
+        prompts: one text per example, ending where the label word follows.
+        label_words: one word per class, in class-index order, without a leading space; their first tokens after
+            the space must differ (checked: ``ValueError`` otherwise).
+        batch_size: prompts per forward pass (left-padded).
+
+    Returns:
+        One class index per prompt, ``int`` in ``[0, len(label_words))``.
     """
     first_tokens = [tokenizer(" " + word, add_special_tokens=False)["input_ids"][0] for word in label_words]
     if len(set(first_tokens)) != len(first_tokens):

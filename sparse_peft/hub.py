@@ -10,6 +10,10 @@ transformers' generic one (``library_name: transformers``, no ``base_model``).
 The Hub endpoint is ``huggingface_hub``'s (``HF_ENDPOINT``, default https://huggingface.co); the token is the one
 passed, else ``HF_TOKEN`` / ``hf auth login``'s. Pulling needs nothing from this module:
 ``PeftModel.from_pretrained(base, "user/repo")`` and ``MaskConfig(prior="user/repo")`` download the adapter.
+
+A task adapter delta-coded against a *local* general mask cannot be pushed until it refers to a copy others can
+download: push the general mask, then :func:`repoint_general_mask` rewrites the task adapter's reference to that
+Hub repo (after checking the Hub copy is the same file), and the task adapter can be pushed.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from .adapter_io import load_mask_adapter
-from .constants import ONE_SHOT_PRIORS
+from .constants import ONE_SHOT_PRIORS, SHIPPED_BASE_SOURCE, mask_peft_type
 from .stats import LayerMaskStats, format_stats, mask_stats
 from .utils import atomic_write
 
@@ -127,6 +131,7 @@ def render_card(
         eval_rows=[_eval_row(result) for result in eval_results],
         metric_rows=metric_rows,
         auto_class=auto_class,
+        shipped=SHIPPED_BASE_SOURCE if base == SHIPPED_BASE_SOURCE["hub_id"] else None,
     )
     return str(card)
 
@@ -196,6 +201,57 @@ def push_mask_adapter(
             ) from err
 
 
+def repoint_general_mask(
+    task_dir: Union[str, os.PathLike], general: str, revision: str | None = None
+) -> dict[str, Any]:
+    """Make a delta-coded task adapter refer to another copy of its general mask, e.g. the one pushed to the Hub.
+
+    ``general`` is a Hub repo id (read at ``revision``, default ``main``) or a local folder. Its
+    ``adapter_model.safetensors`` is fetched (into the Hub cache) and must have the sha256 the task adapter recorded
+    (``prior_sha256``) and the same N:M; then ``adapter_config.json`` in ``task_dir`` is rewritten in one atomic
+    replace with ``prior = general`` and ``prior_revision`` = the commit the file was read at (None for a folder),
+    so later loads fetch exactly that commit. The weights file is not touched.
+
+    Returns the new config (a dict). Raises ``FileNotFoundError`` if ``task_dir`` is not a saved mask adapter or
+    ``general`` cannot be found (naming the repo and the Hub endpoint), ``ValueError`` if the task adapter is not
+    delta-coded or ``general`` is a different file; in every failure ``task_dir`` is left as it was.
+    """
+    folder = os.fspath(task_dir)
+    config_path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{folder!r} has no {CONFIG_NAME}: it is not a saved mask adapter folder.")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("peft_type") != mask_peft_type().value:
+        raise ValueError(f"{folder!r} is a {config.get('peft_type')!r} adapter, not a sparse_peft mask adapter.")
+    if not (config.get("save_delta") and config.get("prior_sha256")):
+        raise ValueError(
+            f"{folder!r} is not delta-coded (its adapter file holds every mask in full), so it refers to no general "
+            "mask and there is nothing to re-point: push it as it is."
+        )
+    general = os.fspath(general)
+    if revision is not None and os.path.isdir(general):
+        raise ValueError(f"revision= applies to a Hub repo id; {general!r} is a local folder.")
+    if not (os.path.isdir(general) or _REPO_ID.match(general)):
+        raise ValueError(f"general must be a Hub repo id 'namespace/name' or a local folder, got {general!r}.")
+    adapter = load_mask_adapter(general, revision)
+    if adapter.sha256 != config["prior_sha256"]:
+        at = f" at revision {adapter.revision}" if adapter.revision else ""
+        raise ValueError(
+            f"{general!r}{at} is not the general mask {folder!r} was made from: its adapter_model.safetensors has "
+            f"sha256 {adapter.sha256}, the task adapter needs {config['prior_sha256']} (the general mask "
+            f"{config.get('prior')!r}). Push that exact general mask folder (or pass the revision holding it); "
+            f"{folder!r} was left unchanged."
+        )
+    if (adapter.n, adapter.m) != (int(config["n"]), int(config["m"])):
+        raise ValueError(f"The general mask {general!r} is {adapter.n}:{adapter.m}, the task adapter "
+                         f"{config['n']}:{config['m']}; {folder!r} was left unchanged.")
+    updated = {**config, "prior": general, "prior_revision": adapter.revision}
+    text = json.dumps(updated, indent=2, sort_keys=True) + "\n"
+    atomic_write(config_path, lambda f: f.write(text.encode("utf-8")))
+    return updated
+
+
 def _stage_adapter(model_or_folder: Union[nn.Module, str, os.PathLike], adapter_name: str, staging: str) -> None:
     """Put the adapter's :data:`ADAPTER_FILES` into the empty folder ``staging`` (never writes to the source)."""
     if isinstance(model_or_folder, nn.Module):
@@ -223,8 +279,9 @@ def _stage_adapter(model_or_folder: Union[nn.Module, str, os.PathLike], adapter_
     if config.get("save_delta") and config.get("prior_sha256") and not _is_hub_adapter(prior):
         raise ValueError(
             f"{source!r} is delta-coded against the general mask {prior!r}, a local folder that users of the Hub repo "
-            "cannot download. Push the general mask first, then set \"prior\" in this adapter's adapter_config.json "
-            "to its Hub id (or re-save it from a MaskConfig whose prior is that Hub id), and push again."
+            "cannot download. Push the general mask first, then re-point this adapter at it with "
+            "`sparse-peft repoint TASK_DIR --general user/general-repo` (or sparse_peft.hub.repoint_general_mask), "
+            "which checks that the Hub copy is the same file, and push again."
         )
 
 
