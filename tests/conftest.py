@@ -65,3 +65,16 @@ def run_fresh_python(code: str, *args: str) -> str:
     if result.returncode != 0:
         raise AssertionError(f"fresh process failed:\n{result.stderr[-4000:]}")
     return result.stdout
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every tensor of ``model.state_dict()``, to compare with later."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same values, NaN included (``torch.equal`` counts a NaN as different from itself)."""
+    if torch.equal(a, b):
+        return True
+    nan = a.isnan()
+    return a.is_floating_point() and torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])

@@ -37,6 +37,8 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from conftest import identical, snapshot
+
 import sparse_peft  # noqa: F401  (registers the method)
 from sparse_peft import MaskConfig, MaskedLinear
 
@@ -104,18 +106,6 @@ def out(model: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
     with torch.no_grad():
         result = model(x, **kwargs)
     return result if isinstance(result, torch.Tensor) else result.logits
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The same values, NaN included (``torch.equal`` counts a NaN as different from itself)."""
-    if torch.equal(a, b):
-        return True
-    nan = a.isnan()
-    return a.is_floating_point() and torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
 
 
 def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None:

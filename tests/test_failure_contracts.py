@@ -27,7 +27,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from conftest import AIDREAMS, REPO_ROOT, tiny_llama
+from conftest import AIDREAMS, REPO_ROOT, identical, snapshot, tiny_llama
 from sparse_peft import MaskConfig, MaskedLinear, MaskModel, MaskScheduleCallback, load_mask_adapter
 from sparse_peft import update_mask_schedule
 
@@ -49,18 +49,6 @@ def logits_of(model: nn.Module) -> torch.Tensor:
 
 
 TOKENS = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The same values, NaN included (``torch.equal`` counts a NaN as different from itself)."""
-    if torch.equal(a, b):
-        return True
-    nan = a.isnan()
-    return a.is_floating_point() and torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
 
 
 def assert_untouched(model: nn.Module, before: dict[str, torch.Tensor], dense: torch.Tensor) -> None:
