@@ -78,3 +78,15 @@ def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
         return True
     nan = a.isnan()
     return a.is_floating_point() and torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+
+
+def reference_label_words(model, tokenizer, prompts, words) -> list[int]:
+    """Per prompt, the index of the word whose first token (with its leading space) the model finds likeliest next:
+    the reference for ``label_word_predictions``, one prompt at a time without padding."""
+    first = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            logits = model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1]
+            expected.append(int(logits[first].argmax()))
+    return expected

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import AIDREAMS, tiny_llama
+from conftest import AIDREAMS, reference_label_words, tiny_llama
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,12 +59,7 @@ def test_label_word_predictions_match_unpadded_single_prompts(aidreams):
     model, tokenizer = aidreams
     prompts = ["The robot was", "Once upon a time, a very small cat named Tim", "She"]
     words = ["happy", "sad", "big"]
-    first = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
-    expected = []
-    with torch.no_grad():
-        for prompt in prompts:
-            logits = model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1]
-            expected.append(int(logits[first].argmax()))
+    expected = reference_label_words(model, tokenizer, prompts, words)
     assert label_word_predictions(model, tokenizer, prompts, words, batch_size=3) == expected
     with pytest.raises(ValueError, match="distinct tokens"):
         label_word_predictions(model, tokenizer, prompts, ["happy", "happy"])

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import AIDREAMS, REPO_ROOT, tiny_llama
+from conftest import AIDREAMS, REPO_ROOT, reference_label_words, tiny_llama
 from peft import PeftModel, get_peft_model
 from test_hub import hub  # noqa: F401  (the test Hub fixture)
 
@@ -184,10 +184,5 @@ def test_label_words_are_scored_with_the_one_leading_space_their_docstring_docum
     assert "without a trailing space" in label_word_predictions.__doc__
     model, tokenizer = sparse_peft.data.load_model_and_tokenizer(str(AIDREAMS))
     prompts, words = ["Once upon a time there was a", "The little robot looked at the"], ["girl", "dog", "sky"]
-    first = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
-    expected = []
-    with torch.no_grad():
-        for prompt in prompts:
-            logits = model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1]
-            expected.append(int(logits[first].argmax()))
+    expected = reference_label_words(model, tokenizer, prompts, words)
     assert label_word_predictions(model, tokenizer, prompts, words, batch_size=2) == expected
