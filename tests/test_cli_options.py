@@ -131,3 +131,24 @@ def test_mask_stats_of_plain_masks_sort_numbers_by_value():
     mask = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)
     rows = mask_stats({"layers.10.q": mask, "layers.2.q": mask, "layers.1.q": mask}, n=2, m=4)
     assert [r.name for r in rows] == ["layers.1.q", "layers.2.q", "layers.10.q"]
+
+
+def test_prior_defaults_to_the_shipped_general_mask_only_for_the_shipped_model(monkeypatch):
+    import sparse_peft.cli as cli
+
+    monkeypatch.setattr(cli, "shipped_general_mask", lambda: "/the/general/mask")
+    learn = subparsers(build_parser())["learn"]
+    assert cli._resolve_prior(learn.parse_args(["--output", "o"])) == "/the/general/mask"
+    assert cli._resolve_prior(learn.parse_args(["--prior", "general", "--output", "o"])) == "/the/general/mask"
+    assert cli._resolve_prior(learn.parse_args(["--model", str(AIDREAMS), "--output", "o"])) == "sparsegpt"
+    assert cli._resolve_prior(learn.parse_args(["--prior", "none", "--output", "o"])) is None
+    with pytest.raises(ValueError, match="--prior sparsegpt to learn a general mask"):
+        cli._resolve_prior(learn.parse_args(["--model", str(AIDREAMS), "--prior", "general", "--output", "o"]))
+
+
+def test_missing_shipped_general_mask_names_the_fix(monkeypatch, tmp_path):
+    import sparse_peft.data as data
+
+    monkeypatch.setattr(data, "__file__", str(tmp_path / "sparse_peft" / "data.py"))
+    with pytest.raises(FileNotFoundError, match="Pass a general mask adapter instead"):
+        data.shipped_general_mask()
