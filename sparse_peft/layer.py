@@ -173,7 +173,8 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         prior_mask: Optional[torch.Tensor] = None,
     ) -> None:
         """Add adapter ``adapter_name`` of ``config``: logits from ``prior_mask`` (bool ``[out, in]``, exactly n:m,
-        at ``config.prior_strength``) or random (std ``config.logit_init_std``).
+        at ``config.prior_strength``; for a mask-adapter prior without noise, so the initial hard mask is the prior)
+        or random (std ``config.logit_init_std``).
 
         ``schedule`` is the adapter's schedule, shared by all its layers (default: step 0 of ``config``). With
         ``config.inference_mode`` the adapter keeps only the argmax of those logits, as uint8 indices ``[G]``.
@@ -187,7 +188,9 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
                     f"{self.layer_name}: prior mask has shape {tuple(prior_mask.shape)}, the weight is "
                     f"{self.weight_shape}."
                 )
-            logits = prior_logits(prior_mask, n, m, config.prior_strength, init_std)
+            # A saved mask adapter (a general mask) is the start of a task mask: without the formula's noise its
+            # hard mask is exactly the prior's; a one-shot prior keeps the paper's noise (~5% of groups off it).
+            logits = prior_logits(prior_mask, n, m, config.prior_strength, init_std, noise=not config.prior_is_adapter)
         else:
             logits = random_logits(num_groups, n, m, init_std)
         device = self.get_base_layer().weight.device

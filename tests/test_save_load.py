@@ -274,14 +274,14 @@ def test_prior_from_a_saved_adapter_is_the_transfer_path(tmp_path):
     torch.manual_seed(0)
     task = get_peft_model(tiny_llama(0), MaskConfig(prior=str(tmp_path / "general")))
     task.eval()
-    # prior formula at alpha=3: about 95% of groups start at the prior's pattern
-    same_groups = sum(
-        (hard_masks(task)[k].view(-1, 4) == v.view(-1, 4)).all(-1).sum() for k, v in general_masks.items()
-    ) / sum(v.numel() // 4 for v in general_masks.values())
-    assert 0.9 < same_groups < 1.0, same_groups
-    task = get_peft_model(tiny_llama(0), MaskConfig(prior=str(tmp_path / "general"), prior_strength=100.0))
-    task.eval()
+    # a general mask is the start of a task mask: its hard mask is exactly the general mask (no noise in the
+    # prior formula), while Gumbel sampling in training still explores around it at the prior's strength
     assert all(torch.equal(hard_masks(task)[k], v) for k, v in general_masks.items())
+    logits = {k: v.detach() for k, v in task.state_dict().items() if "maskllm_logits" in k}
+    assert all(len(torch.unique(t)) == 3 for t in logits.values())  # +-alpha*std and 0: no random part
+    oneshot = get_peft_model(tiny_llama(0), MaskConfig(prior="magnitude"))
+    oneshot_logits = [v for k, v in oneshot.state_dict().items() if "maskllm_logits" in k]
+    assert all(len(torch.unique(t)) > 3 for t in oneshot_logits)  # the paper's formula, noise and all
     with pytest.raises(ValueError, match="different base model"):
         get_peft_model(tiny_llama(seed=5), MaskConfig(prior=str(tmp_path / "general")))
     with pytest.raises(ValueError, match="is 2:4 sparse but this MaskConfig asks for 1:4"):
