@@ -30,7 +30,7 @@ and runs only the missing ones (more tasks, budgets, seeds, rows or objectives),
 with other shared settings. ``transfer.png``: metric vs task tokens per task and objective, and the per-layer
 agreement of the task masks with the general mask.
 
-    python benchmarks/transfer.py --general runs/general --output runs/transfer
+    python benchmarks/transfer.py --output runs/transfer   # from the shipped general mask (--general to change)
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorForSeq2
 import sparse_peft
 from sparse_peft.adapter_io import adapter_size, load_mask_adapter
 from sparse_peft.config import DEFAULT_TARGET_MODULES
-from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer
+from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer, shipped_general_mask
 from sparse_peft.evaluation import (
     label_word_predictions,
     metric_scores,
@@ -73,8 +73,6 @@ from sparse_peft.tasks import (
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
 from sparse_peft.utils import atomic_write, check_resumed_settings
 
-#: The general mask adapter used when --general is not given; None makes --general required.
-DEFAULT_GENERAL = None
 ROW_KINDS = ("dense", "lora", "general", "sparsegpt", "sparsegpt+update", "scratch", "transfer")
 LEARNED_ROWS = ("lora", "scratch", "transfer")
 MASK_ROWS = ("scratch", "transfer")
@@ -97,8 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="Hub id or folder (default: the shipped SmolLM2-135M-Instruct)")
     p.add_argument("--gguf-file", default=None)
-    p.add_argument("--general", default=DEFAULT_GENERAL, required=DEFAULT_GENERAL is None,
-                   help="the general mask adapter (folder or Hub id), made for --model")
+    p.add_argument("--general", default=None,
+                   help="the general mask adapter (folder or Hub id), made for --model (default: the shipped general "
+                        "mask of the shipped model)")
     p.add_argument("--tasks", type=comma_list(str), default="tinystories,agnews_text,sst2,agnews",
                    help=f"comma list of {', '.join(LM_TASKS + CLASSIFICATION_TASKS)}")
     p.add_argument("--budgets", type=comma_list(int), default="25000,100000,200000",
@@ -134,6 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{name}: unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
     if not args.budgets or min(args.budgets) < 1 or not args.seeds:
         p.error("--budgets needs positive token counts and --seeds at least one seed")
+    if args.general is None:
+        if args.model is not None:
+            p.error("--general: the shipped general mask fits the shipped model only; pass the general mask of --model")
+        args.general = shipped_general_mask()
     return args
 
 

@@ -8,13 +8,13 @@ Tasks (shipped data, or any file / Hub dataset with the same columns):
   the score is the accuracy (an ``evaluate`` metric) of predicting the likelier label word after the prompt.
 
 For each task it compares the dense model, the general mask alone, the task mask learned from the general mask
-(``MaskConfig(prior=<general>)``, the transfer) and a task mask learned "from scratch" (from the one-shot SparseGPT
-prior the general mask itself started from), all with the same budget. All adapters live on one base model
+(``MaskConfig(prior=<general>)``, the transfer; by default the shipped general mask) and a task mask learned "from
+scratch" (by default from SparseGPT 2:4 calibrated on the task's own text), all with the same budget. All adapters live on one base model
 (``load_adapter`` / ``set_adapter``). Writes ``transfer.md``, ``transfer.json`` and ``transfer.png`` (per-layer
 agreement of each task mask with the general mask, and the metric bars) into ``--output``.
 
-    python examples/general_mask.py --output runs/general --prior-output runs/oneshot-sparsegpt
-    python examples/task_transfer.py --general runs/general --scratch-prior runs/oneshot-sparsegpt
+    python examples/task_transfer.py        # from the shipped general mask, on the shipped model
+    python examples/general_mask.py --output runs/general && python examples/task_transfer.py --general runs/general
 """
 
 from __future__ import annotations
@@ -32,8 +32,16 @@ from transformers import HfArgumentParser
 
 import sparse_peft
 from sparse_peft.adapter_io import adapter_size
-from sparse_peft.data import assets_dir, load_model_and_tokenizer, load_table, load_texts
+from sparse_peft.data import (
+    assets_dir,
+    calibration_from_texts,
+    load_model_and_tokenizer,
+    load_table,
+    load_texts,
+    shipped_general_mask,
+)
 from sparse_peft.evaluation import label_word_predictions, metric_scores, perplexity
+from sparse_peft.oneshot import prune
 from sparse_peft.stats import mask_stats
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
 from sparse_peft.utils import atomic_write
@@ -48,9 +56,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 @dataclass
 class Args:
     model: Optional[str] = field(default=None, metadata={"help": "Hub id or folder; None: the shipped SmolLM2-135M"})
-    general: str = field(default="runs/general", metadata={"help": "the general mask adapter (path or Hub id)"})
-    scratch_prior: str = field(
-        default="runs/oneshot-sparsegpt", metadata={"help": "prior of the from-scratch task masks"}
+    general: Optional[str] = field(
+        default=None,
+        metadata={"help": "the general mask adapter (path or Hub id); None: the shipped general mask (needs --model "
+                  "None)"},
+    )
+    scratch_prior: Optional[str] = field(
+        default=None,
+        metadata={"help": "prior of the from-scratch task masks; None: SparseGPT 2:4 calibrated on each task's own "
+                  "training text (64 x 256 tokens), saved as <output>/<task>-oneshot-sparsegpt"},
     )
     lm_data: str = field(default="tinystories", metadata={"help": "LM task text: asset name, file or Hub id"})
     sst2_train: str = field(
@@ -127,13 +141,23 @@ def main(argv=None) -> dict:
     parser = HfArgumentParser(Args, description=__doc__, formatter_class=HelpFormatter)
     (args,) = parser.parse_args_into_dataclasses(argv)
 
+    if args.general is None:
+        if args.model is not None:
+            parser.error("--general: the shipped general mask fits the shipped model only; pass --model's own")
+        args.general = shipped_general_mask()
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     tasks = load_tasks(args, tokenizer)
     results = {task: {"dense": spec["evaluate"](model)} for task, spec in tasks.items()}
 
     adapters, seconds = {}, {}
     for task, spec in tasks.items():
-        for source, prior in (("transfer", args.general), ("scratch", args.scratch_prior)):
+        scratch_prior = args.scratch_prior
+        if scratch_prior is None:
+            scratch_prior = os.path.join(args.output, f"{task}-oneshot-sparsegpt")
+            oneshot = prune(model, "sparsegpt", calibration_from_texts(spec["texts"], tokenizer, 64, 256))
+            oneshot.save_pretrained(scratch_prior)
+            model = oneshot.unload()
+        for source, prior in (("transfer", args.general), ("scratch", scratch_prior)):
             name = f"{task}-{source}"
             adapters[name] = os.path.join(args.output, name)
             peft_model, seconds[name] = train_mask(model, tokenizer, prior, spec["texts"], adapters[name], args)
