@@ -1,0 +1,58 @@
+"""benchmarks/adapters.py on the shipped 231K-parameter model: a general and two delta-coded task masks on one base."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import torch
+from peft import get_peft_model
+
+from conftest import AIDREAMS, REPO_ROOT
+from sparse_peft import MaskConfig
+from sparse_peft.data import load_model_and_tokenizer
+from sparse_peft.oneshot import prune
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("adapters_benchmark", REPO_ROOT / "benchmarks" / "adapters.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_sizes_and_switching_of_adapters_on_one_base(tmp_path):
+    model = load_model_and_tokenizer(str(AIDREAMS))[0]
+    general = tmp_path / "general"
+    model = prune(model, "magnitude", show_progress=False)
+    model.save_pretrained(general)
+    model = model.unload()
+    tasks = []
+    for seed in (0, 1):
+        task = get_peft_model(model, MaskConfig(prior=str(general)))
+        torch.manual_seed(seed)
+        with torch.no_grad():  # move a task mask off the general mask in some groups
+            for p in task.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        tasks.append(str(tmp_path / f"task{seed}"))
+        task.save_pretrained(tasks[-1])
+        model = task.unload()
+
+    out = tmp_path / "adapters.json"
+    result = load_benchmark().main(["--model", str(AIDREAMS), "--general", str(general), "--adapters", *tasks,
+                                    "--seq-len", "16", "--rounds", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))  # the file holds what was returned
+    loads = {row["adapter"]: row for row in result["loads"]}
+    assert list(loads) == ["base model", "general", "task0", "task1"]
+    for name, source in (("general", general), ("task0", tasks[0]), ("task1", tasks[1])):
+        row = loads[name]
+        # an inference adapter holds one uint8 pattern index per group of 4 weights: exactly 0.25 byte per weight
+        assert row["tensor_bytes"] * 4 == row["masked_weights"]
+        assert row["file_bytes"] == os.path.getsize(os.path.join(source, "adapter_model.safetensors"))
+        assert row["rss"] > 0 and row["bits_per_weight"] == 8 * row["file_bytes"] / row["masked_weights"]
+    for task in tasks:  # the task files are differences to the general mask, whose file they do not include
+        assert json.loads((tmp_path / task / "adapter_config.json").read_text())["save_delta"] is True
+    assert [row["adapter"] for row in result["switching"]] == ["general", "task0", "task1"]
+    assert all(row["switch_and_forward"] > 0 and row["cached_forward"] > 0 for row in result["switching"])
