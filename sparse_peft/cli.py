@@ -277,6 +277,7 @@ def prune_and_save(model, tokenizer, method: str, output: str, calibration: Opti
                    targets: Optional[list[str]], update_weights: bool) -> dict:
     """One-shot ``method`` mask of ``model`` saved to ``output`` as a mask adapter (with ``update_weights``: the
     pruned model and its tokenizer). ``calibration``: ``[num_samples, seq_len]`` token ids, None for magnitude.
+    The adapter is unloaded again, so ``model`` is left as it was (with ``update_weights``: pruned in place).
     Returns ``{"method", "seconds", "output"}``."""
     start = time.perf_counter()
     peft_model = prune(model, method, calibration, n=n, m=m, target_modules=targets, update_weights=update_weights)
@@ -287,54 +288,62 @@ def prune_and_save(model, tokenizer, method: str, output: str, calibration: Opti
         tokenizer.save_pretrained(output)
     else:
         peft_model.save_pretrained(output)
+        peft_model.unload()
     print(f"{method} {n}:{m} mask computed in {seconds:.1f} s -> {output}")
     return {"method": method, "seconds": seconds, "output": output}
 
 
-def learn_and_save(model, tokenizer, config: MaskConfig, data: str, output: str, *, steps: int, batch_size: int,
-                   seq_len: int, lr: float, bf16: bool, grad_accum: int = 1, gradient_checkpointing: bool = False,
-                   seed: int = 0, recompute_soft_mask: bool = False, distill: bool = False,
-                   text_column: Optional[str] = None, report_to: str = "none", save_steps: Optional[int] = None,
-                   resume: Optional[str] = None, eval_data: Optional[str] = None, eval_steps: Optional[int] = None,
-                   eval_windows: int = 16) -> dict:
+def learn_and_save(model, tokenizer, config: MaskConfig, data: str | Sequence[str], output: str, *, steps: int,
+                   batch_size: int, seq_len: int, lr: float, bf16: bool, grad_accum: int = 1,
+                   gradient_checkpointing: bool = False, seed: int = 0, recompute_soft_mask: bool = False,
+                   distill: bool = False, text_column: Optional[str] = None, report_to: str = "none",
+                   save_steps: Optional[int] = None, resume: Optional[str] = None, eval_data: Optional[str] = None,
+                   eval_steps: Optional[int] = None, eval_windows: int = 16, print_logs: bool = True) -> dict:
     """Learn the mask adapter ``config`` of ``model`` on the text ``data`` with ``Trainer``; save it to ``output``.
 
-    ``steps`` optimizer steps of ``batch_size * grad_accum`` windows of ``seq_len`` tokens; the other options are
-    :func:`~sparse_peft.training.mask_training_arguments`' and :func:`~sparse_peft.training.learn_mask`'.
-    ``text_column``: the column of a table ``data``. ``report_to``: Trainer's (comma-separated). ``save_steps``:
-    write a resumable checkpoint every that many steps into ``output/trainer``; ``resume``: a checkpoint folder or
-    ``"last"`` (the newest there). ``eval_steps``: log the loss on ``eval_windows`` windows of ``eval_data``'s test
-    split every that many steps. ``output/trainer`` is removed again if it is left empty.
+    ``data``: a text source (:func:`~sparse_peft.data.load_texts`, its train split) or the training documents
+    themselves. ``steps`` optimizer steps of ``batch_size * grad_accum`` windows of ``seq_len`` tokens; the other
+    options are :func:`~sparse_peft.training.mask_training_arguments`' and :func:`~sparse_peft.training.learn_mask`'
+    (``print_logs``: a log every ``steps // 20`` steps, printed under the progress bar; False: the bar alone, no
+    logs but the closing one, and that not printed). ``text_column``: the column of a table ``data``.
+    ``report_to``: Trainer's (comma-separated). ``save_steps``: write a resumable checkpoint every that many steps
+    into ``output/trainer``; ``resume``: a checkpoint folder or ``"last"`` (the newest there). ``eval_steps``: log
+    the loss on ``eval_windows`` windows of ``eval_data``'s test split every that many steps. ``seed`` seeds the
+    initial logits' noise and Trainer. ``output/trainer`` is removed again if it is left empty. The adapter is
+    unloaded after saving, so ``model`` is left as it was.
     Returns ``{"prior", "tokens", "seconds", "output", "train_loss"}``.
     """
-    dataset = training.text_windows(load_texts(data, split="train", text_column=text_column), tokenizer, seq_len,
+    texts = load_texts(data, split="train", text_column=text_column) if isinstance(data, str) else data
+    dataset = training.text_windows(texts, tokenizer, seq_len,
                                     max_windows=steps * batch_size * grad_accum)  # read before the prior is computed
     eval_dataset = None
     if eval_steps is not None:
         eval_dataset = training.text_windows(load_texts(eval_data, split="test"), tokenizer, seq_len,
                                              max_windows=eval_windows)
+    torch.manual_seed(seed)  # the initial logits' noise; Trainer seeds the rest with the same seed
     peft_model = get_peft_model(model, config)
     peft_model.print_trainable_parameters()
     trainer_dir = os.path.join(output, TRAINER_DIR)
     trainer_dir_existed = os.path.isdir(trainer_dir)
     checkpoints = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
     evaluation = {"eval_strategy": "steps", "eval_steps": eval_steps} if eval_steps else {}
+    logging = {"logging_steps": max(1, steps // 20)} if print_logs else {"logging_strategy": "no"}
     training_args = training.mask_training_arguments(
-        trainer_dir, steps, batch_size, learning_rate=lr,
-        gradient_accumulation_steps=grad_accum, logging_steps=max(1, steps // 20),
+        trainer_dir, steps, batch_size, learning_rate=lr, gradient_accumulation_steps=grad_accum, **logging,
         activation_checkpointing=gradient_checkpointing, seed=seed, bf16=bf16,
         report_to=[] if report_to == "none" else report_to.split(","), **checkpoints, **evaluation,
     )
     start = time.perf_counter()
     try:
         trainer = training.learn_mask(peft_model, dataset, training_args, recompute_soft_mask=recompute_soft_mask,
-                                      distill=distill, eval_dataset=eval_dataset,
+                                      distill=distill, eval_dataset=eval_dataset, print_logs=print_logs,
                                       resume_from_checkpoint=True if resume == "last" else resume)
     finally:
         if not trainer_dir_existed and os.path.isdir(trainer_dir) and not _holds_files(trainer_dir):
             shutil.rmtree(trainer_dir)  # only empty folders: Trainer makes output_dir even without checkpoints
     seconds = time.perf_counter() - start
     peft_model.save_pretrained(output)
+    peft_model.unload()
     tokens = steps * batch_size * grad_accum * seq_len
     print(f"learned {config.n}:{config.m} mask from prior={config.prior} on {tokens} tokens in {seconds:.0f} s -> "
           f"{output}")
@@ -584,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", action="store_true",
                    help="train on the KL divergence from the dense model instead of the LM loss (one extra forward "
                         "per step; docs/training.md says when it pays)")
-    p.add_argument("--seed", type=int, default=0, help="Trainer's seed (data order, Gumbel noise)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the seed of the initial logits' noise and of Trainer (data order, Gumbel noise)")
     p.add_argument("--output", required=True, help="folder to write the mask adapter to")
     p.set_defaults(func=cmd_learn)
 
