@@ -14,6 +14,7 @@ import os
 import sys
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from typing import Any, Optional, Sequence
@@ -55,6 +56,15 @@ _CONFIG_FIELDS = {f.name: f for f in fields(MaskConfig)}
 #: What ``--prior`` takes by name; anything else is a mask adapter (or MaskLLM masks) by path or Hub id.
 _PRIOR_NAMES = ("none", "general", *ONE_SHOT_PRIORS)
 _LOG_HANDLER = "sparse-peft-cli"
+#: Warnings third-party code gives on every run of a command, about nothing the user can or needs to change; the
+#: command line does not print them. peft 0.21 reads a deprecated transformers alias in every ``get_peft_model`` /
+#: ``from_pretrained``; peft's ``save_pretrained`` looks the base up on the Hub to see whether its vocabulary changed
+#: (the commands never resize it), which warns twice offline for a model named by its Hub id, as the shipped one is.
+EXPECTED_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (UserWarning, r"(?s)Unable to fetch remote file due to the following error .* for the file config\.json"),
+    (UserWarning, r"Could not find a config file in .* - will assume that the vocabulary was not modified"),
+)
 #: Trainer's folder (checkpoints, report_to logs) inside a ``learn`` output folder; removed again if left empty.
 TRAINER_DIR = "trainer"
 
@@ -666,12 +676,16 @@ def _log_to_stderr(verbose: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: clear one-line errors for bad input, exit status 2."""
+    """Console entry point: clear one-line errors for bad input, exit status 2; :data:`EXPECTED_WARNINGS` are not
+    printed."""
     args = build_parser().parse_args(argv)
     _log_to_stderr(args.verbose)
 
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            for category, message in EXPECTED_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            args.func(args)
     except (ValueError, FileNotFoundError, TypeError, OSError) as err:
         print(f"sparse-peft {args.command}: error: {err}", file=sys.stderr)
         return 2
