@@ -48,7 +48,8 @@ from .oneshot import prune
 from .patterns import validate_n_m
 from .published import published_mask_file
 from .stats import format_stats, mask_stats, plot_stats
-from .utils import atomic_write, weight_out_in
+from .tasks import load_task
+from .utils import atomic_write, format_bytes, weight_out_in
 from .zero_shot import write_zero_shot_json, zero_shot, zero_shot_table
 
 logger = logging.getLogger("sparse_peft")
@@ -67,6 +68,11 @@ EXPECTED_WARNINGS = (
 )
 #: Trainer's folder (checkpoints, report_to logs) inside a ``learn`` output folder; removed again if left empty.
 TRAINER_DIR = "trainer"
+#: The demo's task (:func:`~sparse_peft.tasks.load_task`: a causal-LM domain of the shipped data) and its table name.
+DEMO_TASK, DEMO_TASK_NAME = "tinystories", "TinyStories"
+#: The demo's rows, ``"dense"`` (the base with the adapters disabled) and its adapters' names, with their labels.
+DEMO_ROWS = {"dense": "dense", "sparsegpt": "SparseGPT 2:4 one-shot (mask only)", "general": "general 2:4 mask",
+             DEMO_TASK: "task 2:4 mask (from the general)"}
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -130,12 +136,15 @@ def _add_eval_args(parser: argparse.ArgumentParser, window: Optional[int] = None
                         help="evaluate only the first K windows" + (" (default: all)" if max_windows is None else ""))
 
 
-def _add_training_args(parser: argparse.ArgumentParser, steps: int, batch_size: int, seq_len: int) -> None:
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="c4",
                         help="training text: c4 | tinystories | .txt/.jsonl/.csv/.tsv file | Hub dataset id")
     parser.add_argument("--text-column", default=None,
                         help="the column of --data holding the text (tables: .csv/.tsv/.jsonl, Hub datasets; "
                              "default: the first of text, sentence, review, content)")
+
+
+def _add_training_args(parser: argparse.ArgumentParser, steps: int, batch_size: int, seq_len: int) -> None:
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="training windows per step and device")
     parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per training window")
@@ -146,12 +155,12 @@ def _add_training_args(parser: argparse.ArgumentParser, steps: int, batch_size: 
     parser.add_argument("--bf16", action="store_true",
                         help="train under bf16 autocast (Trainer's bf16=True; logits stay fp32): fast on a CUDA GPU "
                              "or a CPU with AVX512-BF16 / AMX, slow where bf16 matmuls are emulated")
-    parser.add_argument("--report-to", default="none",
-                        help="Trainer's report_to: none | all | comma-separated integrations (tensorboard, wandb, "
-                             "...); the logs hold loss, tau, kappa, mask_flip_rate and mask_max_prob")
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report-to", default="none",
+                        help="Trainer's report_to: none | all | comma-separated integrations (tensorboard, wandb, "
+                             "...); the logs hold loss, tau, kappa, mask_flip_rate and mask_max_prob")
     parser.add_argument("--save-steps", type=int, default=None,
                         help=f"write a resumable Trainer checkpoint (with the float logits) every N steps into "
                              f"OUTPUT/{TRAINER_DIR}/ (default: no checkpoints)")
@@ -232,10 +241,9 @@ def _resolve_prior(args) -> Optional[str]:
     """``--prior`` as ``MaskConfig(prior=)`` takes it: ``none`` -> None (random logits); ``general`` -> the shipped
     general mask (:func:`~sparse_peft.data.shipped_general_mask`), which fits the shipped model only; not given ->
     ``general`` for the shipped model (a task mask transferred from it), ``sparsegpt`` for any other ``--model``."""
-    shipped = args.model is None and args.gguf_file is None
-    prior = args.prior if args.prior is not None else ("general" if shipped else "sparsegpt")
+    prior = args.prior if args.prior is not None else ("general" if _is_shipped(args) else "sparsegpt")
     if prior == "general":
-        if not shipped:
+        if not _is_shipped(args):
             raise ValueError(
                 "--prior general is the shipped general mask of the shipped SmolLM2-135M-Instruct, not of --model "
                 f"{args.model!r}. Pass --prior sparsegpt to learn a general mask for it, or --prior <its general "
@@ -243,6 +251,29 @@ def _resolve_prior(args) -> Optional[str]:
             )
         return shipped_general_mask()
     return None if prior == "none" else prior
+
+
+def _is_shipped(args) -> bool:
+    """Whether ``args`` name the shipped model (no ``--model``, no ``--gguf-file``)."""
+    return args.model is None and args.gguf_file is None
+
+
+def _resolve_general(args) -> str:
+    """The demo's ``--general``, checked (see :func:`_check_adapter`); not given: the shipped general mask
+    (:func:`~sparse_peft.data.shipped_general_mask`) for the shipped model, an error naming the fix for any other
+    ``--model``."""
+    if args.general is not None:
+        _check_adapter("--general", args.general)
+        return args.general
+    if not _is_shipped(args):
+        model = " ".join(part for part in (args.model and f"--model {args.model}",
+                                           args.gguf_file and f"--gguf-file {args.gguf_file}") if part)
+        raise ValueError(
+            f"--general is needed with {model}: the default general mask is the shipped one, which fits the shipped "
+            "SmolLM2-135M-Instruct only. Pass --general <a general 2:4 mask adapter of that model: folder or Hub id>; "
+            f"`sparse-peft learn {model} --prior sparsegpt --distill --output runs/general` learns one."
+        )
+    return shipped_general_mask()
 
 
 def _check_prior(prior: Optional[str]) -> None:
@@ -428,6 +459,42 @@ def evaluate_adapters(model, tokenizer, eval_data: str, adapters: Sequence[str],
     return rows
 
 
+def evaluate_on_one_base(model, tokenizer, adapters: dict[str, str], texts: dict[str, Sequence[str]], *,
+                         window: Optional[int], max_windows: Optional[int]) -> tuple[dict, dict[str, float]]:
+    """Perplexity on each of ``texts`` (``{text name: documents}``) of the dense ``model`` and of each of
+    ``adapters`` (``{adapter name: folder or Hub id}``), all loaded as adapters of one ``PeftModel`` on ``model``
+    and evaluated in turn after ``set_adapter``; the dense model is that ``PeftModel`` under ``disable_adapter()``.
+    No base model is loaded here: ``model`` serves them all, and is left as it was (the adapters are unloaded at
+    the end). Each result's ``tokens`` are the predicted tokens, ``window`` - 1 per scored window.
+
+    Returns ``({"dense" or adapter name: {text name: perplexity() result}}, {adapter name: switch seconds})``; a
+    switch is ``set_adapter`` plus a forward of one token, in which the new adapter's hard masks are built.
+    """
+    names = list(adapters)
+    peft_model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(adapters[name], adapter_name=name)
+    peft_model.eval()
+
+    def scores() -> dict[str, dict]:
+        return {key: perplexity(peft_model, tokenizer, documents, window=window, max_windows=max_windows)
+                for key, documents in texts.items()}
+
+    with peft_model.disable_adapter():
+        results = {"dense": scores()}
+    one_token = torch.zeros((1, 1), dtype=torch.long, device=peft_model.get_input_embeddings().weight.device)
+    switch = {}
+    for name in names:
+        start = time.perf_counter()
+        peft_model.set_adapter(name)
+        with torch.no_grad():
+            peft_model(input_ids=one_token, use_cache=False)
+        switch[name] = time.perf_counter() - start
+        results[name] = scores()
+    peft_model.unload()
+    return results, switch
+
+
 def zero_shot_adapters(model, tokenizer, tasks: Sequence[str], adapters: Sequence[str], *, limit: Optional[float],
                        num_fewshot: int, include_path: Optional[str], json_path: Optional[str],
                        ppl_data: Optional[str] = None, window: Optional[int] = None,
@@ -530,25 +597,76 @@ def cmd_inspect(args) -> dict:
     return payload
 
 
-def cmd_demo(args) -> list[dict]:
-    """The main job: dense vs one-shot SparseGPT vs learned 2:4 mask on the shipped real model."""
+def cmd_demo(args) -> dict:
+    """The main job, many 2:4 masks on one frozen base: the one-shot SparseGPT mask, the general mask, and a
+    TinyStories task mask learned from the general one with Trainer and saved as its difference to it; perplexity
+    on Wikitext-2 and on held-out TinyStories of each, switching adapters on one base, and the adapter sizes."""
     _check_model(args)
-    for flag, source in (("--calibration", args.calibration), ("--data", args.data), ("--eval-data", args.eval_data)):
+    general = _resolve_general(args)
+    for flag, source in (("--calibration", args.calibration), ("--eval-data", args.eval_data)):
         _check_text(flag, source)
+    task = load_task(DEMO_TASK)
+    texts = {"eval": load_texts(args.eval_data, split="test"), "task": task.held_out}
     os.makedirs(args.output, exist_ok=True)
-    prior_dir, learned_dir = os.path.join(args.output, "sparsegpt"), os.path.join(args.output, "learned")
-    config = MaskConfig(prior=prior_dir, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM")
+    sparsegpt_dir, task_dir = os.path.join(args.output, "sparsegpt"), os.path.join(args.output, f"task-{DEMO_TASK}")
+    config = MaskConfig(prior=general, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM")
+    start = time.perf_counter()
     model, tokenizer = _load(args)
-    prune_and_save(model, tokenizer, "sparsegpt", prior_dir, _calibration(args, tokenizer), n=config.n, m=config.m,
+    load_seconds = time.perf_counter() - start
+    prune_and_save(model, tokenizer, "sparsegpt", sparsegpt_dir, _calibration(args, tokenizer), n=config.n, m=config.m,
                    targets=None, update_weights=False)
-    learned = learn_and_save(
-        _load(args)[0], tokenizer, config, args.data, learned_dir, steps=args.steps, batch_size=args.batch_size,
-        seq_len=args.seq_len, lr=args.lr, bf16=args.bf16, text_column=args.text_column, report_to=args.report_to,
-    )
-    rows = evaluate_adapters(_load(args)[0], tokenizer, args.eval_data, [prior_dir, learned_dir], window=args.window,
-                             max_windows=args.max_windows, json_path=os.path.join(args.output, "ppl.json"))
-    print(f"\nlearned mask: {learned['tokens']} training tokens, {learned['seconds']:.0f} s")
-    return rows
+    learned = learn_and_save(model, tokenizer, config, task.train, task_dir, steps=args.steps,
+                             batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, bf16=args.bf16,
+                             print_logs=False)
+    adapters = {"sparsegpt": sparsegpt_dir, "general": general, DEMO_TASK: task_dir}
+    ppl, switch = evaluate_on_one_base(model, tokenizer, adapters, texts, window=args.window,
+                                       max_windows=args.max_windows)
+    rows = []
+    for name, label in DEMO_ROWS.items():
+        size = adapter_size(adapters[name]) if name in adapters else {"bytes": None, "bits_per_weight": None}
+        rows.append({"row": name, "model": label, "adapter": adapters.get(name), "eval_ppl": ppl[name]["eval"]["ppl"],
+                     "task_ppl": ppl[name]["task"]["ppl"], "bytes": size["bytes"],
+                     "bits_per_weight": size["bits_per_weight"], "switch_seconds": switch.get(name)})
+    scored = {key: {k: ppl["dense"][key][k] for k in ("window", "windows", "tokens")} for key in texts}
+    payload = {
+        "rows": rows,
+        "eval_data": args.eval_data, "task": DEMO_TASK, "general": general, "max_windows": args.max_windows,
+        "windows": scored,
+        "task_mask": {**learned, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len},
+        "base_load_seconds": load_seconds,
+    }
+    print(_demo_report(payload))
+    json_path = os.path.join(args.output, "demo.json")
+    _write_json(json_path, payload)
+    print(f"-> {json_path}")
+    return payload
+
+
+def _demo_report(payload: dict) -> str:
+    """The demo's closing lines: what the perplexity is over, the table (rows: dense and the masks; columns: the
+    two perplexities and the adapter size in bytes and bits per masked weight), the task mask's training and the
+    adapter switches."""
+    eval_name = "Wikitext-2" if payload["eval_data"] == "wikitext2" else payload["eval_data"]
+    columns = ("model", f"{eval_name} PPL", f"{DEMO_TASK_NAME} held-out PPL", "adapter size")
+    table = [{columns[0]: row["model"], columns[1]: f"{row['eval_ppl']:.2f}", columns[2]: f"{row['task_ppl']:.2f}",
+              columns[3]: "- (the shared base)" if row["bytes"] is None else
+              f"{format_bytes(row['bytes'])}, {row['bits_per_weight']:.3f} bit/weight"} for row in payload["rows"]]
+    windows = payload["windows"]
+    scored = "all windows" if payload["max_windows"] is None else f"first {payload['max_windows']} windows"
+    learned = payload["task_mask"]
+    switches = [row["switch_seconds"] for row in payload["rows"] if row["switch_seconds"] is not None]
+    return "\n".join([
+        f"\nPerplexity, windows of {windows['eval']['window']} tokens, {scored}: {eval_name} test "
+        f"({windows['eval']['windows']} scored, {windows['eval']['tokens']} predicted tokens), {DEMO_TASK_NAME} "
+        f"held-out ({windows['task']['windows']} scored, {windows['task']['tokens']} predicted tokens; never "
+        "trained on):",
+        _markdown(table, columns),
+        f"\ntask mask: {learned['tokens']} {DEMO_TASK_NAME} training tokens ({learned['steps']} steps x "
+        f"{learned['batch_size']} x {learned['seq_len']}) in {learned['seconds']:.0f} s, saved as its difference to "
+        f"the general mask -> {learned['output']}",
+        f"one base, {len(switches)} mask adapters: switching takes at most {1000 * max(switches):.0f} ms "
+        f"(set_adapter and the first forward); loading the base took {payload['base_load_seconds']:.1f} s",
+    ])
 
 
 def cmd_push(args) -> str:
@@ -591,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"{' | '.join(_PRIOR_NAMES)} | adapter path/Hub id. general: the shipped general 2:4 mask "
                          "(a task mask transferred from it); default: general for the shipped model, sparsegpt "
                          "for any other --model")
-    _add_training_args(p, steps=100, batch_size=4, seq_len=256)
+    _add_data_args(p), _add_training_args(p, steps=100, batch_size=4, seq_len=256)
     _add_checkpoint_args(p)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end", "save_logits"):
@@ -630,11 +748,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = add_parser("demo", cmd_demo)
-    _add_model_args(p), _add_calibration_args(p), _add_eval_args(p, window=512, max_windows=8)
-    _add_training_args(p, steps=40, batch_size=2, seq_len=128)
+    _add_model_args(p), _add_calibration_args(p), _add_eval_args(p, window=256, max_windows=8)
+    p.add_argument("--general", default=None,
+                   help="the general 2:4 mask the task mask is learned from: adapter folder or Hub id (default: the "
+                        "shipped general mask, for the shipped model; needed with any other --model)")
+    _add_training_args(p, steps=16, batch_size=4, seq_len=128)
     p.add_argument("--output", default="runs/demo",
-                   help="folder for the SparseGPT prior, the learned adapter and ppl.json")
-    p.set_defaults(func=cmd_demo, num_samples=32, calibration_len=256)
+                   help=f"folder for the SparseGPT mask (sparsegpt/), the task mask (task-{DEMO_TASK}/) and demo.json")
+    p.set_defaults(func=cmd_demo, num_samples=16, calibration_len=256)
 
     p = add_parser("push", cmd_push)
     p.add_argument("folder", help="a saved mask adapter folder")
