@@ -14,6 +14,7 @@ import os
 import sys
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from typing import Any, Optional, Sequence
@@ -47,7 +48,8 @@ from .oneshot import prune
 from .patterns import validate_n_m
 from .published import published_mask_file
 from .stats import format_stats, mask_stats, plot_stats
-from .utils import atomic_write, weight_out_in
+from .tasks import load_task
+from .utils import atomic_write, format_bytes, weight_out_in
 from .zero_shot import write_zero_shot_json, zero_shot, zero_shot_table
 
 logger = logging.getLogger("sparse_peft")
@@ -55,8 +57,22 @@ _CONFIG_FIELDS = {f.name: f for f in fields(MaskConfig)}
 #: What ``--prior`` takes by name; anything else is a mask adapter (or MaskLLM masks) by path or Hub id.
 _PRIOR_NAMES = ("none", "general", *ONE_SHOT_PRIORS)
 _LOG_HANDLER = "sparse-peft-cli"
+#: Warnings third-party code gives on every run of a command, about nothing the user can or needs to change; the
+#: command line does not print them. peft 0.21 reads a deprecated transformers alias in every ``get_peft_model`` /
+#: ``from_pretrained``; peft's ``save_pretrained`` looks the base up on the Hub to see whether its vocabulary changed
+#: (the commands never resize it), which warns twice offline for a model named by its Hub id, as the shipped one is.
+EXPECTED_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (UserWarning, r"(?s)Unable to fetch remote file due to the following error .* for the file config\.json"),
+    (UserWarning, r"Could not find a config file in .* - will assume that the vocabulary was not modified"),
+)
 #: Trainer's folder (checkpoints, report_to logs) inside a ``learn`` output folder; removed again if left empty.
 TRAINER_DIR = "trainer"
+#: The demo's task (:func:`~sparse_peft.tasks.load_task`: a causal-LM domain of the shipped data) and its table name.
+DEMO_TASK, DEMO_TASK_NAME = "tinystories", "TinyStories"
+#: The demo's rows, ``"dense"`` (the base with the adapters disabled) and its adapters' names, with their labels.
+DEMO_ROWS = {"dense": "dense", "sparsegpt": "SparseGPT 2:4 one-shot (mask only)", "general": "general 2:4 mask",
+             DEMO_TASK: "task 2:4 mask (from the general)"}
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -120,12 +136,15 @@ def _add_eval_args(parser: argparse.ArgumentParser, window: Optional[int] = None
                         help="evaluate only the first K windows" + (" (default: all)" if max_windows is None else ""))
 
 
-def _add_training_args(parser: argparse.ArgumentParser, steps: int, batch_size: int, seq_len: int) -> None:
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="c4",
                         help="training text: c4 | tinystories | .txt/.jsonl/.csv/.tsv file | Hub dataset id")
     parser.add_argument("--text-column", default=None,
                         help="the column of --data holding the text (tables: .csv/.tsv/.jsonl, Hub datasets; "
                              "default: the first of text, sentence, review, content)")
+
+
+def _add_training_args(parser: argparse.ArgumentParser, steps: int, batch_size: int, seq_len: int) -> None:
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="training windows per step and device")
     parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per training window")
@@ -136,12 +155,12 @@ def _add_training_args(parser: argparse.ArgumentParser, steps: int, batch_size: 
     parser.add_argument("--bf16", action="store_true",
                         help="train under bf16 autocast (Trainer's bf16=True; logits stay fp32): fast on a CUDA GPU "
                              "or a CPU with AVX512-BF16 / AMX, slow where bf16 matmuls are emulated")
-    parser.add_argument("--report-to", default="none",
-                        help="Trainer's report_to: none | all | comma-separated integrations (tensorboard, wandb, "
-                             "...); the logs hold loss, tau, kappa, mask_flip_rate and mask_max_prob")
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report-to", default="none",
+                        help="Trainer's report_to: none | all | comma-separated integrations (tensorboard, wandb, "
+                             "...); the logs hold loss, tau, kappa, mask_flip_rate and mask_max_prob")
     parser.add_argument("--save-steps", type=int, default=None,
                         help=f"write a resumable Trainer checkpoint (with the float logits) every N steps into "
                              f"OUTPUT/{TRAINER_DIR}/ (default: no checkpoints)")
@@ -222,10 +241,9 @@ def _resolve_prior(args) -> Optional[str]:
     """``--prior`` as ``MaskConfig(prior=)`` takes it: ``none`` -> None (random logits); ``general`` -> the shipped
     general mask (:func:`~sparse_peft.data.shipped_general_mask`), which fits the shipped model only; not given ->
     ``general`` for the shipped model (a task mask transferred from it), ``sparsegpt`` for any other ``--model``."""
-    shipped = args.model is None and args.gguf_file is None
-    prior = args.prior if args.prior is not None else ("general" if shipped else "sparsegpt")
+    prior = args.prior if args.prior is not None else ("general" if _is_shipped(args) else "sparsegpt")
     if prior == "general":
-        if not shipped:
+        if not _is_shipped(args):
             raise ValueError(
                 "--prior general is the shipped general mask of the shipped SmolLM2-135M-Instruct, not of --model "
                 f"{args.model!r}. Pass --prior sparsegpt to learn a general mask for it, or --prior <its general "
@@ -233,6 +251,29 @@ def _resolve_prior(args) -> Optional[str]:
             )
         return shipped_general_mask()
     return None if prior == "none" else prior
+
+
+def _is_shipped(args) -> bool:
+    """Whether ``args`` name the shipped model (no ``--model``, no ``--gguf-file``)."""
+    return args.model is None and args.gguf_file is None
+
+
+def _resolve_general(args) -> str:
+    """The demo's ``--general``, checked (see :func:`_check_adapter`); not given: the shipped general mask
+    (:func:`~sparse_peft.data.shipped_general_mask`) for the shipped model, an error naming the fix for any other
+    ``--model``."""
+    if args.general is not None:
+        _check_adapter("--general", args.general)
+        return args.general
+    if not _is_shipped(args):
+        model = " ".join(part for part in (args.model and f"--model {args.model}",
+                                           args.gguf_file and f"--gguf-file {args.gguf_file}") if part)
+        raise ValueError(
+            f"--general is needed with {model}: the default general mask is the shipped one, which fits the shipped "
+            "SmolLM2-135M-Instruct only. Pass --general <a general 2:4 mask adapter of that model: folder or Hub id>; "
+            f"`sparse-peft learn {model} --prior sparsegpt --distill --output runs/general` learns one."
+        )
+    return shipped_general_mask()
 
 
 def _check_prior(prior: Optional[str]) -> None:
@@ -277,6 +318,7 @@ def prune_and_save(model, tokenizer, method: str, output: str, calibration: Opti
                    targets: Optional[list[str]], update_weights: bool) -> dict:
     """One-shot ``method`` mask of ``model`` saved to ``output`` as a mask adapter (with ``update_weights``: the
     pruned model and its tokenizer). ``calibration``: ``[num_samples, seq_len]`` token ids, None for magnitude.
+    The adapter is unloaded again, so ``model`` is left as it was (with ``update_weights``: pruned in place).
     Returns ``{"method", "seconds", "output"}``."""
     start = time.perf_counter()
     peft_model = prune(model, method, calibration, n=n, m=m, target_modules=targets, update_weights=update_weights)
@@ -287,54 +329,62 @@ def prune_and_save(model, tokenizer, method: str, output: str, calibration: Opti
         tokenizer.save_pretrained(output)
     else:
         peft_model.save_pretrained(output)
+        peft_model.unload()
     print(f"{method} {n}:{m} mask computed in {seconds:.1f} s -> {output}")
     return {"method": method, "seconds": seconds, "output": output}
 
 
-def learn_and_save(model, tokenizer, config: MaskConfig, data: str, output: str, *, steps: int, batch_size: int,
-                   seq_len: int, lr: float, bf16: bool, grad_accum: int = 1, gradient_checkpointing: bool = False,
-                   seed: int = 0, recompute_soft_mask: bool = False, distill: bool = False,
-                   text_column: Optional[str] = None, report_to: str = "none", save_steps: Optional[int] = None,
-                   resume: Optional[str] = None, eval_data: Optional[str] = None, eval_steps: Optional[int] = None,
-                   eval_windows: int = 16) -> dict:
+def learn_and_save(model, tokenizer, config: MaskConfig, data: str | Sequence[str], output: str, *, steps: int,
+                   batch_size: int, seq_len: int, lr: float, bf16: bool, grad_accum: int = 1,
+                   gradient_checkpointing: bool = False, seed: int = 0, recompute_soft_mask: bool = False,
+                   distill: bool = False, text_column: Optional[str] = None, report_to: str = "none",
+                   save_steps: Optional[int] = None, resume: Optional[str] = None, eval_data: Optional[str] = None,
+                   eval_steps: Optional[int] = None, eval_windows: int = 16, print_logs: bool = True) -> dict:
     """Learn the mask adapter ``config`` of ``model`` on the text ``data`` with ``Trainer``; save it to ``output``.
 
-    ``steps`` optimizer steps of ``batch_size * grad_accum`` windows of ``seq_len`` tokens; the other options are
-    :func:`~sparse_peft.training.mask_training_arguments`' and :func:`~sparse_peft.training.learn_mask`'.
-    ``text_column``: the column of a table ``data``. ``report_to``: Trainer's (comma-separated). ``save_steps``:
-    write a resumable checkpoint every that many steps into ``output/trainer``; ``resume``: a checkpoint folder or
-    ``"last"`` (the newest there). ``eval_steps``: log the loss on ``eval_windows`` windows of ``eval_data``'s test
-    split every that many steps. ``output/trainer`` is removed again if it is left empty.
+    ``data``: a text source (:func:`~sparse_peft.data.load_texts`, its train split) or the training documents
+    themselves. ``steps`` optimizer steps of ``batch_size * grad_accum`` windows of ``seq_len`` tokens; the other
+    options are :func:`~sparse_peft.training.mask_training_arguments`' and :func:`~sparse_peft.training.learn_mask`'
+    (``print_logs``: a log every ``steps // 20`` steps, printed under the progress bar; False: the bar alone, no
+    logs but the closing one, and that not printed). ``text_column``: the column of a table ``data``.
+    ``report_to``: Trainer's (comma-separated). ``save_steps``: write a resumable checkpoint every that many steps
+    into ``output/trainer``; ``resume``: a checkpoint folder or ``"last"`` (the newest there). ``eval_steps``: log
+    the loss on ``eval_windows`` windows of ``eval_data``'s test split every that many steps. ``seed`` seeds the
+    initial logits' noise and Trainer. ``output/trainer`` is removed again if it is left empty. The adapter is
+    unloaded after saving, so ``model`` is left as it was.
     Returns ``{"prior", "tokens", "seconds", "output", "train_loss"}``.
     """
-    dataset = training.text_windows(load_texts(data, split="train", text_column=text_column), tokenizer, seq_len,
+    texts = load_texts(data, split="train", text_column=text_column) if isinstance(data, str) else data
+    dataset = training.text_windows(texts, tokenizer, seq_len,
                                     max_windows=steps * batch_size * grad_accum)  # read before the prior is computed
     eval_dataset = None
     if eval_steps is not None:
         eval_dataset = training.text_windows(load_texts(eval_data, split="test"), tokenizer, seq_len,
                                              max_windows=eval_windows)
+    torch.manual_seed(seed)  # the initial logits' noise; Trainer seeds the rest with the same seed
     peft_model = get_peft_model(model, config)
     peft_model.print_trainable_parameters()
     trainer_dir = os.path.join(output, TRAINER_DIR)
     trainer_dir_existed = os.path.isdir(trainer_dir)
     checkpoints = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
     evaluation = {"eval_strategy": "steps", "eval_steps": eval_steps} if eval_steps else {}
+    logging = {"logging_steps": max(1, steps // 20)} if print_logs else {"logging_strategy": "no"}
     training_args = training.mask_training_arguments(
-        trainer_dir, steps, batch_size, learning_rate=lr,
-        gradient_accumulation_steps=grad_accum, logging_steps=max(1, steps // 20),
+        trainer_dir, steps, batch_size, learning_rate=lr, gradient_accumulation_steps=grad_accum, **logging,
         activation_checkpointing=gradient_checkpointing, seed=seed, bf16=bf16,
         report_to=[] if report_to == "none" else report_to.split(","), **checkpoints, **evaluation,
     )
     start = time.perf_counter()
     try:
         trainer = training.learn_mask(peft_model, dataset, training_args, recompute_soft_mask=recompute_soft_mask,
-                                      distill=distill, eval_dataset=eval_dataset,
+                                      distill=distill, eval_dataset=eval_dataset, print_logs=print_logs,
                                       resume_from_checkpoint=True if resume == "last" else resume)
     finally:
         if not trainer_dir_existed and os.path.isdir(trainer_dir) and not _holds_files(trainer_dir):
             shutil.rmtree(trainer_dir)  # only empty folders: Trainer makes output_dir even without checkpoints
     seconds = time.perf_counter() - start
     peft_model.save_pretrained(output)
+    peft_model.unload()
     tokens = steps * batch_size * grad_accum * seq_len
     print(f"learned {config.n}:{config.m} mask from prior={config.prior} on {tokens} tokens in {seconds:.0f} s -> "
           f"{output}")
@@ -407,6 +457,42 @@ def evaluate_adapters(model, tokenizer, eval_data: str, adapters: Sequence[str],
     print(_markdown(rows, ("model", "sparsity", "ppl", "tokens", "windows")))
     _write_json(json_path, rows)
     return rows
+
+
+def evaluate_on_one_base(model, tokenizer, adapters: dict[str, str], texts: dict[str, Sequence[str]], *,
+                         window: Optional[int], max_windows: Optional[int]) -> tuple[dict, dict[str, float]]:
+    """Perplexity on each of ``texts`` (``{text name: documents}``) of the dense ``model`` and of each of
+    ``adapters`` (``{adapter name: folder or Hub id}``), all loaded as adapters of one ``PeftModel`` on ``model``
+    and evaluated in turn after ``set_adapter``; the dense model is that ``PeftModel`` under ``disable_adapter()``.
+    No base model is loaded here: ``model`` serves them all, and is left as it was (the adapters are unloaded at
+    the end). Each result's ``tokens`` are the predicted tokens, ``window`` - 1 per scored window.
+
+    Returns ``({"dense" or adapter name: {text name: perplexity() result}}, {adapter name: switch seconds})``; a
+    switch is ``set_adapter`` plus a forward of one token, in which the new adapter's hard masks are built.
+    """
+    names = list(adapters)
+    peft_model = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(adapters[name], adapter_name=name)
+    peft_model.eval()
+
+    def scores() -> dict[str, dict]:
+        return {key: perplexity(peft_model, tokenizer, documents, window=window, max_windows=max_windows)
+                for key, documents in texts.items()}
+
+    with peft_model.disable_adapter():
+        results = {"dense": scores()}
+    one_token = torch.zeros((1, 1), dtype=torch.long, device=peft_model.get_input_embeddings().weight.device)
+    switch = {}
+    for name in names:
+        start = time.perf_counter()
+        peft_model.set_adapter(name)
+        with torch.no_grad():
+            peft_model(input_ids=one_token, use_cache=False)
+        switch[name] = time.perf_counter() - start
+        results[name] = scores()
+    peft_model.unload()
+    return results, switch
 
 
 def zero_shot_adapters(model, tokenizer, tasks: Sequence[str], adapters: Sequence[str], *, limit: Optional[float],
@@ -511,25 +597,76 @@ def cmd_inspect(args) -> dict:
     return payload
 
 
-def cmd_demo(args) -> list[dict]:
-    """The main job: dense vs one-shot SparseGPT vs learned 2:4 mask on the shipped real model."""
+def cmd_demo(args) -> dict:
+    """The main job, many 2:4 masks on one frozen base: the one-shot SparseGPT mask, the general mask, and a
+    TinyStories task mask learned from the general one with Trainer and saved as its difference to it; perplexity
+    on Wikitext-2 and on held-out TinyStories of each, switching adapters on one base, and the adapter sizes."""
     _check_model(args)
-    for flag, source in (("--calibration", args.calibration), ("--data", args.data), ("--eval-data", args.eval_data)):
+    general = _resolve_general(args)
+    for flag, source in (("--calibration", args.calibration), ("--eval-data", args.eval_data)):
         _check_text(flag, source)
+    task = load_task(DEMO_TASK)
+    texts = {"eval": load_texts(args.eval_data, split="test"), "task": task.held_out}
     os.makedirs(args.output, exist_ok=True)
-    prior_dir, learned_dir = os.path.join(args.output, "sparsegpt"), os.path.join(args.output, "learned")
-    config = MaskConfig(prior=prior_dir, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM")
+    sparsegpt_dir, task_dir = os.path.join(args.output, "sparsegpt"), os.path.join(args.output, f"task-{DEMO_TASK}")
+    config = MaskConfig(prior=general, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM")
+    start = time.perf_counter()
     model, tokenizer = _load(args)
-    prune_and_save(model, tokenizer, "sparsegpt", prior_dir, _calibration(args, tokenizer), n=config.n, m=config.m,
+    load_seconds = time.perf_counter() - start
+    prune_and_save(model, tokenizer, "sparsegpt", sparsegpt_dir, _calibration(args, tokenizer), n=config.n, m=config.m,
                    targets=None, update_weights=False)
-    learned = learn_and_save(
-        _load(args)[0], tokenizer, config, args.data, learned_dir, steps=args.steps, batch_size=args.batch_size,
-        seq_len=args.seq_len, lr=args.lr, bf16=args.bf16, text_column=args.text_column, report_to=args.report_to,
-    )
-    rows = evaluate_adapters(_load(args)[0], tokenizer, args.eval_data, [prior_dir, learned_dir], window=args.window,
-                             max_windows=args.max_windows, json_path=os.path.join(args.output, "ppl.json"))
-    print(f"\nlearned mask: {learned['tokens']} training tokens, {learned['seconds']:.0f} s")
-    return rows
+    learned = learn_and_save(model, tokenizer, config, task.train, task_dir, steps=args.steps,
+                             batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, bf16=args.bf16,
+                             print_logs=False)
+    adapters = {"sparsegpt": sparsegpt_dir, "general": general, DEMO_TASK: task_dir}
+    ppl, switch = evaluate_on_one_base(model, tokenizer, adapters, texts, window=args.window,
+                                       max_windows=args.max_windows)
+    rows = []
+    for name, label in DEMO_ROWS.items():
+        size = adapter_size(adapters[name]) if name in adapters else {"bytes": None, "bits_per_weight": None}
+        rows.append({"row": name, "model": label, "adapter": adapters.get(name), "eval_ppl": ppl[name]["eval"]["ppl"],
+                     "task_ppl": ppl[name]["task"]["ppl"], "bytes": size["bytes"],
+                     "bits_per_weight": size["bits_per_weight"], "switch_seconds": switch.get(name)})
+    scored = {key: {k: ppl["dense"][key][k] for k in ("window", "windows", "tokens")} for key in texts}
+    payload = {
+        "rows": rows,
+        "eval_data": args.eval_data, "task": DEMO_TASK, "general": general, "max_windows": args.max_windows,
+        "windows": scored,
+        "task_mask": {**learned, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len},
+        "base_load_seconds": load_seconds,
+    }
+    print(_demo_report(payload))
+    json_path = os.path.join(args.output, "demo.json")
+    _write_json(json_path, payload)
+    print(f"-> {json_path}")
+    return payload
+
+
+def _demo_report(payload: dict) -> str:
+    """The demo's closing lines: what the perplexity is over, the table (rows: dense and the masks; columns: the
+    two perplexities and the adapter size in bytes and bits per masked weight), the task mask's training and the
+    adapter switches."""
+    eval_name = "Wikitext-2" if payload["eval_data"] == "wikitext2" else payload["eval_data"]
+    columns = ("model", f"{eval_name} PPL", f"{DEMO_TASK_NAME} held-out PPL", "adapter size")
+    table = [{columns[0]: row["model"], columns[1]: f"{row['eval_ppl']:.2f}", columns[2]: f"{row['task_ppl']:.2f}",
+              columns[3]: "- (the shared base)" if row["bytes"] is None else
+              f"{format_bytes(row['bytes'])}, {row['bits_per_weight']:.3f} bit/weight"} for row in payload["rows"]]
+    windows = payload["windows"]
+    scored = "all windows" if payload["max_windows"] is None else f"first {payload['max_windows']} windows"
+    learned = payload["task_mask"]
+    switches = [row["switch_seconds"] for row in payload["rows"] if row["switch_seconds"] is not None]
+    return "\n".join([
+        f"\nPerplexity, windows of {windows['eval']['window']} tokens, {scored}: {eval_name} test "
+        f"({windows['eval']['windows']} scored, {windows['eval']['tokens']} predicted tokens), {DEMO_TASK_NAME} "
+        f"held-out ({windows['task']['windows']} scored, {windows['task']['tokens']} predicted tokens; never "
+        "trained on):",
+        _markdown(table, columns),
+        f"\ntask mask: {learned['tokens']} {DEMO_TASK_NAME} training tokens ({learned['steps']} steps x "
+        f"{learned['batch_size']} x {learned['seq_len']}) in {learned['seconds']:.0f} s, saved as its difference to "
+        f"the general mask -> {learned['output']}",
+        f"one base, {len(switches)} mask adapters: switching takes at most {1000 * max(switches):.0f} ms "
+        f"(set_adapter and the first forward); loading the base took {payload['base_load_seconds']:.1f} s",
+    ])
 
 
 def cmd_push(args) -> str:
@@ -572,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"{' | '.join(_PRIOR_NAMES)} | adapter path/Hub id. general: the shipped general 2:4 mask "
                          "(a task mask transferred from it); default: general for the shipped model, sparsegpt "
                          "for any other --model")
-    _add_training_args(p, steps=100, batch_size=4, seq_len=256)
+    _add_data_args(p), _add_training_args(p, steps=100, batch_size=4, seq_len=256)
     _add_checkpoint_args(p)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end", "save_logits"):
@@ -584,7 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", action="store_true",
                    help="train on the KL divergence from the dense model instead of the LM loss (one extra forward "
                         "per step; docs/training.md says when it pays)")
-    p.add_argument("--seed", type=int, default=0, help="Trainer's seed (data order, Gumbel noise)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the seed of the initial logits' noise and of Trainer (data order, Gumbel noise)")
     p.add_argument("--output", required=True, help="folder to write the mask adapter to")
     p.set_defaults(func=cmd_learn)
 
@@ -610,11 +748,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = add_parser("demo", cmd_demo)
-    _add_model_args(p), _add_calibration_args(p), _add_eval_args(p, window=512, max_windows=8)
-    _add_training_args(p, steps=40, batch_size=2, seq_len=128)
+    _add_model_args(p), _add_calibration_args(p), _add_eval_args(p, window=256, max_windows=8)
+    p.add_argument("--general", default=None,
+                   help="the general 2:4 mask the task mask is learned from: adapter folder or Hub id (default: the "
+                        "shipped general mask, for the shipped model; needed with any other --model)")
+    _add_training_args(p, steps=16, batch_size=4, seq_len=128)
     p.add_argument("--output", default="runs/demo",
-                   help="folder for the SparseGPT prior, the learned adapter and ppl.json")
-    p.set_defaults(func=cmd_demo, num_samples=32, calibration_len=256)
+                   help=f"folder for the SparseGPT mask (sparsegpt/), the task mask (task-{DEMO_TASK}/) and demo.json")
+    p.set_defaults(func=cmd_demo, num_samples=16, calibration_len=256)
 
     p = add_parser("push", cmd_push)
     p.add_argument("folder", help="a saved mask adapter folder")
@@ -656,12 +797,16 @@ def _log_to_stderr(verbose: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: clear one-line errors for bad input, exit status 2."""
+    """Console entry point: clear one-line errors for bad input, exit status 2; :data:`EXPECTED_WARNINGS` are not
+    printed."""
     args = build_parser().parse_args(argv)
     _log_to_stderr(args.verbose)
 
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            for category, message in EXPECTED_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            args.func(args)
     except (ValueError, FileNotFoundError, TypeError, OSError) as err:
         print(f"sparse-peft {args.command}: error: {err}", file=sys.stderr)
         return 2

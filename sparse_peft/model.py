@@ -45,7 +45,7 @@ from .constants import FSDP_PREFIX, LOGITS, PREFIX, plain_name
 from .layer import MaskedLinear, encode_mask, mask_layers, stored_indices
 from .patterns import check_groupable, num_candidates
 from .prior_masks import prior_masks
-from .utils import fan_in_fan_out, output_layer, weight_out_in
+from .utils import fan_in_fan_out, format_bytes, output_layer, weight_out_in
 
 
 class MaskModel(BaseTuner):
@@ -250,12 +250,12 @@ class MaskModel(BaseTuner):
                            f"fp32) {over}")
             packed = f"packed {n}:{m} mask, {8 * mask_bytes / weights:.3f} bit per masked weight"
             if config.save_logits:
-                saved = f"{packed} + float32 logits ({_size(mask_bytes + 4 * groups * candidates)})"
+                saved = f"{packed} + float32 logits ({format_bytes(mask_bytes + 4 * groups * candidates)})"
             elif config.save_delta:
                 saved = (f"the groups whose pattern differs from the general mask {config.prior!r} (at most the "
-                         f"{packed}, {_size(mask_bytes)})")
+                         f"{packed}, {format_bytes(mask_bytes)})")
             else:
-                saved = f"{packed} ({_size(mask_bytes)})"
+                saved = f"{packed} ({format_bytes(mask_bytes)})"
             lines.append(f"{adapter_name}: {trained} || saved: {saved}")
         others = sum(
             p.numel() for name, p in self.model.named_parameters() if p.requires_grad and f".{PREFIX}" not in name
@@ -456,13 +456,6 @@ class MaskModel(BaseTuner):
                 logits = encode_mask(record.mask(config.n, config.m), config)
             rest[f"{name}.{LOGITS}.{adapter_name}"] = logits
         return rest
-
-
-def _size(num_bytes: int) -> str:
-    """``num_bytes`` for people: bytes, kB or MB (powers of 1000)."""
-    if num_bytes < 1000:
-        return f"{num_bytes:,} bytes"
-    return f"{num_bytes / 1e3:.1f} kB" if num_bytes < 1e6 else f"{num_bytes / 1e6:.1f} MB"
 
 
 def _base_of(target: nn.Module) -> nn.Module:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .layer import set_soft_mask_memory
 from .schedule import MaskScheduleCallback, place_mask_callback
@@ -144,6 +145,7 @@ def learn_mask(
     resume_from_checkpoint: Optional[str | bool] = None,
     data_collator: Optional[Callable] = None,
     eval_dataset: Optional[Dataset] = None,
+    print_logs: bool = True,
 ) -> Trainer:
     """Train the mask logits of a ``get_peft_model(..., MaskConfig(...))`` model; returns the finished Trainer.
 
@@ -160,7 +162,9 @@ def learn_mask(
     so a resumed run ends with the same adapter as an uninterrupted one. ``data_collator`` goes to ``Trainer`` (e.g.
     ``DataCollatorWithPadding`` for examples of different lengths; default: ``default_data_collator``, which needs
     equal lengths such as :func:`text_windows`). ``eval_dataset`` goes to ``Trainer`` too (evaluated as
-    ``args.eval_strategy`` says, with the hard mask: the model is in eval mode there).
+    ``args.eval_strategy`` says, with the hard mask: the model is in eval mode there). ``print_logs=False`` keeps
+    Trainer's progress bar but not the log dicts it prints under it (:class:`ProgressBarCallback`); the logs still
+    go to ``state.log_history`` and the ``report_to`` integrations.
 
     Warns when ``args.max_steps`` asks for more sequences than ``train_dataset`` holds: ``Trainer`` then goes over
     the text again, and a mask memorises text it has seen (see :func:`_warn_if_text_repeats`).
@@ -174,9 +178,29 @@ def learn_mask(
         callbacks=[MaskScheduleCallback(), *callbacks], data_collator=data_collator,
     )
     place_mask_callback(trainer)
+    if not print_logs:
+        _progress_bar_without_logs(trainer)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     model.eval()
     return trainer
+
+
+class ProgressBarCallback(ProgressCallback):
+    """Trainer's progress bars without the log dicts :class:`~transformers.ProgressCallback` writes under them
+    (each ``logging_steps`` log's loss, learning rate and mask statistics, and the closing ``train_runtime`` /
+    ``train_loss`` summary)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
+
+
+def _progress_bar_without_logs(trainer: Trainer) -> None:
+    """Replace ``trainer``'s printing of the logs (``ProgressCallback``, or ``PrinterCallback`` under
+    ``disable_tqdm``) with :class:`ProgressBarCallback` (no bar either under ``disable_tqdm``)."""
+    had_bar = trainer.pop_callback(ProgressCallback) is not None
+    trainer.remove_callback(PrinterCallback)
+    if had_bar:
+        trainer.add_callback(ProgressBarCallback())
 
 
 def _warn_if_text_repeats(train_dataset, args: TrainingArguments, distill: bool) -> None:

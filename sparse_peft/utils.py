@@ -1,5 +1,5 @@
-"""Small helpers without any sparse_peft dependency: atomic file writes, ``[out, in]`` views of linear weights, and
-the settings check of resumed benchmark tables."""
+"""Small helpers without any sparse_peft dependency: atomic file writes, byte counts for people, ``[out, in]`` views
+of linear weights, and the settings check of resumed benchmark tables."""
 
 from __future__ import annotations
 
@@ -33,6 +33,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def format_bytes(num_bytes: int) -> str:
+    """``num_bytes`` for people: bytes, kB or MB (powers of 1000)."""
+    if num_bytes < 1000:
+        return f"{num_bytes:,} bytes"
+    return f"{num_bytes / 1e3:.1f} kB" if num_bytes < 1e6 else f"{num_bytes / 1e6:.1f} MB"
 
 
 def umask_mode(mode: int) -> int:

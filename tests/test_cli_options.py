@@ -40,7 +40,7 @@ def test_every_option_has_help_and_shows_its_default():
                 assert "default" in shown, f"{name} {action.option_strings}: default {action.default!r} not shown"
         assert "[More Information Needed]" not in text
     demo = subparsers(parser)["demo"]
-    assert "(default: 512)" in " ".join(demo.format_help().split())  # the demo's window, as eval prints its own
+    assert "(default: 256)" in " ".join(demo.format_help().split())  # the demo's window, as eval prints its own
 
 
 def test_tsv_training_text_is_read_by_its_named_column(tmp_path, text_file, monkeypatch):

@@ -108,6 +108,23 @@ def test_learn_mask_warns_when_the_steps_need_more_sequences_than_the_text_holds
     assert trainer.state.global_step == 4
 
 
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_learn_mask_without_printed_logs_keeps_the_bar_and_the_log_history(tmp_path, capsys, disable_tqdm):
+    """``print_logs=False``: no loss dicts on the console (ProgressCallback's, or PrinterCallback's without tqdm), but
+    the bar stays and the logs still reach ``state.log_history``."""
+    from sparse_peft.training import learn_mask, mask_training_arguments
+
+    data = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    model = get_peft_model(tiny_llama(), MaskConfig(prior="magnitude", task_type="CAUSAL_LM"))
+    args = mask_training_arguments(str(tmp_path), 2, 2, logging_steps=1, disable_tqdm=disable_tqdm)
+    trainer = learn_mask(model, Dataset.from_dict({"input_ids": data, "labels": data}), args, print_logs=False)
+    printed = capsys.readouterr()
+    assert "loss" not in printed.out + printed.err
+    assert ("2/2" in printed.err) is not disable_tqdm  # the progress bar
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [1, 2]
+    assert "train_loss" in trainer.state.log_history[-1]
+
+
 def test_text_windows_cut_the_joined_text_into_non_overlapping_windows():
     from sparse_peft.training import text_windows
 
