@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -90,3 +91,11 @@ def reference_label_words(model, tokenizer, prompts, words) -> list[int]:
             logits = model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1]
             expected.append(int(logits[first].argmax()))
     return expected
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (its functions and ``main``; importing it runs nothing)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

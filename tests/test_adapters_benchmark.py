@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import torch
 from peft import get_peft_model
 
-from conftest import AIDREAMS, REPO_ROOT
+from conftest import AIDREAMS, load_benchmark
 from sparse_peft import MaskConfig
 from sparse_peft.data import load_model_and_tokenizer
 from sparse_peft.oneshot import prune
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("adapters_benchmark", REPO_ROOT / "benchmarks" / "adapters.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_memory_sizes_and_switching_of_adapters_on_one_base(tmp_path):
@@ -41,7 +33,7 @@ def test_memory_sizes_and_switching_of_adapters_on_one_base(tmp_path):
         model = task.unload()
 
     out = tmp_path / "adapters.json"
-    result = load_benchmark().main(["--model", str(AIDREAMS), "--general", str(general), "--adapters", *tasks,
+    result = load_benchmark("adapters").main(["--model", str(AIDREAMS), "--general", str(general), "--adapters", *tasks,
                                     "--seq-len", "16", "--rounds", "2", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))  # the file holds what was returned
     loads = {row["adapter"]: row for row in result["loads"]}

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
 import pytest
 
-from conftest import AIDREAMS, REPO_ROOT
+from conftest import AIDREAMS, load_benchmark
 
 SMALL = ["--model", str(AIDREAMS), "--device", "cpu", "--num-samples", "2", "--calibration-len", "16",
          "--batch-size", "1", "--seq-len", "16", "--window", "32", "--eval-windows", "2", "--priors", "sparsegpt",
          "--calibration", "tinystories", "--train-data", "tinystories", "--eval-data", "tinystories"]  # its own domain
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("quality", REPO_ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_rows_gap_closed_and_resume_runs_only_missing_rows(tmp_path):
-    quality = load_benchmark()
+    quality = load_benchmark("quality")
     out = str(tmp_path / "q")
     first = quality.main([*SMALL, "--steps", "1", "--curve-steps", "1,2", "--output", out])
     masks = [(r["mask"], r.get("steps")) for r in first["rows"]]
@@ -70,7 +62,7 @@ def test_rows_gap_closed_and_resume_runs_only_missing_rows(tmp_path):
 
 
 def test_budget_beyond_the_training_text_goes_over_it_again_with_a_warning(tmp_path):
-    quality = load_benchmark()
+    quality = load_benchmark("quality")
     text = tmp_path / "short.txt"
     text.write_text("The robot dreamed of a quiet garden where the flowers sang to the moon at night.\n" * 2)
     windows = len(quality.text_windows([text.read_text()], quality.load_model_and_tokenizer(str(AIDREAMS))[1], 16))

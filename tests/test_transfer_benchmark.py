@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import AIDREAMS, REPO_ROOT
+from conftest import AIDREAMS, load_benchmark
 from sparse_peft.data import load_model_and_tokenizer
 from sparse_peft.evaluation import perplexity
 from sparse_peft.oneshot import prune
@@ -16,13 +15,6 @@ from sparse_peft.tasks import load_task
 SMALL = ["--model", str(AIDREAMS), "--device", "cpu", "--tasks", "tinystories,sst2", "--seq-len", "32",
          "--batch-size", "2", "--window", "32", "--eval-windows", "1", "--eval-examples", "8", "--num-samples", "2",
          "--calibration-len", "16"]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("transfer", REPO_ROOT / "benchmarks" / "transfer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +26,7 @@ def general(tmp_path_factory):
 
 
 def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
-    transfer = load_benchmark()
+    transfer = load_benchmark("transfer")
     out = str(tmp_path / "t")
     learned = []
     learn_mask = transfer.learn_mask
@@ -103,7 +95,7 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
 
 
 def test_unknown_task_and_missing_general_fail_before_any_model_load(tmp_path, general):
-    transfer = load_benchmark()
+    transfer = load_benchmark("transfer")
     with pytest.raises(SystemExit):
         transfer.main([*SMALL[:4], "--general", general, "--tasks", "sst3", "--output", str(tmp_path)])
     with pytest.raises(FileNotFoundError):
