@@ -55,7 +55,7 @@ from .zero_shot import write_zero_shot_json, zero_shot, zero_shot_table
 logger = logging.getLogger("sparse_peft")
 _CONFIG_FIELDS = {f.name: f for f in fields(MaskConfig)}
 #: What ``--prior`` takes by name; anything else is a mask adapter (or MaskLLM masks) by path or Hub id.
-_PRIOR_NAMES = ("none", "general", *ONE_SHOT_PRIORS)
+_PRIOR_NAMES = ("none", "shipped", *ONE_SHOT_PRIORS)
 _LOG_HANDLER = "sparse-peft-cli"
 #: Warnings third-party code gives on every run of a command, about nothing the user can or needs to change; the
 #: command line does not print them. peft 0.21 reads a deprecated transformers alias in every ``get_peft_model`` /
@@ -238,14 +238,14 @@ def _check_adapter(flag: str, source: str) -> None:
 
 
 def _resolve_prior(args) -> Optional[str]:
-    """``--prior`` as ``MaskConfig(prior=)`` takes it: ``none`` -> None (random logits); ``general`` -> the shipped
+    """``--prior`` as ``MaskConfig(prior=)`` takes it: ``none`` -> None (random logits); ``shipped`` -> the shipped
     general mask (:func:`~sparse_peft.data.shipped_general_mask`), which fits the shipped model only; not given ->
-    ``general`` for the shipped model (a task mask transferred from it), ``sparsegpt`` for any other ``--model``."""
-    prior = args.prior if args.prior is not None else ("general" if _is_shipped(args) else "sparsegpt")
-    if prior == "general":
+    ``shipped`` for the shipped model (a task mask transferred from it), ``sparsegpt`` for any other ``--model``."""
+    prior = args.prior if args.prior is not None else ("shipped" if _is_shipped(args) else "sparsegpt")
+    if prior == "shipped":
         if not _is_shipped(args):
             raise ValueError(
-                "--prior general is the shipped general mask of the shipped SmolLM2-135M-Instruct, not of --model "
+                "--prior shipped is the shipped general mask of the shipped SmolLM2-135M-Instruct, not of --model "
                 f"{args.model!r}. Pass --prior sparsegpt to learn a general mask for it, or --prior <its general "
                 "mask adapter: folder or Hub id>."
             )
@@ -706,8 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_parser("learn", cmd_learn)
     _add_model_args(p), _add_n_m_args(p), _add_calibration_args(p)
     add_config_arg(p, "prior", type=str, default=None,
-                    help=f"{' | '.join(_PRIOR_NAMES)} | adapter path/Hub id. general: the shipped general 2:4 mask "
-                         "(a task mask transferred from it); default: general for the shipped model, sparsegpt "
+                    help=f"{' | '.join(_PRIOR_NAMES)} | adapter path/Hub id. shipped: the shipped general 2:4 mask "
+                         "(a task mask transferred from it); default: shipped for the shipped model, sparsegpt "
                          "for any other --model")
     _add_data_args(p), _add_training_args(p, steps=100, batch_size=4, seq_len=256)
     _add_checkpoint_args(p)

@@ -55,9 +55,6 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
         assert config["save_delta"] and config["prior"] == general  # delta-coded against the general mask
         if row["row"] == "transfer":
             assert row["bits_delta"] < row["bits_raw"]
-    seed_files = [(tmp_path / "t" / "adapters" / f"tinystories-lm-scratch-64-seed{s}" / "adapter_model.safetensors")
-                  for s in (0, 1)]
-    assert seed_files[0].read_bytes() != seed_files[1].read_bytes()
 
     # The dense row is the library's perplexity on the held-out TinyStories documents.
     model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
