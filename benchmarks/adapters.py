@@ -74,13 +74,14 @@ def adapter_tensor_bytes(model: PeftModel, name: str) -> int:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    sources = {"general": args.general, **{f"task{i}": path for i, path in enumerate(args.adapters)}}
+    sizes = {name: adapter_size(source) for name, source in sources.items()}  # a bad path fails before the model loads
     model, tokenizer = load_model_and_tokenizer(args.model)
     ids = tokenizer("\n\n".join(load_texts(args.text, split="test")[:400]), return_tensors="pt")["input_ids"]
     need = args.batch_size * args.seq_len
     if ids.shape[1] < need:
         raise ValueError(f"--text has {ids.shape[1]} tokens; the batch needs {need}: lower --batch-size/--seq-len")
     batch = ids[:, :need].reshape(args.batch_size, args.seq_len)
-    sources = {"general": args.general, **{f"task{i}": path for i, path in enumerate(args.adapters)}}
     rss, kind = rss_bytes()
     loads = [{"adapter": "base model", "source": args.model or "shipped", "rss": rss}]
     peft_model = None
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
         else:
             peft_model.load_adapter(source, adapter_name=name)
         rss, _ = rss_bytes()
-        size = adapter_size(source)
+        size = sizes[name]
         loads.append({"adapter": name, "source": source, "rss": rss, "rss_growth": rss - loads[-1]["rss"],
                       "tensor_bytes": adapter_tensor_bytes(peft_model, name), "file_bytes": size["bytes"],
                       "bits_per_weight": size["bits_per_weight"], "masked_weights": size["masked_weights"]})

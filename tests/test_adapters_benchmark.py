@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from peft import get_peft_model
 
@@ -48,3 +49,16 @@ def test_memory_sizes_and_switching_of_adapters_on_one_base(tmp_path):
         assert json.loads((tmp_path / task / "adapter_config.json").read_text())["save_delta"] is True
     assert [row["adapter"] for row in result["switching"]] == ["general", "task0", "task1"]
     assert all(row["switch_and_forward"] > 0 and row["cached_forward"] > 0 for row in result["switching"])
+
+
+def test_a_missing_adapter_fails_before_the_base_model_loads(tmp_path, monkeypatch):
+    benchmark = load_benchmark("adapters")
+    general = tmp_path / "general"
+    prune(load_model_and_tokenizer(str(AIDREAMS))[0], "magnitude", show_progress=False).save_pretrained(general)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(benchmark, "load_model_and_tokenizer", refuse)
+    with pytest.raises(FileNotFoundError, match="No mask adapter at"):
+        benchmark.main(["--model", str(AIDREAMS), "--general", str(general), "--adapters", str(tmp_path / "typo")])
