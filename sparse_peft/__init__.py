@@ -6,10 +6,12 @@
 The modules, each importing only those above it in this list:
 
 * leaves: ``patterns`` (N:M mask math), ``constants`` (PEFT type, key prefixes, prior names), ``utils`` (atomic
-  writes, ``[out, in]`` weight views), ``annealing`` (schedule values), ``download`` (Hub downloads);
+  writes, ``[out, in]`` weight views), ``annealing`` (schedule values), ``download`` (Hub downloads), ``lowrank``
+  (low-rank updates of masked weights: the EoRA-style math);
 * ``config`` (:class:`MaskConfig`), ``codec`` (the adapter file format), ``pruners`` (magnitude, Wanda, SparseGPT);
 * ``layer`` (:class:`MaskedLinear`), ``adapter_io`` (reading adapters, base checks), ``published`` (MaskLLM's
   published ``.npz`` masks);
+* ``lowrank_init`` (``init_lora_weights='eora'`` on a model);
 * ``prior_masks`` (the masks a ``prior`` asks for);
 * ``model`` (:class:`MaskModel`, the tuner);
 * ``schedule`` (Trainer callback), ``stats``, ``export`` (2:4 kernels);

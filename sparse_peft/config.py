@@ -13,6 +13,7 @@ from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
 from .constants import ONE_SHOT_PRIORS, mask_peft_type
+from .lowrank import PLACEMENTS
 from .patterns import validate_n_m
 
 _LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -116,6 +117,44 @@ class MaskConfig(PeftConfig):
             "mask adapter on the Hub, so a delta-coded adapter keeps decoding after its general mask's repo moves on."
         },
     )
+    lora_rank: int = field(
+        default=0,
+        metadata={
+            "help": "Rank r of a low-rank update B [out, r] @ A [r, in] per masked layer, trained with the mask (0: "
+            "mask only). See lora_placement for where it acts."
+        },
+    )
+    lora_alpha: Optional[float] = field(
+        default=None, metadata={"help": "The update is scaled by lora_alpha / lora_rank (default: lora_rank, scale 1)."}
+    )
+    lora_placement: str = field(
+        default="under_mask",
+        metadata={
+            "help": "'under_mask': effective weight (W + s B A) * mask, so merge_and_unload gives exactly N:M "
+            "weights. 'dense_residual': W * mask + s B A, a small dense matmul beside the sparse one at inference; "
+            "it cannot be merged into an N:M weight."
+        },
+    )
+    init_lora_weights: Union[bool, str] = field(
+        default=True,
+        metadata={
+            "help": "True: B = 0 and A Kaiming-uniform (PEFT's LoRA default; the adapter starts as the mask alone). "
+            "'eora': training-free, from `calibration`: the rank-r update that best restores each layer's dense "
+            "output on the calibration inputs, in the eigenspace of their covariance (see sparse_peft.lowrank)."
+        },
+    )
+    lora_save_dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "dtype of B and A in the saved adapter: 'bfloat16' (default) or 'float32'. Training keeps "
+                  "them in float32."},
+    )
+    train_mask: bool = field(
+        default=True,
+        metadata={
+            "help": "False: keep the initial hard mask (e.g. a general mask as `prior`) frozen and train only the "
+            "low-rank update (needs lora_rank > 0); training then uses the hard mask, at about LoRA's cost."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -126,7 +165,8 @@ class MaskConfig(PeftConfig):
     calibration: Optional[Any] = field(
         default=None,
         metadata={
-            "help": "Token ids [num_samples, seq_len] for the 'wanda'/'sparsegpt' priors (see "
+            "help": "Token ids [num_samples, seq_len] for the 'wanda'/'sparsegpt' priors and for "
+            "init_lora_weights='eora' (see "
             "sparse_peft.data.calibration_from_texts). Runtime only: not saved."
         },
     )
@@ -156,8 +196,37 @@ class MaskConfig(PeftConfig):
                 "not a saved mask adapter. Pass prior='<path or Hub id of the general mask adapter>', or drop "
                 "save_delta."
             )
+        self._check_lowrank()
         if isinstance(self.target_modules, list):
             self.target_modules = list(self.target_modules)
+
+    def _check_lowrank(self) -> None:
+        if not (isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool) and self.lora_rank >= 0):
+            raise ValueError(f"MaskConfig.lora_rank must be an integer >= 0, got {self.lora_rank!r}.")
+        if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
+            raise ValueError(f"MaskConfig.lora_alpha must be a positive number or None, got {self.lora_alpha!r}.")
+        if self.lora_placement not in PLACEMENTS:
+            raise ValueError(f"MaskConfig.lora_placement must be one of {PLACEMENTS}, got {self.lora_placement!r}.")
+        if self.init_lora_weights not in (True, False, "eora"):
+            raise ValueError(
+                f"MaskConfig.init_lora_weights must be True, False or 'eora', got {self.init_lora_weights!r}."
+            )
+        if self.lora_save_dtype not in ("bfloat16", "float32"):
+            raise ValueError(
+                f"MaskConfig.lora_save_dtype must be 'bfloat16' or 'float32', got {self.lora_save_dtype!r}."
+            )
+        if not self.train_mask and self.lora_rank == 0:
+            raise ValueError(
+                "MaskConfig(train_mask=False) freezes the mask, so with lora_rank=0 nothing would train. Set "
+                "lora_rank > 0 to train a low-rank update on the frozen mask, or keep train_mask=True."
+            )
+
+    @property
+    def lora_scale(self) -> float:
+        """``s = lora_alpha / lora_rank`` (1 when ``lora_alpha`` is None); 0 without an update."""
+        if self.lora_rank == 0:
+            return 0.0
+        return 1.0 if self.lora_alpha is None else self.lora_alpha / self.lora_rank
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):

@@ -19,6 +19,8 @@ METHOD_NAME = "maskllm (import sparse_peft)"
 PREFIX = "maskllm_"
 #: The attribute of a mask layer that holds each adapter's logits, and the key suffix they are saved under.
 LOGITS = f"{PREFIX}logits"
+#: The attributes (and key suffixes) of a mask adapter's low-rank update ``B [out, r] @ A [r, in]``.
+LORA_A, LORA_B = f"{PREFIX}lora_A", f"{PREFIX}lora_B"
 #: PEFT's prefix in front of base-model module names in adapter files and in a ``PeftModel``'s module names.
 PEFT_KEY_PREFIX = "base_model.model."
 #: What FSDP puts in front of the module names it wraps.

@@ -13,7 +13,7 @@ from peft.utils import transpose
 
 from .annealing import MaskSchedule, schedule_at
 from .config import MaskConfig
-from .constants import LOGITS, plain_name
+from .constants import LOGITS, LORA_A, LORA_B, plain_name
 from .patterns import (
     candidate_patterns,
     check_groupable,
@@ -36,6 +36,9 @@ class _AdapterSpec:
     n: int
     m: int
     schedule: MaskSchedule
+    lora_scale: float = 0.0  # s of the low-rank update s * B @ A (0: none)
+    placement: str = "under_mask"  # where the update acts (sparse_peft.lowrank.PLACEMENTS)
+    train_mask: bool = True  # False: the logits stay frozen and training uses the hard mask
 
 
 @dataclass
@@ -47,6 +50,7 @@ class _Sample:
     seed: int  # Gumbel noise seed (see patterns.gumbel_noise)
     sparse_reg: float  # lambda of the regulariser
     save_probs: bool  # keep the [C, G] Gumbel-softmax weights for backward instead of recomputing them
+    lora_scale: float = 0.0  # s of an update under the mask: W_eff = (W + s * B @ A) * soft_mask
 
 
 def _masked_weight(weight: torch.Tensor, probs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -70,40 +74,60 @@ class _MaskedLinearFunction(torch.autograd.Function):
     gradient w.r.t. the masked weight is ``-2 * lam * W_eff``. Adding it here keeps it exact under gradient
     checkpointing of any kind. The second output is the regulariser's value ``lam * ||W_eff||^2`` (float32 scalar,
     not differentiable; zero when ``lam == 0``).
+
+    With a low-rank update under the mask (``lora_a [r, in]``, ``lora_b [out, r]``, ``sample.lora_scale``), ``W``
+    is replaced by ``W + s * B @ A`` everywhere above (rebuilt in backward, not saved), and backward also returns
+    ``dL/dB = s * (dL/dW_eff * mask) @ A^T`` and ``dL/dA = s * B^T @ (dL/dW_eff * mask)``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, logits, candidates, sample: _Sample):
+    def forward(ctx, x, weight, bias, logits, candidates, sample: _Sample, lora_a=None, lora_b=None):
         probs = soft_mask_probs(logits, sample.tau, sample.kappa, sample.seed)
-        masked = _masked_weight(weight, probs, candidates)
+        masked = _masked_weight(_updated_weight(weight, lora_a, lora_b, sample.lora_scale), probs, candidates)
         reg = torch.zeros((), device=weight.device)
         if sample.sparse_reg > 0:
             reg = sample.sparse_reg * torch.linalg.vector_norm(masked, dtype=torch.float32).square()
         out = F.linear(x, masked, bias)
-        ctx.save_for_backward(x, weight, logits, candidates, probs if sample.save_probs else None)
+        ctx.save_for_backward(x, weight, logits, candidates, probs if sample.save_probs else None, lora_a, lora_b)
         ctx.sample = sample
         ctx.mark_non_differentiable(reg)
         return out, reg
 
     @staticmethod
     def backward(ctx, grad_out, _grad_reg):
-        x, weight, logits, candidates, probs = ctx.saved_tensors
+        x, weight, logits, candidates, probs, lora_a, lora_b = ctx.saved_tensors
         sample = ctx.sample
         if probs is None:
             probs = soft_mask_probs(logits, sample.tau, sample.kappa, sample.seed)
+        weight = _updated_weight(weight, lora_a, lora_b, sample.lora_scale)
         masked = _masked_weight(weight, probs, candidates)
-        grad_x = grad_logits = None
+        grad_x = grad_logits = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ masked.to(grad_out.dtype)
-        if ctx.needs_input_grad[3]:
+        if any(ctx.needs_input_grad[i] for i in (3, 6, 7)):
             # the weight-gradient GEMM: dL/dW_eff [out, in], then dL/dmask = dL/dW_eff * W
             grad_masked = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
             grad_masked = grad_masked.to(weight.dtype)
             if sample.sparse_reg > 0:
                 grad_masked.sub_(masked, alpha=2.0 * sample.sparse_reg)
-            grad_mask = grad_masked.mul_(weight).reshape(-1, candidates.shape[1])  # [G, M]
-            grad_logits = soft_mask_logit_grad(grad_mask, probs, candidates, sample.tau, sample.kappa)
-        return grad_x, None, None, grad_logits, None, None
+            if lora_a is not None and (ctx.needs_input_grad[6] or ctx.needs_input_grad[7]):
+                grad_update = _masked_weight(grad_masked, probs, candidates).float() * sample.lora_scale
+                grad_a = lora_b.t() @ grad_update if ctx.needs_input_grad[6] else None
+                grad_b = grad_update @ lora_a.t() if ctx.needs_input_grad[7] else None
+            if ctx.needs_input_grad[3]:
+                grad_mask = grad_masked.mul_(weight).reshape(-1, candidates.shape[1])  # [G, M]
+                grad_logits = soft_mask_logit_grad(grad_mask, probs, candidates, sample.tau, sample.kappa)
+        return grad_x, None, None, grad_logits, None, None, grad_a, grad_b
+
+
+def _updated_weight(
+    weight: torch.Tensor, lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], scale: float
+) -> torch.Tensor:
+    """``W + scale * B @ A`` in W's dtype (``W`` itself without an update): ``[out, in]``, ``B [out, r]``,
+    ``A [r, in]``."""
+    if lora_a is None:
+        return weight
+    return weight + (scale * (lora_b @ lora_a)).to(weight.dtype)
 
 
 def stored_indices(state: torch.Tensor) -> torch.Tensor:
@@ -123,7 +147,7 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
     for 2:4, against 6 for float32 logits). It evaluates, merges and saves like any adapter, but cannot train.
     """
 
-    adapter_layer_names = (LOGITS,)
+    adapter_layer_names = (LOGITS, LORA_A, LORA_B)
     other_param_names = ("maskllm_spec",)
     #: Memory option of the training forward. True (default): backward regenerates the Gumbel sample from its seed,
     #: so no mask activation stays alive between forward and backward. False: keep the ``[C, G]`` float32
@@ -143,6 +167,8 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         super().__init__()
         self.base_layer = base_layer
         self.maskllm_logits = nn.ParameterDict()
+        self.maskllm_lora_A = nn.ParameterDict()  # [r, in] per adapter with a low-rank update
+        self.maskllm_lora_B = nn.ParameterDict()  # [out, r]
         self.maskllm_spec: dict[str, _AdapterSpec] = {}
         self.layer_name = layer_name
         # {adapter: (logits version key, hard mask [out, in] in the weight's dtype and device)}, one adapter at most
@@ -178,6 +204,10 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
 
         ``schedule`` is the adapter's schedule, shared by all its layers (default: step 0 of ``config``). With
         ``config.inference_mode`` the adapter keeps only the argmax of those logits, as uint8 indices ``[G]``.
+
+        With ``config.lora_rank = r > 0`` it also gets a float32 update ``B [out, r]``, ``A [r, in]``: ``A``
+        Kaiming-uniform and ``B`` zero (``init_lora_weights=True`` or ``'eora'``, whose values the tuner computes
+        after injection), or both Kaiming-uniform (``False``, a non-zero start for tests).
         """
         n, m, init_std = config.n, config.m, config.logit_init_std
         schedule = schedule_at(config, 0, 1) if schedule is None else schedule
@@ -201,7 +231,21 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         else:
             state = nn.Parameter(logits.to(device=device, dtype=torch.float32))
         self.maskllm_logits[adapter_name] = state
-        self.maskllm_spec[adapter_name] = _AdapterSpec(n=n, m=m, schedule=schedule)
+        if config.lora_rank:
+            out_features, in_features = self.weight_shape
+            lora_a = torch.empty(config.lora_rank, in_features, device=device)
+            lora_b = torch.empty(out_features, config.lora_rank, device=device)
+            nn.init.kaiming_uniform_(lora_a, a=5**0.5)
+            if config.init_lora_weights is False:
+                nn.init.kaiming_uniform_(lora_b, a=5**0.5)
+            else:
+                nn.init.zeros_(lora_b)
+            self.maskllm_lora_A[adapter_name] = nn.Parameter(lora_a)
+            self.maskllm_lora_B[adapter_name] = nn.Parameter(lora_b)
+        self.maskllm_spec[adapter_name] = _AdapterSpec(
+            n=n, m=m, schedule=schedule, lora_scale=config.lora_scale, placement=config.lora_placement,
+            train_mask=config.train_mask,
+        )
         self.set_adapter(self.active_adapters)
 
     # -- masks ----------------------------------------------------------------------------------------------
@@ -258,6 +302,9 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
         frozen = any(name in self.maskllm_logits and self.holds_indices(name) for name in names)
         super().set_adapter(adapter_names, inference_mode=inference_mode or frozen)
+        for name in names:  # a frozen mask (train_mask=False) keeps its logits out of the optimizer
+            if name in self.maskllm_spec and not self.maskllm_spec[name].train_mask:
+                self.maskllm_logits[name].requires_grad_(False)
 
     def train(self, mode: bool = True) -> "MaskedLinear":
         self._hard_mask_cache.clear()
@@ -278,8 +325,40 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         candidates = self._candidates(adapter_name, logits.device)
         return soft_mask(logits, candidates, schedule.tau, schedule.kappa, seed).view(self.weight_shape)
 
+    def lowrank(self, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
+        """``(A [r, in], B [out, r], s)`` of the adapter's low-rank update, or None if it has none."""
+        if adapter_name not in self.maskllm_lora_A:
+            return None
+        return (self.maskllm_lora_A[adapter_name], self.maskllm_lora_B[adapter_name],
+                self.maskllm_spec[adapter_name].lora_scale)
+
+    def effective_weight(self, adapter_name: str, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The masked weight ``[out, in]`` that the eval forward multiplies by: ``W * mask`` or, with an update
+        under the mask, ``(W + s B A) * mask`` (``mask``: default the hard mask). A dense-residual update is not in
+        it (see :meth:`forward`)."""
+        mask = self.hard_mask(adapter_name) if mask is None else mask
+        weight, lowrank = self.base_weight(), self.lowrank(adapter_name)
+        if lowrank is not None and self.maskllm_spec[adapter_name].placement == "under_mask":
+            lora_a, lora_b, scale = lowrank
+            weight = _updated_weight(weight, lora_a, lora_b, scale)
+        return weight * mask
+
+    def _masked_forward(self, x: torch.Tensor, adapter_name: str, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``F.linear(x, effective_weight, bias)`` plus a dense-residual update's ``s * (x A^T) B^T``."""
+        weight = self.effective_weight(adapter_name, mask)
+        x = self._cast_input_dtype(x, weight.dtype)
+        return self._add_residual(F.linear(x, weight, self.get_base_layer().bias), x, adapter_name)
+
+    def _add_residual(self, out: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        lowrank = self.lowrank(adapter_name)
+        if lowrank is None or self.maskllm_spec[adapter_name].placement != "dense_residual":
+            return out
+        lora_a, lora_b, scale = lowrank
+        return out + scale * F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b).to(out.dtype)
+
     def _train_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``F.linear(x, W * soft_mask, bias)`` through :class:`_MaskedLinearFunction` (fresh Gumbel sample)."""
+        """``F.linear(x, W * soft_mask, bias)`` through :class:`_MaskedLinearFunction` (fresh Gumbel sample), with
+        the adapter's low-rank update; with a frozen mask (``train_mask=False``) the hard mask instead."""
         base = self.get_base_layer()
         weight, bias = self.base_weight(), base.bias
         if weight.requires_grad or (bias is not None and bias.requires_grad):
@@ -287,6 +366,10 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
                 f"{self.layer_name}: the base weight or bias requires grad, but mask training keeps them frozen and "
                 "computes no gradient for them. Call requires_grad_(False) on the base layer (get_peft_model does)."
             )
+        spec = self.maskllm_spec[adapter_name]
+        if not spec.train_mask:
+            self._last_sparse_reg = None
+            return self._masked_forward(x, adapter_name)
         if self.holds_indices(adapter_name):
             raise ValueError(
                 f"{self.layer_name}: adapter {adapter_name!r} was loaded for inference and holds only its hard mask, "
@@ -294,23 +377,25 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
                 "train."
             )
         logits = self.maskllm_logits[adapter_name]
-        schedule = self.maskllm_spec[adapter_name].schedule
+        lowrank = self.lowrank(adapter_name)
+        under = lowrank is not None and spec.placement == "under_mask"
         sample = _Sample(
-            tau=schedule.tau,
-            kappa=schedule.kappa,
+            tau=spec.schedule.tau,
+            kappa=spec.schedule.kappa,
             seed=draw_seed(),
-            sparse_reg=schedule.sparse_reg,
+            sparse_reg=spec.schedule.sparse_reg,
             save_probs=not self.recompute_soft_mask,
+            lora_scale=spec.lora_scale if under else 0.0,
         )
         candidates = self._candidates(adapter_name, logits.device)
-        out, reg = _MaskedLinearFunction.apply(
-            self._cast_input_dtype(x, weight.dtype), weight, bias, logits, candidates, sample
-        )
+        x = self._cast_input_dtype(x, weight.dtype)
+        extra = (lowrank[0], lowrank[1]) if under else ()
+        out, reg = _MaskedLinearFunction.apply(x, weight, bias, logits, candidates, sample, *extra)
         # Recorded in every training forward (also the no-grad first pass of reentrant checkpointing) for the
         # reported loss, and replaced by None when lambda is 0 so that a value left by a checkpointing recompute
         # is never reported; the gradient is added inside _MaskedLinearFunction wherever autograd records.
         self._last_sparse_reg = reg if sample.sparse_reg > 0 else None
-        return out
+        return self._add_residual(out, x, adapter_name)
 
     def pop_sparse_reg(self) -> Optional[torch.Tensor]:
         """``lam * ||W * soft_mask||^2`` of the last training forward (a detached scalar), then forget it."""
@@ -349,8 +434,7 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.training:
             return self._train_forward(x, adapter_name)
-        weight = self.base_weight() * self.hard_mask(adapter_name)
-        return F.linear(self._cast_input_dtype(x, weight.dtype), weight, self.get_base_layer().bias)
+        return self._masked_forward(x, adapter_name)
 
     def _check_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> None:
         if self.training:
@@ -386,14 +470,11 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         the cache still holds one adapter's mask at most and a mixed batch of k adapters recomputes up to k masks
         per layer per forward (one ``[out, in]`` mask alive at a time).
         """
-        weight, bias = self.base_weight(), self.get_base_layer().bias
         result = None
         for name in dict.fromkeys(adapter_names):  # unique names in first-row order
             rows = torch.tensor([i for i, row in enumerate(adapter_names) if row == name], device=x.device)
             if name in self.maskllm_logits:
-                masked = weight * self._transient_hard_mask(name)
-                out = F.linear(self._cast_input_dtype(x[rows], masked.dtype), masked, bias)
-                del masked
+                out = self._masked_forward(x[rows], name, self._transient_hard_mask(name))
             else:
                 out = self.base_layer(x[rows], *args, **kwargs)
             if result is None:
@@ -403,7 +484,8 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
 
     # -- merging --------------------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Write the hard mask of one adapter into the base weight (zeros where pruned).
+        """Write the hard mask of one adapter into the base weight (zeros where pruned), with its low-rank update
+        under the mask (``(W + s B A) * mask``): the merged weight is exactly N:M and equals the eval forward's.
 
         With ``safe_merge=True`` the logits are checked first: NaN/inf logits still argmax to a valid-looking mask,
         so they are rejected instead. The dense weight is kept for :meth:`unmerge`.
@@ -424,12 +506,24 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
                 f"{self.layer_name}: adapter {name!r} has NaN or infinite mask logits; refusing to merge a mask "
                 "derived from them. The training run diverged: restore an earlier checkpoint."
             )
+        self.check_mergeable(name)
         base = self.get_base_layer()
-        mask = self.hard_mask(name)
         with torch.no_grad():
+            merged = transpose(self.effective_weight(name), fan_in_fan_out(base))
             self._unmerged_weight = base.weight.detach().clone()
-            base.weight.mul_(transpose(mask, fan_in_fan_out(base)))
+            base.weight.copy_(merged)
         self.merged_adapters.append(name)
+
+    def check_mergeable(self, adapter_name: str) -> None:
+        """Raise ``ValueError`` if ``adapter_name`` holds a dense-residual update, which no N:M weight can take."""
+        lowrank = self.lowrank(adapter_name)
+        if lowrank is not None and self.maskllm_spec[adapter_name].placement == "dense_residual":
+            raise ValueError(
+                f"{self.layer_name}: adapter {adapter_name!r} has a dense residual low-rank update (lora_placement="
+                "'dense_residual'), and merging it would make the weight dense, not N:M; nothing was merged. Keep it "
+                "unmerged (it runs as a small dense matmul beside the sparse weight), or train it with "
+                "lora_placement='under_mask', whose merge stays N:M."
+            )
 
     def unmerge(self) -> None:
         """Restore the dense base weight saved by :meth:`merge`."""

@@ -41,8 +41,9 @@ from .codec import (
     weight_fingerprint,
 )
 from .config import DEFAULT_TARGET_MODULES, AdapterLocation, MaskConfig
-from .constants import FSDP_PREFIX, LOGITS, PREFIX, plain_name
+from .constants import FSDP_PREFIX, LOGITS, LORA_A, LORA_B, PREFIX, plain_name
 from .layer import MaskedLinear, encode_mask, mask_layers, stored_indices
+from .lowrank_init import init_lowrank_from_calibration
 from .patterns import check_groupable, num_candidates
 from .prior_masks import prior_masks
 from .utils import fan_in_fan_out, format_bytes, output_layer, weight_out_in
@@ -102,6 +103,8 @@ class MaskModel(BaseTuner):
                 super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict)
             finally:
                 self._prior_masks.pop(adapter_name, None)
+            if _calibrates_lowrank(config, low_cpu_mem_usage):
+                init_lowrank_from_calibration(model, adapter_name, config.calibration)
         except BaseException:
             undo.restore()
             raise
@@ -134,6 +137,13 @@ class MaskModel(BaseTuner):
             # On the wrapped model itself: PeftModel calls it directly when no task_type is set, bypassing us.
             self._sparse_reg_hook = model.register_forward_hook(_add_sparse_reg_to_loss)
         self._schedules[adapter_name] = schedule_at(config, 0, 1)
+        if _calibrates_lowrank(config, low_cpu_mem_usage) and config.calibration is None:
+            raise ValueError(
+                "MaskConfig(init_lora_weights='eora') computes the low-rank update from calibration inputs: pass "
+                "calibration=token_ids (a LongTensor [num_samples, seq_len], e.g. from "
+                "sparse_peft.data.calibration_from_texts(texts, tokenizer)), or init_lora_weights=True to start the "
+                "update at zero."
+            )
         if config.init_weights and config.prior is not None and not low_cpu_mem_usage:
             self.disable_adapter_layers()  # the calibrated pruners run the dense model
             try:
@@ -256,6 +266,16 @@ class MaskModel(BaseTuner):
                          f"{packed}, {format_bytes(mask_bytes)})")
             else:
                 saved = f"{packed} ({format_bytes(mask_bytes)})"
+            lowrank = [layer.lowrank(adapter_name) for layer in layers if layer.lowrank(adapter_name) is not None]
+            if lowrank:
+                values = sum(a.numel() + b.numel() for a, b, _ in lowrank)
+                where = config.lora_placement.replace("_", " ")
+                what = "frozen" if all(layer.holds_indices(adapter_name) for layer in layers) else "trainable"
+                if not config.train_mask:
+                    trained = f"frozen {n}:{m} mask {over}"
+                trained += f"; {what}: rank-{config.lora_rank} update ({where}, {values:,} values, fp32)"
+                width = 2 if config.lora_save_dtype == "bfloat16" else 4
+                saved += f" + the update in {config.lora_save_dtype} ({format_bytes(values * width)})"
             lines.append(f"{adapter_name}: {trained} || saved: {saved}")
         others = sum(
             p.numel() for name, p in self.model.named_parameters() if p.requires_grad and f".{PREFIX}" not in name
@@ -354,6 +374,8 @@ class MaskModel(BaseTuner):
                     f"Cannot merge {names} into {name}, which already holds {layer.merged_adapters}: a weight takes "
                     "one mask. Nothing was merged. Pass adapter_names=[<one name>], or unmerge first."
                 )
+            if names and names[0] in layer.maskllm_logits:
+                layer.check_mergeable(names[0])
             if names and names[0] in layer.maskllm_logits and not torch.isfinite(layer.maskllm_logits[names[0]]).all():
                 non_finite.append(name)
         if not non_finite:
@@ -413,6 +435,16 @@ class MaskModel(BaseTuner):
             general_indices = None if general_record is None else general_record.indices
             for field, tensor in encode_record(record, spec.n, spec.m, general_indices).items():
                 to_return[f"{key}.{field}.{adapter_name}"] = tensor.cpu()
+            if module.lowrank(adapter_name) is not None:
+                dtype = getattr(torch, config.lora_save_dtype)
+                for field in (LORA_A, LORA_B):
+                    tensor = state_dict[f"{key}.{field}.{adapter_name}"]
+                    if not torch.isfinite(tensor).all():
+                        raise ValueError(
+                            f"{key}: adapter {adapter_name!r} has NaN or infinite low-rank update values; nothing "
+                            "was saved. The training run diverged: restore an earlier checkpoint."
+                        )
+                    to_return[f"{key}.{field}.{adapter_name}"] = tensor.detach().to("cpu", dtype).contiguous()
         return to_return
 
     @classmethod
@@ -455,6 +487,16 @@ class MaskModel(BaseTuner):
             else:
                 logits = encode_mask(record.mask(config.n, config.m), config)
             rest[f"{name}.{LOGITS}.{adapter_name}"] = logits
+            if module.lowrank(adapter_name) is not None:
+                for field in (LORA_A, LORA_B):
+                    saved = rest.pop(f"{name}.{field}", None)
+                    if saved is None:
+                        raise ValueError(
+                            f"{plain_name(name)}: the adapter's config asks for a rank-{config.lora_rank} update "
+                            f"but its weights file has no {field!r} for this layer. The file is incomplete, or "
+                            "adapter_config.json belongs to another adapter."
+                        )
+                    rest[f"{name}.{field}.{adapter_name}"] = saved
         return rest
 
 
@@ -524,6 +566,12 @@ class _Injection:
                 self.tuner.__dict__.pop(key, None)
         elif "_schedules" in self.tuner.__dict__:
             self.tuner._schedules.pop(self.adapter_name, None)
+
+
+def _calibrates_lowrank(config: MaskConfig, low_cpu_mem_usage: bool) -> bool:
+    """True if injecting ``config`` computes its low-rank update from calibration (not for saved adapters)."""
+    eora = config.init_lora_weights == "eora"
+    return bool(config.lora_rank) and eora and config.init_weights and not low_cpu_mem_usage
 
 
 def _general_for_save(config: MaskConfig) -> Optional[MaskAdapter]:

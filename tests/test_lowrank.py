@@ -1,0 +1,310 @@
+"""Mask adapters with a low-rank update (``MaskConfig(lora_rank=r)``): the EoRA-style initialisation against
+reference computations, gradients against plain autograd, merging that stays exactly N:M, save / load contracts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, get_peft_model
+
+from conftest import tiny_gpt2, tiny_llama
+from sparse_peft import MaskConfig, MaskedLinear
+from sparse_peft.layer import mask_layers
+from sparse_peft.lowrank import calibrated_factors, lowrank_factors, masked_least_squares_update, output_error
+from sparse_peft.patterns import draw_seed, is_n_m_sparse, topn_mask
+
+
+def layer_problem(out=24, inn=32, tokens=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out, inn, generator=g)
+    x = torch.randn(tokens, inn, generator=g) @ torch.randn(inn, inn, generator=g)  # correlated inputs
+    return weight, x, topn_mask(weight.abs(), 2, 4).float()
+
+
+def explicit_error(weight, effective, x):
+    """``||(W - W_eff) X^T||_F^2`` computed from the inputs themselves (not from ``H``)."""
+    return float(((weight - effective).detach().double() @ x.double().T).square().sum())
+
+
+def test_dense_residual_factors_are_the_eckart_young_optimum():
+    weight, x, mask = layer_problem()
+    error = weight - weight * mask
+    for rank in (1, 4, 8):
+        b, a = lowrank_factors(error, x.T @ x, rank, damp=0.0)
+        tail = torch.linalg.svdvals((error @ x.T).double())[rank:].square().sum()
+        got = explicit_error(weight, weight * mask + b @ a, x)
+        assert got == pytest.approx(float(tail), rel=1e-6)
+        assert b.shape == (24, rank) and a.shape == (rank, 32)
+
+
+def test_masked_least_squares_update_matches_per_row_lstsq():
+    weight, x, mask = layer_problem()
+    update = masked_least_squares_update(weight, mask, x.T @ x, damp=0.0, rows_per_chunk=5)
+    assert torch.all(update[mask == 0] == 0)
+    for row in range(weight.shape[0]):
+        kept = mask[row].bool()
+        target = x[:, ~kept].double() @ weight[row, ~kept].double()
+        reference = torch.linalg.lstsq(x[:, kept].double(), target[:, None]).solution.squeeze(1)
+        torch.testing.assert_close(update[row, kept].double(), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["under_mask", "dense_residual"])
+def test_calibrated_factors_reduce_the_layer_output_error(placement):
+    weight, x, mask = layer_problem()
+    none = explicit_error(weight, weight * mask, x)
+    errors = []
+    for rank in (2, 8):
+        b, a = calibrated_factors(weight, mask, x.T @ x, rank, placement, damp=0.0)
+        effective = (weight + b @ a) * mask if placement == "under_mask" else weight * mask + b @ a
+        errors.append(explicit_error(weight, effective, x))
+        assert output_error(weight, effective, x.T @ x) == pytest.approx(errors[-1], rel=1e-6)
+    assert none > errors[0] > errors[1]
+    if placement == "under_mask":  # no rank-r update beats the best full-rank change of the kept weights
+        full = explicit_error(weight, (weight + masked_least_squares_update(weight, mask, x.T @ x, 0.0)) * mask, x)
+        assert errors[1] >= full * (1 - 1e-6)
+
+
+def layer_inputs(model, tokens):
+    """``{layer: [tokens, in]}`` inputs of every mask layer in one eval forward."""
+    inputs, handles = {}, []
+
+    def record(module, args, output):
+        inputs[module] = args[0].reshape(-1, args[0].shape[-1])
+
+    for layer in model.modules():
+        if isinstance(layer, MaskedLinear):
+            handles.append(layer.register_forward_hook(record))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=tokens)
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+@pytest.mark.parametrize("placement", ["under_mask", "dense_residual"])
+def test_eora_init_on_a_model_reduces_every_layers_output_error(placement, tokens):
+    """Each layer's error on the mask-only model's inputs falls below the mask alone's (same mask, same inputs)."""
+    calibration = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
+    common = dict(prior="magnitude", lora_rank=4, lora_placement=placement)
+    plain = get_peft_model(tiny_llama(), MaskConfig(**common))
+    eora = get_peft_model(tiny_llama(), MaskConfig(**common, init_lora_weights="eora", calibration=calibration))
+    inputs = layer_inputs(plain, calibration)
+    for (name, layer), (_, calibrated) in zip(mask_layers(plain).items(), mask_layers(eora).items()):
+        x, weight = inputs[layer], layer.base_weight()
+        lora_a, lora_b, scale = calibrated.lowrank("default")
+        assert torch.equal(calibrated.hard_mask("default"), layer.hard_mask("default")), name
+        if placement == "under_mask":
+            effective = calibrated.effective_weight("default")
+        else:
+            effective = weight * layer.hard_mask("default") + scale * lora_b @ lora_a
+        assert explicit_error(weight, effective, x) < explicit_error(weight, weight * layer.hard_mask("default"), x)
+
+
+def test_eora_without_calibration_is_refused_before_anything_changes():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="calibration=token_ids"):
+        get_peft_model(model, MaskConfig(lora_rank=4, init_lora_weights="eora"))
+    assert not any(isinstance(m, MaskedLinear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lora_rank=-1), "lora_rank"),
+        (dict(lora_rank=4, lora_placement="beside"), "lora_placement"),
+        (dict(lora_rank=4, init_lora_weights="pissa"), "init_lora_weights"),
+        (dict(lora_rank=4, lora_save_dtype="float16"), "lora_save_dtype"),
+        (dict(train_mask=False), "lora_rank > 0"),
+        (dict(lora_rank=4, lora_alpha=0), "lora_alpha"),
+    ],
+)
+def test_bad_lowrank_options_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MaskConfig(**kwargs)
+
+
+def nonzero_update_model(make=tiny_llama, **kwargs):
+    """A mask model whose update starts non-zero (``init_lora_weights=False``), so every gradient is non-trivial."""
+    torch.manual_seed(0)
+    config = MaskConfig(prior="magnitude", lora_rank=4, lora_alpha=8, init_lora_weights=False, **kwargs)
+    return get_peft_model(make(), config)
+
+
+def reference_forward(self, x, adapter_name):
+    """Plain autograd: ``F.linear(x, (W + s B A) * soft_mask(seed))`` (under the mask) or ``W * soft_mask`` plus
+    ``s (x A^T) B^T`` (dense residual), with the seed drawn like the fused forward."""
+    weight = self.base_weight()
+    lora_a, lora_b, scale = self.lowrank(adapter_name)
+    soft = self.soft_mask(adapter_name, seed=draw_seed()).to(weight.dtype)
+    if self.maskllm_spec[adapter_name].placement == "under_mask":
+        return F.linear(x, (weight + scale * lora_b @ lora_a) * soft, self.get_base_layer().bias)
+    return F.linear(x, weight * soft, self.get_base_layer().bias) + scale * (x @ lora_a.T) @ lora_b.T
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
+@pytest.mark.parametrize("placement", ["under_mask", "dense_residual"])
+def test_training_gradients_match_plain_autograd(make, placement, tokens, monkeypatch):
+    model = nonzero_update_model(make, lora_placement=placement, sparse_reg=0.0)
+    model.train()
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(7)
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, got = grads()
+    assert {n.rsplit(".", 2)[-2] for n in got} == {"maskllm_logits", "maskllm_lora_A", "maskllm_lora_B"}
+    monkeypatch.setattr(MaskedLinear, "_train_forward", reference_forward)
+    ref_loss, reference = grads()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name, grad in got.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-5 * float(reference[name].abs().max()))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
+def test_merge_with_an_update_is_exactly_n_m_and_equals_the_eval_forward(make, tokens):
+    model = nonzero_update_model(make)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits
+    names = list(mask_layers(model))
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=tokens).logits, expected, rtol=1e-5, atol=1e-6)
+    for name in names:
+        module = merged.get_submodule(name)
+        weight = module.weight.T if make is tiny_gpt2 else module.weight
+        assert is_n_m_sparse(weight, 2, 4), name
+
+
+def test_unmerge_restores_the_dense_weight_bit_for_bit(tokens):
+    model = nonzero_update_model()
+    dense = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
+    model.merge_adapter()
+    model.unmerge_adapter()
+    assert all(torch.equal(p, dense[n]) for n, p in model.named_parameters() if "base_layer" in n)
+
+
+def test_dense_residual_refuses_to_merge_and_leaves_the_model_as_it_was(tokens):
+    model = nonzero_update_model(lora_placement="dense_residual")
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=tokens).logits
+    weights = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with pytest.raises(ValueError, match="under_mask"):
+        model.merge_and_unload()
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if "base_layer" in n)
+    assert not any(layer.merged for layer in mask_layers(model).values())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, before)
+
+
+def files_of(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("placement", ["under_mask", "dense_residual"])
+def test_save_load_round_trip_is_bit_exact(dtype, placement, tmp_path, tokens):
+    model = nonzero_update_model(lora_placement=placement, lora_save_dtype=dtype)
+    model.save_pretrained(tmp_path / "a")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")
+    loaded.save_pretrained(tmp_path / "b")
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+    for (_, layer), (_, again) in zip(mask_layers(model).items(), mask_layers(loaded).items()):
+        for saved, read in zip(layer.lowrank("default")[:2], again.lowrank("default")[:2]):
+            assert read.dtype == torch.float32 and not read.requires_grad
+            assert torch.equal(read, saved.detach().to(getattr(torch, dtype)).float())
+        with torch.no_grad():  # the original, with its update rounded as saved, gives the same forward
+            for saved in layer.lowrank("default")[:2]:
+                saved.copy_(saved.to(getattr(torch, dtype)).float())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, loaded(input_ids=tokens).logits)
+
+
+def test_update_is_saved_at_two_bytes_per_value_in_bf16(tmp_path):
+    from safetensors.torch import load_file
+
+    model = nonzero_update_model()
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    updates = {k: v for k, v in saved.items() if ".maskllm_lora_" in k}
+    assert len(updates) == 2 * len(mask_layers(model))
+    assert all(v.dtype == torch.bfloat16 for v in updates.values())
+
+
+def test_inference_mode_freezes_the_update_and_is_trainable_trains_it(tmp_path):
+    nonzero_update_model().save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    kinds = {n.rsplit(".", 2)[-2] for n, p in trainable.named_parameters() if p.requires_grad}
+    assert kinds == {"maskllm_logits", "maskllm_lora_A", "maskllm_lora_B"}
+
+
+def test_a_file_without_the_update_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    nonzero_update_model().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if ".maskllm_lora_" not in k}, path)
+    with pytest.raises(ValueError, match="maskllm_lora_A"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_wrong_base_is_refused_with_an_update(tmp_path):
+    nonzero_update_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="base"):
+        PeftModel.from_pretrained(tiny_llama(seed=1), tmp_path)
+
+
+def test_frozen_mask_trains_only_the_update_through_the_hard_mask(tokens):
+    model = nonzero_update_model(train_mask=False)
+    model.train()
+    layer = next(iter(mask_layers(model).values()))
+    mask = layer.hard_mask("default").clone()
+    trainable = {n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"maskllm_lora_A", "maskllm_lora_B"}
+    outputs = [model(input_ids=tokens, labels=tokens).loss for _ in range(2)]
+    assert torch.equal(outputs[0], outputs[1])  # the hard mask: no sampling noise
+    outputs[0].backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    assert torch.equal(layer.hard_mask("default"), mask)
+    assert layer.maskllm_lora_B["default"].grad is not None
+    assert is_n_m_sparse(layer.effective_weight("default").detach(), 2, 4)
+    assert "frozen 2:4 mask" in model.base_model.trainable_parameters_summary()
+
+
+def test_adapters_with_and_without_update_switch_and_delete(tokens):
+    model = nonzero_update_model()
+    model.add_adapter("plain", MaskConfig(prior="magnitude"))
+    model.eval()
+    with torch.no_grad():
+        with_update = model(input_ids=tokens).logits
+        model.set_adapter("plain")
+        plain = model(input_ids=tokens).logits
+        model.set_adapter("default")
+        assert torch.equal(model(input_ids=tokens).logits, with_update)
+    assert not torch.equal(with_update, plain)
+    model.set_adapter("plain")
+    model.delete_adapter("default")
+    layer = next(iter(mask_layers(model).values()))
+    assert "default" not in layer.maskllm_lora_A and "default" not in layer.maskllm_lora_B
+
+
+def test_delta_coded_task_adapter_keeps_its_update(tmp_path, tokens):
+    get_peft_model(tiny_llama(), MaskConfig(prior="magnitude")).save_pretrained(tmp_path / "general")
+    task = get_peft_model(tiny_llama(), MaskConfig(prior=str(tmp_path / "general"), lora_rank=4,
+                                                   init_lora_weights=False))
+    assert task.peft_config["default"].save_delta
+    task.save_pretrained(tmp_path / "task")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "task")
+    for (_, layer), (_, again) in zip(mask_layers(task).items(), mask_layers(loaded).items()):
+        assert torch.equal(again.lowrank("default")[1], layer.lowrank("default")[1].detach().bfloat16().float())
+        assert torch.equal(again.hard_mask("default"), layer.hard_mask("default"))
