@@ -80,7 +80,8 @@ FIXED_ROWS = ("dense", "general", "sparsegpt", "sparsegpt+update")
 OBJECTIVES = ("label_words", "seq_cls")
 #: Settings all rows of one table share: a ``--resume`` run must use the values the table was measured with.
 SHARED_SETTINGS = ("model", "gguf_file", "general", "general_sha256", "seq_len", "batch_size", "lr", "lora_lr",
-                   "lora_r", "sparse_reg", "distill", "bf16", "window", "eval_windows", "eval_examples",
+                   "lora_r", "sparse_reg", "prior_strength", "tau_start", "tau_end",
+                   "kappa_start", "kappa_end", "distill", "bf16", "window", "eval_windows", "eval_examples",
                    "num_samples", "calibration_len", "max_words", "held_out")
 NAMES = {"dense": "dense", "lora": "dense + LoRA", "general": "general mask", "sparsegpt": "SparseGPT 2:4 mask only",
          "sparsegpt+update": "SparseGPT 2:4 + weight update", "scratch": "task mask from SparseGPT prior",
@@ -112,6 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-lr", type=float, default=2e-4)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--sparse-reg", type=float, default=0.0, help="regulariser lambda (0 for small batches)")
+    defaults = sparse_peft.MaskConfig()
+    for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
+                       help=f"MaskConfig.{name} of the learned mask rows (default: %(default)s)")
     p.add_argument("--distill", action="store_true",
                    help="causal-LM mask rows train on the KL from the dense model (classification rows always train "
                         "on the task labels)")
@@ -342,7 +347,10 @@ class Benchmark:
                                 target_modules=targets, task_type=task_type, **extra)
         else:
             prior = self.args.general if kind == "transfer" else self.prior(task, spec)
-            config = sparse_peft.MaskConfig(prior=prior, sparse_reg=self.args.sparse_reg, task_type=task_type, **extra)
+            schedule = {k: getattr(self.args, k) for k in ("prior_strength", "tau_start", "tau_end", "kappa_start",
+                                                           "kappa_end")}
+            config = sparse_peft.MaskConfig(prior=prior, sparse_reg=self.args.sparse_reg, task_type=task_type,
+                                            **schedule, **extra)
         peft_model = get_peft_model(base, config)
         distill = self.args.distill and objective == "lm" and kind != "lora"
         training_args = self.training_arguments(plan["steps"], plan["examples_per_step"], seed,
