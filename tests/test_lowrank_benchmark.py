@@ -1,0 +1,44 @@
+"""benchmarks/lowrank.py end to end on the shipped 231K-parameter model: every row kind, merge checks, resume."""
+
+from __future__ import annotations
+
+from peft import PeftModel
+
+from conftest import AIDREAMS, load_benchmark
+from sparse_peft.data import load_model_and_tokenizer, load_texts
+from sparse_peft.evaluation import perplexity
+from sparse_peft.oneshot import prune
+
+SMALL = ["--model", str(AIDREAMS), "--device", "cpu", "--ranks", "2,4", "--train-rank", "2", "--num-samples", "4",
+         "--calibration-len", "32", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--window", "32",
+         "--eval-windows", "2", "--eval-examples", "8"]
+
+
+def test_rows_merge_checks_reference_and_resume(tmp_path):
+    model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
+    general = str(tmp_path / "general")
+    prune(model, "magnitude", show_progress=False).save_pretrained(general)
+    lowrank = load_benchmark("lowrank")
+    out = str(tmp_path / "out")
+    result = lowrank.main([*SMALL, "--general", general, "--output", out])
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == ["dense", "mask", "eora-under-r2", "eora-under-r4", "eora-residual-r2", "trained-under-r2",
+                          "naive-lora-r2"]
+    for name in ("mask", "eora-under-r2", "eora-under-r4", "trained-under-r2"):
+        assert rows[name]["merged_exactly_2of4"] and rows[name]["merged_zero_fraction"] >= 0.5, name
+    assert "merged_exactly_2of4" not in rows["eora-residual-r2"]  # a dense residual does not merge
+    assert not rows["naive-lora-r2"]["merged_exactly_2of4"]
+    assert rows["naive-lora-r2"]["merged_zero_fraction"] < 0.5  # the merged LoRA fills the pruned weights
+    assert rows["mask"]["bits_per_weight"] < rows["eora-under-r2"]["bits_per_weight"] < rows["eora-under-r4"][
+        "bits_per_weight"]
+    assert rows["trained-under-r2"]["tokens"] == 2 * 2 * 32
+
+    # The mask row is the library's perplexity of the general mask adapter.
+    texts = load_texts("wikitext2", split="test")
+    masked = PeftModel.from_pretrained(load_model_and_tokenizer(str(AIDREAMS))[0], general).eval()
+    reference = perplexity(masked, tokenizer, texts, window=32, max_windows=2, show_progress=False)["ppl"]
+    assert abs(rows["mask"]["wikitext2_ppl"] - reference) <= 1e-6 * reference
+
+    again = lowrank.main([*SMALL, "--general", general, "--output", out, "--resume"])
+    assert again["rows"] == result["rows"]
+    assert (tmp_path / "out" / "lowrank.md").read_text().count("\n") == len(rows) + 2
