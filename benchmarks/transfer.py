@@ -18,7 +18,10 @@ the largest budget, the first seed below it):
 * ``sparsegpt`` / ``sparsegpt+update``: SparseGPT 2:4 calibrated on the task's own training text, mask only / with
   its weight update (the one-shot baselines; for ``seq_cls`` with a head trained alone at the largest budget);
 * ``scratch``: a task mask learned from that SparseGPT mask as prior;
-* ``transfer``: a task mask learned from the general mask as prior.
+* ``transfer``: a task mask learned from the general mask as prior;
+* ``transfer+lowrank``: the general mask kept frozen with a rank-``--lowrank-rank`` update under it
+  (``MaskConfig(lora_rank=r, train_mask=False, init_lora_weights="eora")``: initialised from the task's calibration
+  text, then trained at ``--lora-lr``); it merges into exactly 2:4 weights.
 
 A step holds about ``--batch-size`` x ``--seq-len`` task tokens (causal-LM windows; for classification as many
 examples as make that many tokens), so a row of budget B takes about B / (batch x seq_len) steps. Every learned mask
@@ -73,19 +76,20 @@ from sparse_peft.tasks import (
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
 from sparse_peft.utils import atomic_write, check_resumed_settings
 
-ROW_KINDS = ("dense", "lora", "general", "sparsegpt", "sparsegpt+update", "scratch", "transfer")
-LEARNED_ROWS = ("lora", "scratch", "transfer")
-MASK_ROWS = ("scratch", "transfer")
+ROW_KINDS = ("dense", "lora", "general", "sparsegpt", "sparsegpt+update", "scratch", "transfer", "transfer+lowrank")
+LEARNED_ROWS = ("lora", "scratch", "transfer", "transfer+lowrank")
+MASK_ROWS = ("scratch", "transfer", "transfer+lowrank")
 FIXED_ROWS = ("dense", "general", "sparsegpt", "sparsegpt+update")
 OBJECTIVES = ("label_words", "seq_cls")
 #: Settings all rows of one table share: a ``--resume`` run must use the values the table was measured with.
 SHARED_SETTINGS = ("model", "gguf_file", "general", "general_sha256", "seq_len", "batch_size", "lr", "lora_lr",
-                   "lora_r", "sparse_reg", "prior_strength", "tau_start", "tau_end",
+                   "lora_r", "lowrank_rank", "sparse_reg", "prior_strength", "tau_start", "tau_end",
                    "kappa_start", "kappa_end", "distill", "bf16", "window", "eval_windows", "eval_examples",
                    "num_samples", "calibration_len", "max_words", "held_out")
 NAMES = {"dense": "dense", "lora": "dense + LoRA", "general": "general mask", "sparsegpt": "SparseGPT 2:4 mask only",
          "sparsegpt+update": "SparseGPT 2:4 + weight update", "scratch": "task mask from SparseGPT prior",
-         "transfer": "task mask from general mask"}
+         "transfer": "task mask from general mask",
+         "transfer+lowrank": "general mask + rank-r update under it"}
 
 
 def comma_list(kind):
@@ -112,6 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the mask logits (and trained heads)")
     p.add_argument("--lora-lr", type=float, default=2e-4)
     p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lowrank-rank", type=int, default=16, help="rank of the transfer+lowrank rows' update")
     p.add_argument("--sparse-reg", type=float, default=0.0, help="regulariser lambda (0 for small batches)")
     defaults = sparse_peft.MaskConfig()
     for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end"):
@@ -346,15 +351,18 @@ class Benchmark:
             config = LoraConfig(r=self.args.lora_r, lora_alpha=2 * self.args.lora_r, lora_dropout=0.0,
                                 target_modules=targets, task_type=task_type, **extra)
         else:
-            prior = self.args.general if kind == "transfer" else self.prior(task, spec)
+            prior = self.args.general if kind.startswith("transfer") else self.prior(task, spec)
             schedule = {k: getattr(self.args, k) for k in ("prior_strength", "tau_start", "tau_end", "kappa_start",
                                                            "kappa_end")}
+            if kind == "transfer+lowrank":
+                extra.update(lora_rank=self.args.lowrank_rank, train_mask=False, init_lora_weights="eora",
+                             calibration=self.calibration(spec))
             config = sparse_peft.MaskConfig(prior=prior, sparse_reg=self.args.sparse_reg, task_type=task_type,
                                             **schedule, **extra)
         peft_model = get_peft_model(base, config)
         distill = self.args.distill and objective == "lm" and kind != "lora"
-        training_args = self.training_arguments(plan["steps"], plan["examples_per_step"], seed,
-                                                self.args.lora_lr if kind == "lora" else self.args.lr)
+        lr = self.args.lora_lr if kind in ("lora", "transfer+lowrank") else self.args.lr
+        training_args = self.training_arguments(plan["steps"], plan["examples_per_step"], seed, lr)
         start = time.perf_counter()
         if kind == "lora":
             Trainer(model=peft_model, args=training_args, train_dataset=plan["dataset"],
@@ -498,7 +506,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(lines_of, columns, figsize=(5.6 * columns, 5.2 * lines_of), squeeze=False)
     axes = axes.ravel()
     colors = {"dense": "green", "general": "tab:purple", "sparsegpt": "red", "sparsegpt+update": "darkorange",
-              "lora": "tab:gray", "scratch": "tab:red", "transfer": "tab:blue"}
+              "lora": "tab:gray", "scratch": "tab:red", "transfer": "tab:blue", "transfer+lowrank": "tab:cyan"}
     units = {"ppl": "held-out perplexity (lower is better)", "accuracy": "accuracy (higher is better)"}
     for ax, ((task, objective), entry) in zip(axes, panels.items()):
         for kind, curve in entry["curves"].items():

@@ -37,17 +37,18 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
     keys = [(r["task"], r["objective"], r["row"], r["budget"], r["seed"]) for r in first["rows"]]
     fixed = [("tinystories", "lm", k, None, None) for k in ("dense", "general", "sparsegpt", "sparsegpt+update")]
     fixed += [("sst2", "seq_cls", k, 64, 0) for k in ("dense", "general", "sparsegpt", "sparsegpt+update")]
-    learned_rows = [("tinystories", "lm", k, 64, s) for k in ("scratch", "transfer") for s in (0, 1)]
-    learned_rows += [("sst2", "seq_cls", k, 64, s) for k in ("lora", "scratch", "transfer") for s in (0, 1)]
+    masks = ("scratch", "transfer", "transfer+lowrank")
+    learned_rows = [("tinystories", "lm", k, 64, s) for k in masks for s in (0, 1)]
+    learned_rows += [("sst2", "seq_cls", k, 64, s) for k in ("lora", *masks) for s in (0, 1)]
     assert sorted(keys, key=str) == sorted(fixed + learned_rows, key=str)
-    assert len(learned) == 8  # the mask rows; LoRA trains with a plain Trainer
+    assert len(learned) == 12  # the mask rows; LoRA trains with a plain Trainer
     for row in first["rows"]:
         assert row["value"] == row["value"] and 0 <= row["value"] < float("inf")  # finite
         assert row["metric"] == ("ppl" if row["task"] == "tinystories" else "accuracy")
     for row in first["rows"]:
-        if row["row"] in ("lora", "scratch", "transfer"):
+        if row["row"] in ("lora", "scratch", "transfer", "transfer+lowrank"):
             assert row["steps"] >= 1 and row["tokens"] >= 64 and row["seconds"] > 0
-    masks = [r for r in first["rows"] if r["row"] in ("scratch", "transfer")]
+    masks = [r for r in first["rows"] if r["row"] in ("scratch", "transfer", "transfer+lowrank")]
     for row in masks:
         assert row["bits_raw"] > 0 and row["bits_delta"] > 0 and 0 < row["mean_agreement"] <= 1
         config = json.loads((tmp_path / "t" / "adapters" / row["adapter"].rsplit("/", 1)[-1] /
@@ -55,6 +56,8 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
         assert config["save_delta"] and config["prior"] == general  # delta-coded against the general mask
         if row["row"] == "transfer":
             assert row["bits_delta"] < row["bits_raw"]
+        if row["row"] == "transfer+lowrank":  # its mask is the general mask; the file holds the update
+            assert row["mean_agreement"] == 1 and config["lora_rank"] == 16 and not config["train_mask"]
 
     # The dense row is the library's perplexity on the held-out TinyStories documents.
     model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
