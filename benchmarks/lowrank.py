@@ -37,6 +37,7 @@ from sparse_peft.config import DEFAULT_TARGET_MODULES
 from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer, load_texts, shipped_general_mask
 from sparse_peft.evaluation import label_word_predictions, metric_scores, perplexity
 from sparse_peft.layer import mask_layers
+from sparse_peft.lowrank_init import init_lowrank_from_calibration
 from sparse_peft.patterns import is_n_m_sparse
 from sparse_peft.tasks import load_task
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
@@ -110,6 +111,7 @@ class Benchmark:
             check_resumed_settings(saved["settings"], args, SHARED_SETTINGS, self.json_path)
             self.result["rows"] = saved["rows"]
         self._calibration = None
+        self.lowrank_cache: dict = {}
 
     @property
     def calibration(self) -> torch.Tensor:
@@ -166,9 +168,11 @@ class Benchmark:
             config = {"prior": self.args.general}
             if rank:
                 placement = "dense_residual" if "residual" in name else "under_mask"
-                config.update(lora_rank=rank, lora_placement=placement, init_lora_weights="eora",
-                              calibration=self.calibration, train_mask=False)
+                config.update(lora_rank=rank, lora_placement=placement, train_mask=False)
             model = get_peft_model(copy.deepcopy(self.model), sparse_peft.MaskConfig(**config))
+            if rank:  # what init_lora_weights="eora" does, with the rank-independent part shared between rows
+                init_lowrank_from_calibration(model, "default", self.calibration, cache=self.lowrank_cache)
+                model.peft_config["default"].init_lora_weights = "eora"
             row["init_seconds"] = time.perf_counter() - start
             if name.startswith("trained"):
                 row.update(steps=self.args.steps, tokens=self.args.steps * self.args.batch_size * self.args.seq_len,

@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model
 
 from conftest import tiny_gpt2, tiny_llama
 from sparse_peft import MaskConfig, MaskedLinear
-from sparse_peft.layer import mask_layers
+from sparse_peft.layer import mask_layers, set_masks
 from sparse_peft.lowrank import calibrated_factors, lowrank_factors, masked_least_squares_update, output_error
 from sparse_peft.patterns import draw_seed, is_n_m_sparse, topn_mask
 
@@ -98,6 +98,27 @@ def test_eora_init_on_a_model_reduces_every_layers_output_error(placement, token
         else:
             effective = weight * layer.hard_mask("default") + scale * lora_b @ lora_a
         assert explicit_error(weight, effective, x) < explicit_error(weight, weight * layer.hard_mask("default"), x)
+
+
+def test_eora_cache_reuses_the_rank_independent_part(tokens, monkeypatch):
+    from sparse_peft import lowrank_init
+
+    calibration = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2))
+    fresh = get_peft_model(tiny_llama(), MaskConfig(prior="magnitude", lora_rank=2, init_lora_weights="eora",
+                                                    calibration=calibration))
+    masks = {name: layer.hard_mask("default") for name, layer in mask_layers(fresh).items()}
+    cache = {}
+    for rank in (4, 2):
+        model = get_peft_model(tiny_llama(), MaskConfig(prior="magnitude", lora_rank=rank))
+        set_masks(model, masks)  # the fresh model's mask (a one-shot prior's logits start with noise)
+        lowrank_init.init_lowrank_from_calibration(model, "default", calibration, cache=cache)
+        if rank == 4:  # the second call finds every layer in the cache: no forward pass, no new targets
+            monkeypatch.setattr(lowrank_init, "calibrated_target", None)
+            monkeypatch.setattr(type(model.base_model.model), "forward", None)
+    assert len(cache) == len(mask_layers(model))
+    for (_, got), (_, expected) in zip(mask_layers(model).items(), mask_layers(fresh).items()):
+        for a, b in zip(got.lowrank("default")[:2], expected.lowrank("default")[:2]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_eora_without_calibration_is_refused_before_anything_changes():
