@@ -6,7 +6,8 @@ Rows (``--rows``), all on the general mask (``--general``, default the shipped o
 * ``eora-under-r<R>``: training-free update under the mask (``init_lora_weights='eora'``, rank R per ``--ranks``);
 * ``eora-residual-r<R>``: training-free dense residual update (EoRA's projection of the compression error);
 * ``trained-under-r<R>``: rank R (``--train-rank``) under the frozen general mask (``train_mask=False``), started
-  from the training-free update and trained for ``--steps`` steps of ``--batch-size`` x ``--seq-len`` tokens;
+  from the training-free update (the ``eora-under-r<R>`` row's adapter when it exists) and trained for ``--steps``
+  steps of ``--batch-size`` x ``--seq-len`` tokens (LM loss);
 * ``naive-lora-r<R>``: what users do today: PEFT LoRA trained on the model with the mask merged, the same steps,
   then merged without the mask, which destroys the sparsity (its zero fraction and 2:4 validity are reported).
 
@@ -37,7 +38,6 @@ from sparse_peft.config import DEFAULT_TARGET_MODULES
 from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer, load_texts, shipped_general_mask
 from sparse_peft.evaluation import label_word_predictions, metric_scores, perplexity
 from sparse_peft.layer import mask_layers
-from sparse_peft.lowrank_init import init_lowrank_from_calibration
 from sparse_peft.patterns import is_n_m_sparse
 from sparse_peft.tasks import load_task
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
@@ -111,7 +111,6 @@ class Benchmark:
             check_resumed_settings(saved["settings"], args, SHARED_SETTINGS, self.json_path)
             self.result["rows"] = saved["rows"]
         self._calibration = None
-        self.lowrank_cache: dict = {}
 
     @property
     def calibration(self) -> torch.Tensor:
@@ -165,14 +164,18 @@ class Benchmark:
             merged = model.merge_and_unload()
             row.update(merged_stats(merged, names))
         else:
-            config = {"prior": self.args.general}
-            if rank:
-                placement = "dense_residual" if "residual" in name else "under_mask"
-                config.update(lora_rank=rank, lora_placement=placement, train_mask=False)
-            model = get_peft_model(copy.deepcopy(self.model), sparse_peft.MaskConfig(**config))
-            if rank:  # what init_lora_weights="eora" does, with the rank-independent part shared between rows
-                init_lowrank_from_calibration(model, "default", self.calibration, cache=self.lowrank_cache)
-                model.peft_config["default"].init_lora_weights = "eora"
+            start_from = os.path.join(self.args.output, "adapters", f"eora-under-r{rank}")
+            if name.startswith("trained") and os.path.isfile(os.path.join(start_from, "adapter_config.json")):
+                # the training-free row of the same rank is this row's start: load it instead of recomputing it
+                model = PeftModel.from_pretrained(copy.deepcopy(self.model), start_from, is_trainable=True)
+                row["started_from"] = start_from
+            else:
+                config = {"prior": self.args.general}
+                if rank:
+                    placement = "dense_residual" if "residual" in name else "under_mask"
+                    config.update(lora_rank=rank, lora_placement=placement, init_lora_weights="eora",
+                                  calibration=self.calibration, train_mask=False)
+                model = get_peft_model(copy.deepcopy(self.model), sparse_peft.MaskConfig(**config))
             row["init_seconds"] = time.perf_counter() - start
             if name.startswith("trained"):
                 row.update(steps=self.args.steps, tokens=self.args.steps * self.args.batch_size * self.args.seq_len,

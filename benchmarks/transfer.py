@@ -359,7 +359,9 @@ class Benchmark:
                              calibration=self.calibration(spec))
             config = sparse_peft.MaskConfig(prior=prior, sparse_reg=self.args.sparse_reg, task_type=task_type,
                                             **schedule, **extra)
+        start = time.perf_counter()
         peft_model = get_peft_model(base, config)
+        row["init_seconds"] = time.perf_counter() - start  # the prior (and a training-free update) computed
         distill = self.args.distill and objective == "lm" and kind != "lora"
         lr = self.args.lora_lr if kind in ("lora", "transfer+lowrank") else self.args.lr
         training_args = self.training_arguments(plan["steps"], plan["examples_per_step"], seed, lr)

@@ -148,7 +148,7 @@ def calibrated_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, A)`` (see :func:`lowrank_factors`) of the update at ``placement`` with scale 1 (divide ``B`` by the
     adapter's scale). ``target``: :func:`calibrated_target` of the same arguments, if already computed (it does not
-    depend on the rank)."""
+    depend on the rank: adapters of several ranks with the same inputs can share it)."""
     if target is None:
         target = calibrated_target(weight, mask, hessian, placement, damp)
     if placement == "dense_residual":

@@ -1,78 +1,98 @@
 """``init_lora_weights='eora'``: a mask adapter's low-rank updates computed from calibration inputs, no training.
 
-One pass of the masked model (its hard masks, updates still zero) over the calibration token ids gathers every
-masked layer's input covariance ``H = X^T X``; each layer's ``B``, ``A`` are then
-:func:`~sparse_peft.lowrank.calibrated_factors` of its weight, hard mask and ``H``. All layers' ``H`` are held at
-once (``4 * in^2`` bytes per layer: 0.5 GB for SmolLM2-135M).
+Sequential, like SparseGPT and the GPTQ-based EoRA reference: the first transformer block's inputs are captured
+once; then, block after block, each group of masked layers that reads the same input (q/k/v, then o, then gate/up,
+then down in a Llama block) gets its input covariance ``H = X^T X`` from a pass of the block in which the layers
+before it already carry their updates, and its ``B``, ``A`` from :func:`~sparse_peft.lowrank.calibrated_factors`
+of its weight, hard mask and ``H``. The updated block then gives the next block's inputs. So every update corrects
+the error that reaches its layer from the already-corrected layers before it, not the error of the mask-only model.
+Cost: one block pass per input group and one more per block (about four forwards of the model for a Llama), plus
+the least-squares solves; memory: one block's ``H`` at a time and the calibration activations of one block.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from .layer import MaskedLinear, mask_layers
-from .lowrank import calibrated_factors, calibrated_target
+from .lowrank import calibrated_factors
+from .pruners import call_block, capture_block_inputs, find_blocks, run_block, targets_per_block
 
 __all__ = ["init_lowrank_from_calibration"]
 
 
 def init_lowrank_from_calibration(
-    model: nn.Module,
-    adapter_name: str,
-    calibration: torch.Tensor,
-    batch_size: int = 8,
-    cache: Optional[dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]] = None,
+    model: nn.Module, adapter_name: str, calibration: torch.Tensor, batch_size: int = 8
 ) -> None:
     """Set ``adapter_name``'s update ``B [out, r]``, ``A [r, in]`` in every mask layer of ``model`` from
     ``calibration`` (token ids ``[num_samples, seq_len]``); see the module docstring.
 
-    ``model`` is called as ``model(input_ids=..., use_cache=False)`` in eval mode with ``adapter_name`` active in
-    the mask layers; the train/eval flags and the active adapters are restored afterwards.
-
-    ``cache``: a dict to keep, per ``(layer name, placement)``, the layer's ``H`` and its full-rank target
-    (:func:`~sparse_peft.lowrank.calibrated_target`, which does not depend on the rank) and to reuse them from, so
-    that adapters of several ranks on the same base, mask and calibration compute them once (the forward pass is
-    skipped when every layer is cached). It holds ``4 * (in^2 + out * in)`` bytes per layer.
+    ``model`` (a ``PeftModel`` or the model it wraps) is called as ``model(input_ids=..., use_cache=False)`` up to
+    its first transformer block, in eval mode with ``adapter_name`` active in the mask layers; the train/eval flags
+    and the active adapters are restored afterwards. Every layer with an update must sit inside the transformer
+    blocks.
     """
     if not (isinstance(calibration, torch.Tensor) and calibration.dim() == 2 and not calibration.is_floating_point()):
         raise ValueError(
             "init_lora_weights='eora' needs MaskConfig.calibration: token ids, a LongTensor [num_samples, seq_len] "
             "(e.g. sparse_peft.data.calibration_from_texts(texts, tokenizer))."
         )
-    cache = {} if cache is None else cache
-    layers = {name: layer for name, layer in mask_layers(model, adapter_name).items() if layer.lowrank(adapter_name)}
-    placement = {name: layer.maskllm_spec[adapter_name].placement for name, layer in layers.items()}
-    missing = [name for name in layers if (name, placement[name]) not in cache]
-    sums = {name: torch.zeros(layers[name].weight_shape[1], layers[name].weight_shape[1], dtype=torch.float64,
-                              device=layers[name].base_weight().device) for name in missing}
+    modules = {module: name for name, module in model.named_modules()}
+    layers = {modules[layer]: layer for layer in mask_layers(model, adapter_name).values()
+              if layer.lowrank(adapter_name) is not None}
+    if not layers:
+        return
+    with _active(model, adapter_name), torch.no_grad():
+        prefix, blocks = find_blocks(model, list(layers))
+        per_block = targets_per_block(prefix, len(blocks), layers)
+        last = max(i for i, targets in enumerate(per_block) if targets)
+        inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
+        for i in range(last + 1):
+            remaining = dict(per_block[i])
+            while remaining:
+                group, hessians = _next_input_group(blocks[i], remaining, inputs)
+                for name in group:
+                    layer = remaining.pop(name)
+                    lora_a, lora_b, scale = layer.lowrank(adapter_name)
+                    b, a = calibrated_factors(layer.base_weight(), layer.hard_mask(adapter_name), hessians[name],
+                                              lora_a.shape[0], layer.maskllm_spec[adapter_name].placement)
+                    lora_a.copy_(a)
+                    lora_b.copy_(b / scale)
+            if i < last:
+                inputs = run_block(blocks[i], inputs)
 
-    def accumulate(name: str, args: tuple) -> None:
+
+def _next_input_group(
+    block: nn.Module, remaining: dict[str, MaskedLinear], inputs: list
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """One pass of ``block`` over ``inputs``: the first-called of the ``remaining`` layers and those that read the
+    very same input tensor in that call (e.g. q/k/v), and their ``H = X^T X`` (float32 ``[in, in]``) over all
+    calibration batches."""
+    order: list[str] = []
+    first_input: dict[str, torch.Tensor] = {}  # each layer's input in the first batch, kept alive to compare by identity
+    sums: dict[str, torch.Tensor] = {}
+
+    def record(name: str, args: tuple) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).double()
+        if name not in sums:
+            order.append(name)
+            first_input[name] = args[0]
+            sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
         sums[name].addmm_(x.T, x)
 
-    with _active(model, adapter_name), torch.no_grad(), contextlib.ExitStack() as hooks:
-        if missing:
-            for name in missing:
-                handle = layers[name].register_forward_hook(lambda module, args, output, name=name: accumulate(name,
-                                                                                                            args))
-                hooks.callback(handle.remove)
-            device = next(model.parameters()).device
-            for batch in calibration.split(batch_size):
-                model(input_ids=batch.to(device), use_cache=False)
-        for name, layer in layers.items():
-            weight, mask = layer.base_weight(), layer.hard_mask(adapter_name)
-            if name in sums:
-                hessian = sums.pop(name).float()
-                cache[name, placement[name]] = (hessian, calibrated_target(weight, mask, hessian, placement[name]))
-            hessian, target = cache[name, placement[name]]
-            lora_a, lora_b, scale = layer.lowrank(adapter_name)
-            b, a = calibrated_factors(weight, mask, hessian, lora_a.shape[0], placement[name], target=target)
-            lora_a.copy_(a)
-            lora_b.copy_(b / scale)
+    with contextlib.ExitStack() as hooks:
+        for name, layer in remaining.items():
+            handle = layer.register_forward_hook(lambda module, args, output, name=name: record(name, args))
+            hooks.callback(handle.remove)
+        for batch in inputs:
+            call_block(block, batch)
+    if not order:
+        raise RuntimeError(f"The block's forward did not call the mask layers {sorted(remaining)}.")
+    group = [name for name in order if first_input[name] is first_input[order[0]]]
+    return group, {name: sums[name].float() for name in group}
 
 
 @contextlib.contextmanager

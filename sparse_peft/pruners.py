@@ -212,10 +212,10 @@ def _prune_block_by_block(
     show_progress: bool,
 ) -> dict[str, torch.Tensor]:
     """Prune the targets block after block; see :func:`compute_prior_masks` for the order of passes."""
-    prefix, blocks = _find_blocks(model, list(linears))
-    per_block = _targets_per_block(prefix, len(blocks), linears)
+    prefix, blocks = find_blocks(model, list(linears))
+    per_block = targets_per_block(prefix, len(blocks), linears)
     last = max(i for i, targets in enumerate(per_block) if targets)
-    inputs = _capture_block_inputs(model, blocks[0], calibration, batch_size)
+    inputs = capture_block_inputs(model, blocks[0], calibration, batch_size)
     masks: dict[str, torch.Tensor] = {}
     progress = tqdm(range(last + 1), desc=f"{method} {n}:{m}", unit="block", disable=not show_progress)
     for i in progress:
@@ -225,11 +225,11 @@ def _prune_block_by_block(
         if i < last:
             applied = {} if update_weights else {name: block_masks[name] for name in targets}
             with _masked_weights(targets, applied):
-                inputs = _run_block(blocks[i], inputs)
+                inputs = run_block(blocks[i], inputs)
     return masks
 
 
-def _find_blocks(model: nn.Module, target_names: list[str]) -> tuple[str, nn.ModuleList]:
+def find_blocks(model: nn.Module, target_names: list[str]) -> tuple[str, nn.ModuleList]:
     """The model's list of transformer blocks and its name: ``(prefix, blocks)``.
 
     Tries the Llama (``model.layers``) and GPT-2 (``transformer.h``) layouts first, then the first
@@ -256,7 +256,7 @@ def _find_blocks(model: nn.Module, target_names: list[str]) -> tuple[str, nn.Mod
     )
 
 
-def _targets_per_block(prefix: str, num_blocks: int, linears: dict[str, _Prunable]) -> list[dict[str, _Prunable]]:
+def targets_per_block(prefix: str, num_blocks: int, linears: dict[str, _Prunable]) -> list[dict[str, _Prunable]]:
     """Split the targets by block: entry ``i`` holds the targets named ``f"{prefix}.{i}.*"``."""
     per_block: list[dict[str, _Prunable]] = [{} for _ in range(num_blocks)]
     for name, linear in linears.items():
@@ -264,7 +264,7 @@ def _targets_per_block(prefix: str, num_blocks: int, linears: dict[str, _Prunabl
     return per_block
 
 
-def _capture_block_inputs(
+def capture_block_inputs(
     model: nn.Module, first_block: nn.Module, calibration: torch.Tensor, batch_size: int
 ) -> list[_BlockInput]:
     """Run the model on the calibration batches up to the first block and record that block's call arguments."""
@@ -297,12 +297,12 @@ def _input_device(model: nn.Module) -> torch.device:
         return next(model.parameters()).device
 
 
-def _run_block(block: nn.Module, inputs: list[_BlockInput]) -> list[_BlockInput]:
+def run_block(block: nn.Module, inputs: list[_BlockInput]) -> list[_BlockInput]:
     """Run ``block`` on every mini-batch; the outputs, with the same extra arguments, are the next block's inputs."""
-    return [_BlockInput(_call_block(block, batch), batch.args, batch.kwargs) for batch in inputs]
+    return [_BlockInput(call_block(block, batch), batch.args, batch.kwargs) for batch in inputs]
 
 
-def _call_block(block: nn.Module, batch: _BlockInput) -> torch.Tensor:
+def call_block(block: nn.Module, batch: _BlockInput) -> torch.Tensor:
     """The block's output hidden states ``[batch, seq_len, hidden_size]`` for one mini-batch."""
     hidden = block(batch.hidden, *batch.args, **batch.kwargs)
     if isinstance(hidden, (tuple, list)):  # older-style blocks return (hidden_states, ...)
@@ -399,7 +399,7 @@ def _collect_stats(
     ]
     try:
         for batch in inputs:
-            _call_block(block, batch)
+            call_block(block, batch)
     finally:
         for handle in handles:
             handle.remove()

@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model
 
 from conftest import tiny_gpt2, tiny_llama
 from sparse_peft import MaskConfig, MaskedLinear
-from sparse_peft.layer import mask_layers, set_masks
+from sparse_peft.layer import mask_layers
 from sparse_peft.lowrank import calibrated_factors, lowrank_factors, masked_least_squares_update, output_error
 from sparse_peft.patterns import draw_seed, is_n_m_sparse, topn_mask
 
@@ -82,43 +82,44 @@ def layer_inputs(model, tokens):
 
 
 @pytest.mark.parametrize("placement", ["under_mask", "dense_residual"])
-def test_eora_init_on_a_model_reduces_every_layers_output_error(placement, tokens):
-    """Each layer's error on the mask-only model's inputs falls below the mask alone's (same mask, same inputs)."""
+def test_eora_init_on_a_model_reduces_every_layers_output_error(placement):
+    """Sequential: each layer's update was fitted to the inputs it gets in the finished model (the layers before it
+    corrected), and on those inputs its output error is below that of the same mask without the update."""
     calibration = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
-    common = dict(prior="magnitude", lora_rank=4, lora_placement=placement)
-    plain = get_peft_model(tiny_llama(), MaskConfig(**common))
-    eora = get_peft_model(tiny_llama(), MaskConfig(**common, init_lora_weights="eora", calibration=calibration))
-    inputs = layer_inputs(plain, calibration)
-    for (name, layer), (_, calibrated) in zip(mask_layers(plain).items(), mask_layers(eora).items()):
-        x, weight = inputs[layer], layer.base_weight()
-        lora_a, lora_b, scale = calibrated.lowrank("default")
-        assert torch.equal(calibrated.hard_mask("default"), layer.hard_mask("default")), name
+    config = MaskConfig(prior="magnitude", lora_rank=4, lora_placement=placement, init_lora_weights="eora",
+                        calibration=calibration)
+    model = get_peft_model(tiny_llama(), config)
+    inputs = layer_inputs(model, calibration)
+    assert len(inputs) == 14
+    for name, layer in mask_layers(model).items():
+        x, weight, mask = inputs[layer], layer.base_weight(), layer.hard_mask("default")
+        lora_a, lora_b, scale = layer.lowrank("default")
+        assert lora_b.abs().sum() > 0, name
         if placement == "under_mask":
-            effective = calibrated.effective_weight("default")
+            effective = layer.effective_weight("default")
         else:
-            effective = weight * layer.hard_mask("default") + scale * lora_b @ lora_a
-        assert explicit_error(weight, effective, x) < explicit_error(weight, weight * layer.hard_mask("default"), x)
+            effective = weight * mask + scale * lora_b @ lora_a
+        assert explicit_error(weight, effective, x) < explicit_error(weight, weight * mask, x), name
 
 
-def test_eora_cache_reuses_the_rank_independent_part(tokens, monkeypatch):
+def test_eora_init_groups_layers_by_their_shared_input(monkeypatch):
+    """Llama: q/k/v, o, gate/up and down are fitted in that order, each group from one pass of its block."""
     from sparse_peft import lowrank_init
 
-    calibration = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2))
-    fresh = get_peft_model(tiny_llama(), MaskConfig(prior="magnitude", lora_rank=2, init_lora_weights="eora",
-                                                    calibration=calibration))
-    masks = {name: layer.hard_mask("default") for name, layer in mask_layers(fresh).items()}
-    cache = {}
-    for rank in (4, 2):
-        model = get_peft_model(tiny_llama(), MaskConfig(prior="magnitude", lora_rank=rank))
-        set_masks(model, masks)  # the fresh model's mask (a one-shot prior's logits start with noise)
-        lowrank_init.init_lowrank_from_calibration(model, "default", calibration, cache=cache)
-        if rank == 4:  # the second call finds every layer in the cache: no forward pass, no new targets
-            monkeypatch.setattr(lowrank_init, "calibrated_target", None)
-            monkeypatch.setattr(type(model.base_model.model), "forward", None)
-    assert len(cache) == len(mask_layers(model))
-    for (_, got), (_, expected) in zip(mask_layers(model).items(), mask_layers(fresh).items()):
-        for a, b in zip(got.lowrank("default")[:2], expected.lowrank("default")[:2]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    groups = []
+    original = lowrank_init._next_input_group
+
+    def spy(block, remaining, inputs):
+        group, hessians = original(block, remaining, inputs)
+        groups.append([name.rsplit(".", 1)[-1] for name in group])
+        return group, hessians
+
+    monkeypatch.setattr(lowrank_init, "_next_input_group", spy)
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    get_peft_model(tiny_llama(), MaskConfig(prior="magnitude", lora_rank=2, init_lora_weights="eora",
+                                            calibration=calibration))
+    block = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert groups == block + block
 
 
 def test_eora_without_calibration_is_refused_before_anything_changes():
