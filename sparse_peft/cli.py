@@ -538,16 +538,18 @@ def cmd_learn(args) -> dict:
         n=args.n, m=args.m, target_modules=_targets(args), prior=prior,
         prior_strength=args.prior_strength, tau_start=args.tau_start, tau_end=args.tau_end,
         kappa_start=args.kappa_start, kappa_end=args.kappa_end, sparse_reg=args.sparse_reg,
-        save_logits=args.save_logits, task_type="CAUSAL_LM",
+        save_logits=args.save_logits, task_type="CAUSAL_LM", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_placement=args.lora_placement, train_mask=not args.freeze_mask,
+        init_lora_weights="eora" if args.init_lora_weights == "eora" else True,
     )
     _check_model(args)
     _check_prior(prior)
     _check_text("--data", args.data)
     _check_training_options(args)
-    if prior in CALIBRATED_PRIORS:
+    if prior in CALIBRATED_PRIORS or config.init_lora_weights == "eora":
         _check_text("--calibration", args.calibration)
     model, tokenizer = _load(args)
-    if prior in CALIBRATED_PRIORS:
+    if prior in CALIBRATED_PRIORS or config.init_lora_weights == "eora":
         config.calibration = _calibration(args, tokenizer)
     return learn_and_save(
         model, tokenizer, config, args.data, args.output, steps=args.steps, batch_size=args.batch_size,
@@ -712,8 +714,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p), _add_training_args(p, steps=100, batch_size=4, seq_len=256)
     _add_checkpoint_args(p)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end", "save_logits"):
+    for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end", "save_logits", "lora_rank"):
         add_config_arg(p, name)
+    add_config_arg(p, "lora_alpha", type=float)
+    add_config_arg(p, "lora_placement", choices=("under_mask", "dense_residual"))
+    add_config_arg(p, "init_lora_weights", action="store", type=str, choices=("zeros", "eora"), default="zeros",
+                   help="start of the low-rank update: zeros (B = 0: the mask alone) or eora (training-free, from "
+                        "--calibration text; docs/lowrank.md)")
+    p.add_argument("--freeze-mask", action="store_true",
+                   help="keep the prior's hard mask and train only the low-rank update (needs --lora-rank; "
+                        "MaskConfig(train_mask=False))")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory, one more forward per step)")
     p.add_argument("--recompute-soft-mask", action="store_true",

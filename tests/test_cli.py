@@ -188,3 +188,29 @@ def test_main_prints_library_log_lines_once(capsys):
     assert logging.getLogger().handlers == root_handlers
     assert len(logging.getLogger("sparse_peft").handlers) == 1
     capsys.readouterr()
+
+
+def test_learn_a_low_rank_update_on_a_frozen_mask(tmp_path, text_file):
+    from safetensors.torch import load_file
+
+    from sparse_peft.patterns import is_n_m_sparse
+
+    prior, learned = tmp_path / "magnitude", tmp_path / "lowrank"
+    run(["prune", "--model", str(AIDREAMS), "--method", "magnitude", "--output", str(prior)])
+    run(["learn", *common(text_file), "--prior", str(prior), "--data", text_file, "--steps", "2", "--batch-size", "2",
+         "--seq-len", "32", "--lora-rank", "2", "--init-lora-weights", "eora", "--freeze-mask",
+         "--output", str(learned)])
+    config = json.loads((learned / "adapter_config.json").read_text())
+    assert (config["lora_rank"], config["train_mask"], config["init_lora_weights"]) == (2, False, "eora")
+    saved = load_file(learned / "adapter_model.safetensors")
+    assert sum(".maskllm_lora_B" in k for k in saved) == 4 * 7
+    general, task = load_mask_adapter(str(prior)), load_mask_adapter(str(learned))
+    assert all(torch.equal(task.records[n].indices, general.records[n].indices) for n in general.records)
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(AIDREAMS), str(learned)).merge_and_unload()
+    assert all(is_n_m_sparse(merged.get_submodule(n).weight, 2, 4) for n in general.records)
+
+
+def test_eora_without_a_rank_or_frozen_mask_without_one_is_refused_before_loading(tmp_path, text_file):
+    with pytest.raises(ValueError, match="lora_rank > 0"):
+        run(["learn", *common(text_file), "--data", text_file, "--freeze-mask", "--output", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
