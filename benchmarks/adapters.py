@@ -33,7 +33,7 @@ import torch
 from peft import PeftModel
 
 from sparse_peft.adapter_io import adapter_size
-from sparse_peft.data import load_model_and_tokenizer, load_texts, shipped_general_mask
+from sparse_peft.data import default_general_mask, load_model_and_tokenizer, load_texts
 from sparse_peft.utils import atomic_write
 
 
@@ -49,10 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds of switching through all adapters")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     args = p.parse_args(argv)
-    if args.general is None:
-        if args.model is not None:
-            p.error("--general: the shipped general mask fits the shipped model only; pass the general mask of --model")
-        args.general = shipped_general_mask()
+    try:
+        args.general = default_general_mask(args.general, args.model)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 

@@ -35,7 +35,7 @@ from transformers import Trainer, default_data_collator
 import sparse_peft
 from sparse_peft.adapter_io import adapter_size
 from sparse_peft.config import DEFAULT_TARGET_MODULES
-from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer, load_texts, shipped_general_mask
+from sparse_peft.data import calibration_from_texts, default_general_mask, load_model_and_tokenizer, load_texts
 from sparse_peft.evaluation import label_word_predictions, metric_scores, perplexity
 from sparse_peft.layer import mask_layers
 from sparse_peft.patterns import is_n_m_sparse
@@ -75,10 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default="runs/lowrank")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
-    if args.general is None:
-        if args.model is not None:
-            p.error("--general: the shipped general mask fits the shipped model only; pass the general mask of --model")
-        args.general = shipped_general_mask()
+    try:
+        args.general = default_general_mask(args.general, args.model, args.gguf_file)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 

@@ -54,7 +54,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorForSeq2
 import sparse_peft
 from sparse_peft.adapter_io import adapter_size, load_mask_adapter
 from sparse_peft.config import DEFAULT_TARGET_MODULES
-from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer, shipped_general_mask
+from sparse_peft.data import calibration_from_texts, default_general_mask, load_model_and_tokenizer
 from sparse_peft.evaluation import (
     label_word_predictions,
     metric_scores,
@@ -76,7 +76,8 @@ from sparse_peft.tasks import (
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
 from sparse_peft.utils import atomic_write, check_resumed_settings
 
-ROW_KINDS = ("dense", "lora", "general", "sparsegpt", "sparsegpt+update", "scratch", "transfer", "transfer+lowrank")
+ROW_KINDS = ("dense", "lora", "general", "sparsegpt", "sparsegpt+update", "scratch", "transfer",
+             "transfer+lowrank")
 LEARNED_ROWS = ("lora", "scratch", "transfer", "transfer+lowrank")
 MASK_ROWS = ("scratch", "transfer", "transfer+lowrank")
 FIXED_ROWS = ("dense", "general", "sparsegpt", "sparsegpt+update")
@@ -143,10 +144,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"{name}: unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
     if not args.budgets or min(args.budgets) < 1 or not args.seeds:
         p.error("--budgets needs positive token counts and --seeds at least one seed")
-    if args.general is None:
-        if args.model is not None:
-            p.error("--general: the shipped general mask fits the shipped model only; pass the general mask of --model")
-        args.general = shipped_general_mask()
+    try:
+        args.general = default_general_mask(args.general, args.model, args.gguf_file)
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 

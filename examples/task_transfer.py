@@ -35,10 +35,10 @@ from sparse_peft.adapter_io import adapter_size
 from sparse_peft.data import (
     assets_dir,
     calibration_from_texts,
+    default_general_mask,
     load_model_and_tokenizer,
     load_table,
     load_texts,
-    shipped_general_mask,
 )
 from sparse_peft.evaluation import label_word_predictions, metric_scores, perplexity
 from sparse_peft.oneshot import prune
@@ -141,10 +141,10 @@ def main(argv=None) -> dict:
     parser = HfArgumentParser(Args, description=__doc__, formatter_class=HelpFormatter)
     (args,) = parser.parse_args_into_dataclasses(argv)
 
-    if args.general is None:
-        if args.model is not None:
-            parser.error("--general: the shipped general mask fits the shipped model only; pass --model's own")
-        args.general = shipped_general_mask()
+    try:
+        args.general = default_general_mask(args.general, args.model)
+    except ValueError as err:
+        parser.error(str(err))
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     tasks = load_tasks(args, tokenizer)
     results = {task: {"dense": spec["evaluate"](model)} for task, spec in tasks.items()}

@@ -36,6 +36,7 @@ from .data import (
     load_texts,
     looks_like_hub_id,
     looks_like_local_path,
+    default_general_mask,
     shipped_general_mask,
     shipped_model,
     sibling_names,
@@ -259,21 +260,12 @@ def _is_shipped(args) -> bool:
 
 
 def _resolve_general(args) -> str:
-    """The demo's ``--general``, checked (see :func:`_check_adapter`); not given: the shipped general mask
-    (:func:`~sparse_peft.data.shipped_general_mask`) for the shipped model, an error naming the fix for any other
-    ``--model``."""
+    """The demo's ``--general``, checked (see :func:`_check_adapter`); not given: the shipped general mask for the
+    shipped model, an error naming the fix for any other ``--model``
+    (:func:`~sparse_peft.data.default_general_mask`)."""
     if args.general is not None:
         _check_adapter("--general", args.general)
-        return args.general
-    if not _is_shipped(args):
-        model = " ".join(part for part in (args.model and f"--model {args.model}",
-                                           args.gguf_file and f"--gguf-file {args.gguf_file}") if part)
-        raise ValueError(
-            f"--general is needed with {model}: the default general mask is the shipped one, which fits the shipped "
-            "SmolLM2-135M-Instruct only. Pass --general <a general 2:4 mask adapter of that model: folder or Hub id>; "
-            f"`sparse-peft learn {model} --prior sparsegpt --distill --output runs/general` learns one."
-        )
-    return shipped_general_mask()
+    return default_general_mask(args.general, args.model, args.gguf_file)
 
 
 def _check_prior(prior: Optional[str]) -> None:

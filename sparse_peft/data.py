@@ -95,6 +95,26 @@ def shipped_general_mask() -> str:
     return str(folder)
 
 
+def default_general_mask(general: Optional[str], model: Optional[str] = None, gguf_file: Optional[str] = None) -> str:
+    """The general mask a task-mask command uses: ``general`` if given, else the shipped general mask
+    (:func:`shipped_general_mask`) when ``model`` and ``gguf_file`` are None (the shipped model).
+
+    Raises ``ValueError`` naming the fix for another model without ``general``: the shipped mask fits the shipped
+    SmolLM2-135M-Instruct only.
+    """
+    if general is not None:
+        return general
+    if model is not None or gguf_file is not None:
+        named = " ".join(part for part in (model and f"--model {model}", gguf_file and f"--gguf-file {gguf_file}")
+                         if part)
+        raise ValueError(
+            f"--general is needed with {named}: the default general mask is the shipped one, which fits the shipped "
+            "SmolLM2-135M-Instruct only. Pass --general <a general 2:4 mask adapter of that model: folder or Hub id>; "
+            f"`sparse-peft learn {named} --prior sparsegpt --distill --output runs/general` learns one."
+        )
+    return shipped_general_mask()
+
+
 def load_model_and_tokenizer(
     name_or_path: Optional[str] = None,
     *,

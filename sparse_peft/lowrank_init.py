@@ -72,7 +72,7 @@ def _next_input_group(
     very same input tensor in that call (e.g. q/k/v), and their ``H = X^T X`` (float32 ``[in, in]``) over all
     calibration batches."""
     order: list[str] = []
-    first_input: dict[str, torch.Tensor] = {}  # each layer's input in the first batch, kept alive to compare by identity
+    first_input: dict[str, torch.Tensor] = {}  # each layer's first-batch input, kept alive to compare by identity
     sums: dict[str, torch.Tensor] = {}
 
     def record(name: str, args: tuple) -> None:

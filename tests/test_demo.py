@@ -16,6 +16,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sparse_peft.cli as cli
+import sparse_peft.data as data
 from sparse_peft.adapter_io import adapter_size
 from sparse_peft.cli import main, run
 from sparse_peft.data import load_texts
@@ -132,7 +133,7 @@ def test_demo_bad_general_fails_before_any_model_is_loaded(extra, message, tmp_p
 
 
 def test_demo_general_defaults_to_the_shipped_general_mask_only_for_the_shipped_model(monkeypatch):
-    monkeypatch.setattr(cli, "shipped_general_mask", lambda: "/the/general/mask")
+    monkeypatch.setattr(data, "shipped_general_mask", lambda: "/the/general/mask")
     demo = subparsers(cli.build_parser())["demo"]
     assert cli._resolve_general(demo.parse_args([])) == "/the/general/mask"
     with pytest.raises(ValueError, match=r"--general is needed with --model m --gguf-file f\.gguf.*sparse-peft learn "
