@@ -6,8 +6,8 @@ Rows (``--rows``), all on the general mask (``--general``, default the shipped o
 * ``eora-under-r<R>``: training-free update under the mask (``init_lora_weights='eora'``, rank R per ``--ranks``);
 * ``eora-residual-r<R>``: training-free dense residual update (EoRA's projection of the compression error);
 * ``trained-under-r<R>``: rank R (``--train-rank``) under the frozen general mask (``train_mask=False``), started
-  from the training-free update (the ``eora-under-r<R>`` row's adapter when it exists) and trained for ``--steps``
-  steps of ``--batch-size`` x ``--seq-len`` tokens (LM loss);
+  from zero (``--trained-init zeros``) or from the training-free update (``eora``: the ``eora-under-r<R>`` row's
+  adapter when it exists) and trained for ``--steps`` steps of ``--batch-size`` x ``--seq-len`` tokens (LM loss);
 * ``naive-lora-r<R>``: what users do today: PEFT LoRA trained on the model with the mask merged, the same steps,
   then merged without the mask, which destroys the sparsity (its zero fraction and 2:4 validity are reported).
 
@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="row kinds: mask, eora-under, eora-residual, trained-under, naive-lora")
     p.add_argument("--ranks", type=comma_list(int), default="8,16,32", help="ranks of the eora-under rows")
     p.add_argument("--train-rank", type=int, default=16, help="rank of eora-residual, trained-under, naive-lora")
+    p.add_argument("--trained-init", choices=("zeros", "eora"), default="zeros",
+                   help="start of the trained-under row: B = 0, or the training-free update")
     p.add_argument("--calibration", default="c4")
     p.add_argument("--num-samples", type=int, default=32, help="calibration sequences of the training-free init")
     p.add_argument("--calibration-len", type=int, default=256)
@@ -67,7 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4, help="learning rate of the trained updates (LM loss)")
+    p.add_argument("--lr", type=float, default=2e-4, help="learning rate of the trained updates")
+    p.add_argument("--distill", action="store_true",
+                   help="the trained-under row trains on the KL from the dense model (default: the LM loss, as "
+                        "naive-lora always does)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--eval-examples", type=int, default=500, help="SST-2 validation examples (0: no SST-2 column)")
@@ -143,7 +148,7 @@ class Benchmark:
                                        use_cpu=str(self.args.device) == "cpu")
         start = time.perf_counter()
         if name.startswith("trained"):
-            learn_mask(model, self.windows(), args, print_logs=False)
+            learn_mask(model, self.windows(), args, print_logs=False, distill=self.args.distill)
         else:
             Trainer(model=model, args=args, train_dataset=self.windows(), data_collator=default_data_collator).train()
         return time.perf_counter() - start
@@ -165,19 +170,25 @@ class Benchmark:
             row.update(merged_stats(merged, names))
         else:
             start_from = os.path.join(self.args.output, "adapters", f"eora-under-r{rank}")
-            if name.startswith("trained") and os.path.isfile(os.path.join(start_from, "adapter_config.json")):
+            trained = name.startswith("trained")
+            if trained and self.args.trained_init == "eora" and os.path.isfile(os.path.join(start_from,
+                                                                                             "adapter_config.json")):
                 # the training-free row of the same rank is this row's start: load it instead of recomputing it
                 model = PeftModel.from_pretrained(copy.deepcopy(self.model), start_from, is_trainable=True)
                 row["started_from"] = start_from
             else:
+                if trained:
+                    row["started_from"] = self.args.trained_init
                 config = {"prior": self.args.general}
                 if rank:
                     placement = "dense_residual" if "residual" in name else "under_mask"
-                    config.update(lora_rank=rank, lora_placement=placement, init_lora_weights="eora",
-                                  calibration=self.calibration, train_mask=False)
+                    config.update(lora_rank=rank, lora_placement=placement, train_mask=False)
+                    if not (trained and self.args.trained_init == "zeros"):
+                        config.update(init_lora_weights="eora", calibration=self.calibration)
                 model = get_peft_model(copy.deepcopy(self.model), sparse_peft.MaskConfig(**config))
             row["init_seconds"] = time.perf_counter() - start
-            if name.startswith("trained"):
+            if trained:
+                row["distill"] = self.args.distill
                 row.update(steps=self.args.steps, tokens=self.args.steps * self.args.batch_size * self.args.seq_len,
                            train_seconds=self.train(model, name))
             row.update(self.evaluate(model))
