@@ -330,3 +330,20 @@ def test_delta_coded_task_adapter_keeps_its_update(tmp_path, tokens):
     for (_, layer), (_, again) in zip(mask_layers(task).items(), mask_layers(loaded).items()):
         assert torch.equal(again.lowrank("default")[1], layer.lowrank("default")[1].detach().bfloat16().float())
         assert torch.equal(again.hard_mask("default"), layer.hard_mask("default"))
+
+
+def test_mixed_adapter_batch_applies_each_rows_update(tokens):
+    model = nonzero_update_model(lora_placement="dense_residual")
+    model.add_adapter("under", MaskConfig(prior="magnitude", lora_rank=2, init_lora_weights=False))
+    model.eval()
+    expected = []
+    with torch.no_grad():
+        for name in ("default", "under"):
+            model.set_adapter(name)
+            expected.append(model(input_ids=tokens[:1]).logits)
+        with model.disable_adapter():
+            expected.append(model(input_ids=tokens[1:]).logits)
+        mixed = model(input_ids=torch.cat([tokens[:1], tokens[:1], tokens[1:]]),
+                      adapter_names=["default", "under", "__base__"]).logits
+    for row, reference in enumerate(expected):
+        torch.testing.assert_close(mixed[row : row + 1], reference, rtol=1e-5, atol=1e-6)
