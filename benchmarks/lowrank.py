@@ -41,14 +41,10 @@ from sparse_peft.layer import mask_layers
 from sparse_peft.patterns import is_n_m_sparse
 from sparse_peft.tasks import load_task
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
-from sparse_peft.utils import atomic_write, check_resumed_settings, weight_out_in
+from sparse_peft.utils import atomic_write, check_resumed_settings, comma_list, weight_out_in
 
 SHARED_SETTINGS = ("model", "gguf_file", "general", "calibration", "num_samples", "calibration_len", "train_data",
                    "batch_size", "seq_len", "lr", "window", "eval_windows", "eval_examples")
-
-
-def comma_list(kind):
-    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -136,6 +132,11 @@ class Benchmark:
             row["sst2_accuracy"] = metric_scores(predictions, self.sst2.eval_labels[:count])["accuracy"]
         return row
 
+    @property
+    def budget(self) -> dict:
+        """``{"steps", "tokens"}`` of the trained rows."""
+        return {"steps": self.args.steps, "tokens": self.args.steps * self.args.batch_size * self.args.seq_len}
+
     def windows(self):
         steps, batch = self.args.steps, self.args.batch_size
         return text_windows(load_texts(self.args.train_data, split="train"), self.tokenizer, self.args.seq_len,
@@ -162,8 +163,7 @@ class Benchmark:
             targets = DEFAULT_TARGET_MODULES.get(sparse.config.model_type, "all-linear")
             model = get_peft_model(sparse, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                       target_modules=targets))
-            row.update(steps=self.args.steps, tokens=self.args.steps * self.args.batch_size * self.args.seq_len,
-                       train_seconds=self.train(model, name), lora_alpha=2 * rank)
+            row.update(self.budget, train_seconds=self.train(model, name), lora_alpha=2 * rank)
             row.update(self.evaluate(model))
             names = [n for n, _ in model.base_model.model.named_modules() if n.endswith(tuple(targets))]
             merged = model.merge_and_unload()
@@ -189,14 +189,13 @@ class Benchmark:
             row["init_seconds"] = time.perf_counter() - start
             if trained:
                 row["distill"] = self.args.distill
-                row.update(steps=self.args.steps, tokens=self.args.steps * self.args.batch_size * self.args.seq_len,
-                           train_seconds=self.train(model, name))
+                row.update(self.budget, train_seconds=self.train(model, name))
             row.update(self.evaluate(model))
-            folder = os.path.join(self.args.output, "adapters", name)
-            model.save_pretrained(folder)
+            folder = self.args.general  # the mask row is the general mask itself: nothing new to save
+            if rank:
+                folder = os.path.join(self.args.output, "adapters", name)
+                model.save_pretrained(folder)
             row["bits_per_weight"] = adapter_size(folder)["bits_per_weight"]
-            if name == "mask":
-                row["bits_per_weight"] = adapter_size(self.args.general)["bits_per_weight"]
             names = list(mask_layers(model))
             if "residual" not in name:
                 row.update(merged_stats(model.merge_and_unload(), names))

@@ -74,7 +74,7 @@ from sparse_peft.tasks import (
     load_task,
 )
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
-from sparse_peft.utils import atomic_write, check_resumed_settings
+from sparse_peft.utils import atomic_write, check_resumed_settings, comma_list
 
 ROW_KINDS = ("dense", "lora", "general", "sparsegpt", "sparsegpt+update", "scratch", "transfer",
              "transfer+lowrank")
@@ -91,10 +91,6 @@ NAMES = {"dense": "dense", "lora": "dense + LoRA", "general": "general mask", "s
          "sparsegpt+update": "SparseGPT 2:4 + weight update", "scratch": "task mask from SparseGPT prior",
          "transfer": "task mask from general mask",
          "transfer+lowrank": "general mask + rank-r update under it"}
-
-
-def comma_list(kind):
-    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,5 +1,5 @@
 """Small helpers without any sparse_peft dependency: atomic file writes, byte counts for people, ``[out, in]`` views
-of linear weights, and the settings check of resumed benchmark tables."""
+of linear weights, and the argument parsing and settings check of the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -71,6 +71,11 @@ def output_layer(model: nn.Module) -> Optional[nn.Module]:
         return get_output() if callable(get_output) else None
     except (AttributeError, NotImplementedError):
         return None
+
+
+def comma_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    """An argparse ``type``: ``"a,b,,c"`` -> ``[kind("a"), kind("b"), kind("c")]`` (empty items dropped)."""
+    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
 
 def check_resumed_settings(saved: dict, current: Any, keys: Iterable[str], json_path: str) -> None:
