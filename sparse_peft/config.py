@@ -215,6 +215,11 @@ class MaskConfig(PeftConfig):
             raise ValueError(
                 f"MaskConfig.lora_save_dtype must be 'bfloat16' or 'float32', got {self.lora_save_dtype!r}."
             )
+        if self.init_lora_weights == "eora" and self.lora_rank == 0:
+            raise ValueError(
+                "MaskConfig(init_lora_weights='eora') initialises a low-rank update, but lora_rank=0 asks for none. "
+                "Set lora_rank > 0 (e.g. 16), or drop init_lora_weights."
+            )
         if not self.train_mask and self.lora_rank == 0:
             raise ValueError(
                 "MaskConfig(train_mask=False) freezes the mask, so with lora_rank=0 nothing would train. Set "

@@ -496,6 +496,13 @@ class MaskModel(BaseTuner):
                             f"but its weights file has no {field!r} for this layer. The file is incomplete, or "
                             "adapter_config.json belongs to another adapter."
                         )
+                    expected = tuple(getattr(module, field)[adapter_name].shape)
+                    if tuple(saved.shape) != expected:
+                        raise ValueError(
+                            f"{plain_name(name)}: the weights file's {field!r} has shape {tuple(saved.shape)}, but "
+                            f"this adapter's config (lora_rank={config.lora_rank}) and layer need {expected}. The "
+                            "file and adapter_config.json belong to different adapters."
+                        )
                     rest[f"{name}.{field}.{adapter_name}"] = saved
         return rest
 

@@ -1,6 +1,8 @@
 """Mask adapters with a low-rank update (``MaskConfig(lora_rank=r)``): the EoRA-style initialisation against
 reference computations, gradients against plain autograd, merging that stays exactly N:M, save / load contracts."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,6 +142,7 @@ def test_eora_without_calibration_is_refused_before_anything_changes():
         (dict(lora_rank=4, lora_save_dtype="float16"), "lora_save_dtype"),
         (dict(train_mask=False), "lora_rank > 0"),
         (dict(lora_rank=4, lora_alpha=0), "lora_alpha"),
+        (dict(init_lora_weights="eora"), "lora_rank > 0"),
     ],
 )
 def test_bad_lowrank_options_name_the_field(kwargs, match):
@@ -278,6 +281,18 @@ def test_a_file_without_the_update_is_refused(tmp_path):
     save_file({k: v for k, v in load_file(path).items() if ".maskllm_lora_" not in k}, path)
     with pytest.raises(ValueError, match="maskllm_lora_A"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_a_file_whose_update_has_another_rank_is_refused_and_the_base_stays_as_it_was(tmp_path):
+    nonzero_update_model().save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "lora_rank": 2}))
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"has shape \(4, .*lora_rank=2"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, MaskedLinear) for m in base.modules())
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
 
 
 def test_wrong_base_is_refused_with_an_update(tmp_path):
