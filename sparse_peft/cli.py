@@ -31,7 +31,6 @@ from .constants import CALIBRATED_PRIORS, ONE_SHOT_PRIORS
 from .data import (
     calibration_from_texts,
     check_text_source,
-    did_you_mean,
     load_model_and_tokenizer,
     load_texts,
     looks_like_hub_id,
@@ -50,7 +49,7 @@ from .patterns import validate_n_m
 from .published import published_mask_file
 from .stats import format_stats, mask_stats, plot_stats
 from .tasks import load_task
-from .utils import atomic_write, format_bytes, weight_out_in
+from .utils import atomic_write, did_you_mean, format_bytes, weight_out_in
 from .zero_shot import write_zero_shot_json, zero_shot, zero_shot_table
 
 logger = logging.getLogger("sparse_peft")
@@ -278,7 +277,11 @@ def _check_prior(prior: Optional[str]) -> None:
             f"--prior {prior!r} is not a prior name ({' | '.join(_PRIOR_NAMES)}), an existing adapter folder or "
             f"file, or a Hub id (owner/name).{did_you_mean(prior, [*_PRIOR_NAMES, *sibling_names(prior)])}"
         )
-    if published_mask_file(prior) is None:  # a Hub repo of MaskLLM masks has no adapter_config.json
+    try:
+        published = published_mask_file(prior)
+    except ConnectionError as err:
+        raise ConnectionError(f"--prior: {err}") from err
+    if published is None:  # a Hub repo of MaskLLM masks has no adapter_config.json
         _check_adapter("--prior", prior)
 
 

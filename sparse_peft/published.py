@@ -22,7 +22,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from huggingface_hub import hf_hub_download
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, transpose
@@ -32,6 +31,7 @@ from transformers.pytorch_utils import Conv1D
 from .codec import MaskRecord, encode_record, weight_fingerprint
 from .config import DEFAULT_TARGET_MODULES, MaskConfig
 from .constants import PEFT_KEY_PREFIX
+from .download import hub_download
 from .patterns import indices_from_mask, validate_n_m
 from .utils import atomic_write, fan_in_fan_out, weight_out_in
 
@@ -45,7 +45,9 @@ def published_mask_file(source: str | os.PathLike, revision: Optional[str] = Non
 
     ``source`` is an ``.npz`` file, a folder holding ``mask_compressed.npz`` (and no ``adapter_config.json``), or a
     Hub repo id with ``mask_compressed.npz`` and no ``adapter_config.json``. Returns ``None`` also when neither
-    exists, so that the caller's mask-adapter loader reports what is missing.
+    exists, so that the caller's mask-adapter loader reports what is missing; raises ``ConnectionError`` (see
+    :func:`~sparse_peft.download.hub_download`) for a Hub id when the Hub cannot be reached and neither file is
+    cached.
     """
     source = os.fspath(source)
     if os.path.isfile(source):
@@ -62,8 +64,8 @@ def published_mask_file(source: str | os.PathLike, revision: Optional[str] = Non
     # A Hub repo id: a mask adapter if it has adapter_config.json, else published masks if it has the npz.
     for filename in (CONFIG_NAME, PUBLISHED_MASK_FILE):
         try:
-            path = hf_hub_download(source, filename, revision=revision)
-        except Exception:  # the Hub client raises many types; all mean "not available"
+            path = hub_download(source, filename, revision=revision)
+        except FileNotFoundError:  # no such repo or file; a Hub that cannot be reached raises ConnectionError
             continue
         return None if filename == CONFIG_NAME else path
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from difflib import get_close_matches
 from typing import IO, Any, Callable, Iterable, Optional
 
 import torch
@@ -86,3 +87,9 @@ def check_resumed_settings(saved: dict, current: Any, keys: Iterable[str], json_
         shown = ", ".join(f"--{k.replace('_', '-')} {old!r} there, {new!r} now" for k, (old, new) in differ.items())
         raise ValueError(f"--resume: {json_path} was measured with other settings ({shown}). Pass the same values, "
                          "or write to another --output.")
+
+
+def did_you_mean(name: str, known) -> str:
+    """``" Did you mean 'x'?"`` for the entry of ``known`` nearest to ``name`` (``difflib``), or ``""``."""
+    match = get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f" Did you mean {match[0]!r}?" if match else ""

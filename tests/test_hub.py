@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from huggingface_hub import EvalResult, ModelCard
+from huggingface_hub import EvalResult, ModelCard, close_session
 from peft import get_peft_model
 
 from conftest import REPO_ROOT, tiny_llama
@@ -169,6 +169,33 @@ def test_missing_repo_or_file_gives_errors_naming_repo_and_endpoint(hub):
     HfApi(token=hub.token).create_repo("user/empty")
     with pytest.raises(FileNotFoundError, match="'user/empty' on the Hub at .* has no adapter_config.json"):
         hub_download("user/empty", "adapter_config.json")
+
+
+def test_missing_or_unreachable_repo_names_the_nearest_cached_repo_and_a_refused_hub_is_not_retried(
+    hub, trained, monkeypatch
+):
+    import sparse_peft.download as download
+
+    _, folder = trained
+    push_mask_adapter(folder, "user/tiny-mask", base_model=BASE_ID, token=hub.token)
+    cached = hub_download("user/tiny-mask", "adapter_config.json")
+    with pytest.raises(FileNotFoundError, match="'user/tiny-mak' is neither .* Did you mean 'user/tiny-mask'\\?"):
+        hub_download("user/tiny-mak", "adapter_config.json")
+
+    hub.stop()  # the port is closed: connections are refused
+    close_session()  # and the client's kept-alive connection is gone, as in a new process
+
+    def retrying_download(*args, **kwargs):
+        raise AssertionError("hf_hub_download (which retries a refused connection for tens of seconds) was called")
+
+    with monkeypatch.context() as patch, pytest.raises(ConnectionError) as err:
+        patch.setattr(download, "hf_hub_download", retrying_download)
+        hub_download("user/tiny-mak", "adapter_config.json")
+    message = str(err.value)
+    assert f"Could not reach the Hub at {hub.endpoint} for adapter_config.json of 'user/tiny-mak'" in message
+    assert "Did you mean 'user/tiny-mask'?" in message and "HF_HUB_OFFLINE=1" in message
+    # the real hf_hub_download again: a cached file is still served when the Hub is down
+    assert hub_download("user/tiny-mask", "adapter_config.json") == cached
 
 
 def test_unreachable_hub_fails_clearly_and_leaves_local_adapter_intact(hub, trained):
