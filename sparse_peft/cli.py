@@ -615,6 +615,9 @@ def cmd_demo(args) -> dict:
     learned = learn_and_save(model, tokenizer, config, task.train, task_dir, steps=args.steps,
                              batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, bf16=args.bf16,
                              print_logs=False)
+    drift = mask_stats(task_dir, general)
+    learned["groups_changed"] = sum(row.groups_changed for row in drift)
+    learned["groups"] = sum(row.shape[0] * row.shape[1] // config.m for row in drift)
     adapters = {"sparsegpt": sparsegpt_dir, "general": general, DEMO_TASK: task_dir}
     ppl, switch = evaluate_on_one_base(model, tokenizer, adapters, texts, window=args.window,
                                        max_windows=args.max_windows)
@@ -659,8 +662,10 @@ def _demo_report(payload: dict) -> str:
         "trained on):",
         _markdown(table, columns),
         f"\ntask mask: {learned['tokens']} {DEMO_TASK_NAME} training tokens ({learned['steps']} steps x "
-        f"{learned['batch_size']} x {learned['seq_len']}) in {learned['seconds']:.0f} s, saved as its difference to "
-        f"the general mask -> {learned['output']}",
+        f"{learned['batch_size']} x {learned['seq_len']}) in {learned['seconds']:.0f} s; it changes "
+        f"{learned['groups_changed']:,} of the general mask's {learned['groups']:,} groups "
+        f"({100 * learned['groups_changed'] / learned['groups']:.3f}%) and is saved as that difference -> "
+        f"{learned['output']}",
         f"one base, {len(switches)} mask adapters: switching takes at most {1000 * max(switches):.0f} ms "
         f"(set_adapter and the first forward); loading the base took {payload['base_load_seconds']:.1f} s",
     ])

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import AIDREAMS
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sparse_peft.cli as cli
@@ -70,6 +71,15 @@ def test_demo_prints_one_table_of_the_four_rows_and_writes_them_to_demo_json(dem
     task = payload["task_mask"]
     assert (task["tokens"], task["steps"], task["batch_size"], task["seq_len"]) == (2 * 2 * 32, 2, 2, 32)
     assert f"task mask: {task['tokens']} TinyStories training tokens (2 steps x 2 x 32) in " in out
+    # the changed groups: what the delta-coded file itself records (maskllm_delta_info = [K, coding, gap bits])
+    saved = load_file(demo["output"] / "task-tinystories" / "adapter_model.safetensors")
+    assert task["groups_changed"] == sum(int(v[0]) for k, v in saved.items() if k.endswith(".maskllm_delta_info"))
+    model = AutoModelForCausalLM.from_pretrained(AIDREAMS)
+    assert task["groups"] == sum(module.weight.numel() // 4 for name, module in model.named_modules()
+                                 if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj")))
+    assert (f"it changes {task['groups_changed']:,} of the general mask's {task['groups']:,} groups "
+            f"({100 * task['groups_changed'] / task['groups']:.3f}%)") in out
     assert "one base, 3 mask adapters: switching takes at most" in out
     assert all(r["switch_seconds"] > 0 for r in rows[1:]) and rows[0]["switch_seconds"] is None
     assert payload["windows"]["eval"] == {"window": WINDOW, "windows": MAX_WINDOWS, "tokens": MAX_WINDOWS * 31}
