@@ -8,6 +8,7 @@ names of the shipped assets (``wikitext2``, ``c4``, ``tinystories``: in a projec
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -22,6 +23,8 @@ from typing import Any, Optional, Sequence
 import torch
 from peft import PeftModel, get_peft_model
 from peft.utils import CONFIG_NAME
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import training
@@ -32,6 +35,7 @@ from .data import (
     calibration_from_texts,
     check_text_source,
     load_model_and_tokenizer,
+    load_model_config,
     load_texts,
     looks_like_hub_id,
     looks_like_local_path,
@@ -44,12 +48,13 @@ from .download import offline_hint
 from .evaluation import perplexity
 from .hub import push_mask_adapter, repoint_general_mask
 from .layer import mask_layers
+from .model import check_targets
 from .oneshot import prune
 from .patterns import validate_n_m
 from .published import published_mask_file
 from .stats import format_stats, mask_stats, plot_stats
 from .tasks import load_task
-from .utils import atomic_write, did_you_mean, format_bytes, weight_out_in
+from .utils import atomic_write, did_you_mean, format_bytes, output_layer, weight_out_in
 from .zero_shot import write_zero_shot_json, zero_shot, zero_shot_table
 
 logger = logging.getLogger("sparse_peft")
@@ -219,6 +224,22 @@ def _check_model(args) -> None:
         raise ValueError(f"--model {model!r} is a file; pass the folder holding config.json, or a Hub id.")
     elif looks_like_local_path(model):
         raise FileNotFoundError(f"--model: no model folder at {model!r}.{did_you_mean(model, sibling_names(model))}")
+
+
+def _check_targets(args, config: MaskConfig) -> None:
+    """``--n`` / ``--m`` / ``--target-modules`` against the model's layer shapes, on the model built on the meta
+    device from its config (no weights read: :func:`~sparse_peft.model.check_targets`)."""
+    try:
+        model_config = load_model_config(args.model, gguf_file=args.gguf_file)
+    except OSError as err:
+        raise OSError(f"--model {args.model!r}: could not read its config ({err}). {offline_hint()}") from err
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    if not check_targets(skeleton, copy.copy(config)):
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+                         if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not output_layer(skeleton)})
+        raise ValueError(f"--targets {args.targets!r} matches no layer of the model; its linear layers are named "
+                         f"{', '.join(linear)}.")
 
 
 def _check_adapter(flag: str, source: str) -> None:
@@ -543,6 +564,7 @@ def cmd_learn(args) -> dict:
     _check_training_options(args)
     if prior in CALIBRATED_PRIORS or config.init_lora_weights == "eora":
         _check_text("--calibration", args.calibration)
+    _check_targets(args, config)
     model, tokenizer = _load(args)
     if prior in CALIBRATED_PRIORS or config.init_lora_weights == "eora":
         config.calibration = _calibration(args, tokenizer)

@@ -133,12 +133,7 @@ def load_model_and_tokenizer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     shipped = name_or_path is None
-    if shipped:
-        name_or_path, gguf_file = shipped_model()
-    if gguf_file is not None:
-        name_or_path = _dequantised_gguf(name_or_path, gguf_file)
-    if not os.path.isdir(name_or_path) and os.path.exists(name_or_path):
-        raise ValueError(f"Model path {name_or_path!r} is a file; pass the folder holding config.json, or a Hub id.")
+    name_or_path = _model_source(name_or_path, gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     if shipped:
@@ -146,6 +141,27 @@ def load_model_and_tokenizer(
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
+
+
+def load_model_config(name_or_path: Optional[str] = None, *, gguf_file: Optional[str] = None):
+    """The ``transformers`` config of the model :func:`load_model_and_tokenizer` loads for the same arguments,
+    without its weights: ``config.json`` of the folder or Hub repo (a GGUF file is first converted into the cache,
+    as the load does). Build the model on the meta device from it to check shapes before loading anything."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(_model_source(name_or_path, gguf_file))
+
+
+def _model_source(name_or_path: Optional[str], gguf_file: Optional[str]) -> str:
+    """The folder or Hub id ``transformers`` loads the model from: the shipped model's converted folder for None, a
+    GGUF file's converted folder (:func:`_dequantised_gguf`), else ``name_or_path`` (a file is refused)."""
+    if name_or_path is None:
+        name_or_path, gguf_file = shipped_model()
+    if gguf_file is not None:
+        name_or_path = _dequantised_gguf(name_or_path, gguf_file)
+    if not os.path.isdir(name_or_path) and os.path.exists(name_or_path):
+        raise ValueError(f"Model path {name_or_path!r} is a file; pass the folder holding config.json, or a Hub id.")
+    return name_or_path
 
 
 def load_shipped_model(dtype: torch.dtype = torch.float32, device: Optional[str | torch.device] = None):

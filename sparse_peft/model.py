@@ -16,7 +16,12 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
 from peft.utils import transpose
 from transformers.pytorch_utils import Conv1D
 
@@ -65,13 +70,7 @@ class MaskModel(BaseTuner):
 
     # -- injection ------------------------------------------------------------------------------------------
     def _prepare_adapter_config(self, peft_config: MaskConfig, model_config: dict) -> MaskConfig:
-        if peft_config.target_modules is None and model_config.get("model_type") not in self.target_module_mapping:
-            raise ValueError(
-                f"MaskConfig has no target_modules and there is no default for model_type "
-                f"{model_config.get('model_type')!r}. Pass target_modules=[...] (module name suffixes) or "
-                "target_modules='all-linear'."
-            )
-        return super()._prepare_adapter_config(peft_config, model_config)
+        return _with_default_targets(peft_config, model_config)
 
     def inject_adapter(
         self,
@@ -121,11 +120,7 @@ class MaskModel(BaseTuner):
         state_dict: Optional[dict[str, torch.Tensor]],
     ) -> None:
         """:meth:`inject_adapter`'s checks and set-up, before PEFT's injection: nothing is replaced here."""
-        config = self._prepare_adapter_config(config, self.get_model_config(model))
-        config = _maybe_include_all_linear_layers(config, model)
-        targets = self._targets(model, config, state_dict)
-        for key, target in targets.items():
-            _check_target(model, key, target, config.m)
+        targets = check_targets(model, config, state_dict)
         if pending is not None:
             weights_file = adapter_weights_file(pending.name_or_path, pending.subfolder, pending.hub_kwargs)
             if weights_file is not None:
@@ -150,28 +145,6 @@ class MaskModel(BaseTuner):
                 self._prior_masks[adapter_name] = prior_masks(model, config)
             finally:
                 self.enable_adapter_layers()
-
-    def _targets(
-        self, model: nn.Module, config: MaskConfig, state_dict: Optional[dict[str, torch.Tensor]]
-    ) -> dict[str, nn.Module]:
-        """``{module name: module}`` that PEFT's ``inject_adapter`` will pass to ``_create_and_replace``: matched
-        by ``config`` (or named in ``state_dict``), not inside an existing tuner layer."""
-        named = list(model.named_modules())
-        inside = tuple(f"{key}." for key, module in named if isinstance(module, BaseTunerLayer))
-        from_state_dict = None
-        if state_dict is not None:
-            from_state_dict = {k.rsplit(f".{self.prefix}", 1)[0].removeprefix("_orig_mod.") for k in state_dict}
-        targets = {}
-        for key, module in named:
-            if not key or key.startswith(inside):
-                continue
-            if from_state_dict is not None:
-                hit = key.removeprefix("_orig_mod.") in from_state_dict
-            else:
-                hit = self._check_tied_module_exists(config, key) or self._check_target_module_exists(config, key)
-            if hit:
-                targets[key] = module
-        return targets
 
     def _take_pending_load_undo(self, adapter_name: str) -> Optional["_Injection"]:
         """The undo of the injection of ``adapter_name`` whose weights PEFT's loader is loading now, if any."""
@@ -505,6 +478,53 @@ class MaskModel(BaseTuner):
                         )
                     rest[f"{name}.{field}.{adapter_name}"] = saved
         return rest
+
+
+def check_targets(
+    model: nn.Module, config: MaskConfig, state_dict: Optional[dict[str, torch.Tensor]] = None
+) -> dict[str, nn.Module]:
+    """``{module name: module}`` that a mask adapter with ``config`` masks in ``model``, after checking that each of
+    them can take an N:M mask with groups of ``config.m`` (a ``ValueError`` / ``TypeError`` naming the module and
+    the fix otherwise).
+
+    These are the modules PEFT's ``inject_adapter`` passes to ``_create_and_replace``: matched by
+    ``config.target_modules`` (``None``: the default for the model type; ``"all-linear"``), or named in
+    ``state_dict`` when one is given, and not inside an existing tuner layer. Only module names, types and weight
+    shapes are read, so a model built on the meta device from its config (no weights) is enough: the CLI checks
+    ``--n`` / ``--m`` / ``--target-modules`` this way before it loads a model.
+    """
+    config = _maybe_include_all_linear_layers(_with_default_targets(config, BaseTuner.get_model_config(model)), model)
+    named = list(model.named_modules())
+    inside = tuple(f"{key}." for key, module in named if isinstance(module, BaseTunerLayer))
+    from_state_dict = None
+    if state_dict is not None:
+        from_state_dict = {k.rsplit(f".{PREFIX}", 1)[0].removeprefix("_orig_mod.") for k in state_dict}
+    targets = {}
+    for key, module in named:
+        if not key or key.startswith(inside):
+            continue
+        if from_state_dict is not None:
+            hit = key.removeprefix("_orig_mod.") in from_state_dict
+        else:
+            hit = BaseTuner._check_tied_module_exists(config, key) or check_target_module_exists(config, key)
+        if hit:
+            _check_target(model, key, module, config.m)
+            targets[key] = module
+    return targets
+
+
+def _with_default_targets(config: MaskConfig, model_config: dict) -> MaskConfig:
+    """``config`` with ``target_modules`` set to the default for ``model_config``'s model type when it is None
+    (what PEFT's ``BaseTuner._prepare_adapter_config`` does, with an error that names the fix)."""
+    if config.target_modules is None:
+        model_type = model_config.get("model_type")
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ValueError(
+                f"MaskConfig has no target_modules and there is no default for model_type {model_type!r}. Pass "
+                "target_modules=[...] (module name suffixes) or target_modules='all-linear'."
+            )
+        config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
+    return config
 
 
 def _base_of(target: nn.Module) -> nn.Module:

@@ -148,6 +148,11 @@ def refuse_model_loading(monkeypatch) -> None:
         (["learn", "--prior", "runs/demo/sparsegtp", "--output", "out"], "Did you mean 'runs/demo/sparsegpt'?"),
         (["learn", "--prior", "wand", "--output", "out"], "Did you mean 'wanda'?"),
         (["prune", "--calibration", "c5", "--output", "out"], "Did you mean 'c4'?"),
+        (["learn", "--prior", "none", "--n", "2", "--m", "6", "--output", "out"],
+         "in_features=64 is not divisible by m=6"),
+        (["learn", "--prior", "none", "--targets", "q_prj", "--output", "out"],
+         "--targets 'q_prj' matches no layer of the model; its linear layers are named down_proj, gate_proj, "
+         "k_proj, o_proj, q_proj, up_proj, v_proj."),
         (["prune", "--method", "magnitude", "--n", "2", "--m", "9", "--output", "out"], "Invalid N:M sparsity 2:9"),
         (["prune", "--model", "./models/no-such", "--method", "magnitude", "--output", "out"], "./models/no-such"),
         (["inspect", "runs/demo/learnd"], "Did you mean 'runs/demo/learned'?"),

@@ -1,10 +1,15 @@
 """MaskConfig validation and defaults."""
 
-import pytest
-from peft import get_peft_model
+import copy
 
-from conftest import tiny_gpt2, tiny_llama
-from sparse_peft import MaskConfig
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import LlamaForCausalLM
+
+from conftest import tiny_gpt2, tiny_llama, tiny_llama_config
+from sparse_peft import MaskConfig, MaskedLinear
+from sparse_peft.model import check_targets
 
 
 @pytest.mark.parametrize(
@@ -65,3 +70,19 @@ def test_calibration_is_runtime_only():
 
     config = MaskConfig(prior="wanda", calibration=torch.zeros(2, 4, dtype=torch.long))
     assert "calibration" not in config.to_dict()
+
+
+@pytest.mark.parametrize("targets", [None, "all-linear", ["q_proj", "down_proj"]])
+def test_check_targets_on_a_meta_model_names_exactly_the_layers_get_peft_model_masks(targets):
+    """The CLI's check before loading: the same modules as the injection, from a model without weights."""
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(tiny_llama_config())
+    config = MaskConfig(target_modules=targets)
+    checked = check_targets(skeleton, copy.copy(config))
+    masked = get_peft_model(tiny_llama(), config)
+    wrapped = {name.removeprefix("base_model.model.") for name, module in masked.named_modules()
+               if isinstance(module, MaskedLinear)}
+    assert set(checked) == wrapped and len(wrapped) >= 4
+    assert all(module.weight.is_meta for module in checked.values())
+    with pytest.raises(ValueError, match="in_features=64 is not divisible by m=6"):
+        check_targets(skeleton, MaskConfig(n=2, m=6, target_modules=targets))
