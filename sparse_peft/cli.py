@@ -539,6 +539,7 @@ def cmd_prune(args) -> dict:
     _check_model(args)
     if args.method != "magnitude":
         _check_text("--calibration", args.calibration)
+    _check_targets(args, MaskConfig(n=args.n, m=args.m, target_modules=_targets(args)))  # prune()'s config
     model, tokenizer = _load(args)
     calibration = None if args.method == "magnitude" else _calibration(args, tokenizer)
     return prune_and_save(model, tokenizer, args.method, args.output, calibration, n=args.n, m=args.m,

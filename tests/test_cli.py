@@ -150,6 +150,10 @@ def refuse_model_loading(monkeypatch) -> None:
         (["prune", "--calibration", "c5", "--output", "out"], "Did you mean 'c4'?"),
         (["learn", "--prior", "none", "--n", "2", "--m", "6", "--output", "out"],
          "in_features=64 is not divisible by m=6"),
+        (["prune", "--method", "magnitude", "--n", "2", "--m", "6", "--output", "out"],
+         "in_features=64 is not divisible by m=6"),
+        (["prune", "--method", "magnitude", "--targets", "q_prj", "--output", "out"],
+         "--targets 'q_prj' matches no layer of the model"),
         (["learn", "--prior", "none", "--targets", "q_prj", "--output", "out"],
          "--targets 'q_prj' matches no layer of the model; its linear layers are named down_proj, gate_proj, "
          "k_proj, o_proj, q_proj, up_proj, v_proj."),
