@@ -227,11 +227,13 @@ def _check_model(args) -> None:
 
 
 def _check_targets(args, config: MaskConfig) -> None:
-    """``--n`` / ``--m`` / ``--target-modules`` against the model's layer shapes, on the model built on the meta
-    device from its config (no weights read: :func:`~sparse_peft.model.check_targets`)."""
+    """``--n`` / ``--m`` / ``--targets`` against the model's layer shapes, on the model built on the meta device
+    from its config (no weights read: :func:`~sparse_peft.model.check_targets`)."""
     try:
         model_config = load_model_config(args.model, gguf_file=args.gguf_file)
     except OSError as err:
+        if args.model is None or os.path.exists(args.model):
+            raise
         raise OSError(f"--model {args.model!r}: could not read its config ({err}). {offline_hint()}") from err
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)

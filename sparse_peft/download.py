@@ -73,7 +73,7 @@ def hub_download(repo_id: str, filename: str, revision: str | None = None) -> st
     except RepositoryNotFoundError as err:
         raise FileNotFoundError(
             f"{repo_id!r} is neither a local folder nor a model repo on {where} (if the repo is private or gated, "
-            f"set a token with access: HF_TOKEN or `hf auth login`). Check the path or repo id."
+            "set a token with access: HF_TOKEN or `hf auth login`). Check the path or repo id."
             f"{did_you_mean(repo_id, cached_repo_ids())}"
         ) from err
     except RevisionNotFoundError as err:

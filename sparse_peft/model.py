@@ -491,7 +491,8 @@ def check_targets(
     ``config.target_modules`` (``None``: the default for the model type; ``"all-linear"``), or named in
     ``state_dict`` when one is given, and not inside an existing tuner layer. Only module names, types and weight
     shapes are read, so a model built on the meta device from its config (no weights) is enough: the CLI checks
-    ``--n`` / ``--m`` / ``--target-modules`` this way before it loads a model.
+    ``--n`` / ``--m`` / ``--targets`` this way before it loads a model. Like PEFT's injection it fills in
+    ``config.target_modules`` when that is None; pass a copy to keep the original.
     """
     config = _maybe_include_all_linear_layers(_with_default_targets(config, BaseTuner.get_model_config(model)), model)
     named = list(model.named_modules())
