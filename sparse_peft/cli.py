@@ -78,6 +78,8 @@ DEMO_TASK, DEMO_TASK_NAME = "tinystories", "TinyStories"
 #: The demo's rows, ``"dense"`` (the base with the adapters disabled) and its adapters' names, with their labels.
 DEMO_ROWS = {"dense": "dense", "sparsegpt": "SparseGPT 2:4 one-shot (mask only)", "general": "general 2:4 mask",
              DEMO_TASK: "task 2:4 mask (from the general)"}
+#: The demo's task adapter by default: a rank-16 update under the frozen general mask, at this learning rate.
+DEMO_LORA_RANK, DEMO_LORA_LR = 16, 2e-3
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -149,11 +151,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                              "default: the first of text, sentence, review, content)")
 
 
-def _add_training_args(parser: argparse.ArgumentParser, steps: int, batch_size: int, seq_len: int) -> None:
+def _add_training_args(parser: argparse.ArgumentParser, steps: int, batch_size: int, seq_len: int,
+                       lr: Optional[float] = 5e-4,
+                       lr_help: str = "AdamW learning rate (cosine to lr/10)") -> None:
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="training windows per step and device")
     parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per training window")
-    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate of the logits (cosine to lr/10)")
+    parser.add_argument("--lr", type=float, default=lr, help=lr_help)
     add_config_arg(parser, "sparse_reg", default=0.0,
                     help="regulariser lambda; the paper's 1e-5 is for ~1M tokens per step and collapses small-batch "
                          "runs")
@@ -621,8 +625,10 @@ def cmd_inspect(args) -> dict:
 
 def cmd_demo(args) -> dict:
     """The main job, many 2:4 masks on one frozen base: the one-shot SparseGPT mask, the general mask, and a
-    TinyStories task mask learned from the general one with Trainer and saved as its difference to it; perplexity
-    on Wikitext-2 and on held-out TinyStories of each, switching adapters on one base, and the adapter sizes."""
+    TinyStories task adapter on the general one trained with Trainer and saved as its difference to it (default: a
+    rank-16 update under the frozen general mask; ``--lora-rank 0``: a mask-only task mask learned from it);
+    perplexity on Wikitext-2 and on held-out TinyStories of each, switching adapters on one base, and the adapter
+    sizes."""
     _check_model(args)
     general = _resolve_general(args)
     for flag, source in (("--calibration", args.calibration), ("--eval-data", args.eval_data)):
@@ -631,14 +637,17 @@ def cmd_demo(args) -> dict:
     texts = {"eval": load_texts(args.eval_data, split="test"), "task": task.held_out}
     os.makedirs(args.output, exist_ok=True)
     sparsegpt_dir, task_dir = os.path.join(args.output, "sparsegpt"), os.path.join(args.output, f"task-{DEMO_TASK}")
-    config = MaskConfig(prior=general, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM")
+    rank = args.lora_rank
+    config = MaskConfig(prior=general, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM", lora_rank=rank,
+                        train_mask=rank == 0)
+    lr = args.lr if args.lr is not None else (DEMO_LORA_LR if rank else 5e-4)
     start = time.perf_counter()
     model, tokenizer = _load(args)
     load_seconds = time.perf_counter() - start
     prune_and_save(model, tokenizer, "sparsegpt", sparsegpt_dir, _calibration(args, tokenizer), n=config.n, m=config.m,
                    targets=None, update_weights=False)
     learned = learn_and_save(model, tokenizer, config, task.train, task_dir, steps=args.steps,
-                             batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, bf16=args.bf16,
+                             batch_size=args.batch_size, seq_len=args.seq_len, lr=lr, bf16=args.bf16,
                              print_logs=False)
     drift = mask_stats(task_dir, general)
     learned["groups_changed"] = sum(row.groups_changed for row in drift)
@@ -647,7 +656,8 @@ def cmd_demo(args) -> dict:
     ppl, switch = evaluate_on_one_base(model, tokenizer, adapters, texts, window=args.window,
                                        max_windows=args.max_windows)
     rows = []
-    for name, label in DEMO_ROWS.items():
+    labels = {**DEMO_ROWS, DEMO_TASK: f"task adapter: general mask + rank-{rank} update"} if rank else DEMO_ROWS
+    for name, label in labels.items():
         size = adapter_size(adapters[name]) if name in adapters else {"bytes": None, "bits_per_weight": None}
         rows.append({"row": name, "model": label, "adapter": adapters.get(name), "eval_ppl": ppl[name]["eval"]["ppl"],
                      "task_ppl": ppl[name]["task"]["ppl"], "bytes": size["bytes"],
@@ -657,7 +667,8 @@ def cmd_demo(args) -> dict:
         "rows": rows,
         "eval_data": args.eval_data, "task": DEMO_TASK, "general": general, "max_windows": args.max_windows,
         "windows": scored,
-        "task_mask": {**learned, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len},
+        "task_mask": {**learned, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                      "lr": lr, "lora_rank": rank},
         "base_load_seconds": load_seconds,
     }
     print(_demo_report(payload))
@@ -686,11 +697,14 @@ def _demo_report(payload: dict) -> str:
         f"held-out ({windows['task']['windows']} scored, {windows['task']['tokens']} predicted tokens; never "
         "trained on):",
         _markdown(table, columns),
-        f"\ntask mask: {learned['tokens']} {DEMO_TASK_NAME} training tokens ({learned['steps']} steps x "
-        f"{learned['batch_size']} x {learned['seq_len']}) in {learned['seconds']:.0f} s; it changes "
-        f"{learned['groups_changed']:,} of the general mask's {learned['groups']:,} groups "
-        f"({100 * learned['groups_changed'] / learned['groups']:.3f}%) and is saved as that difference -> "
-        f"{learned['output']}",
+        f"\ntask {'adapter' if learned['lora_rank'] else 'mask'}: {learned['tokens']} {DEMO_TASK_NAME} training "
+        f"tokens ({learned['steps']} steps x {learned['batch_size']} x {learned['seq_len']}, lr {learned['lr']:g}) "
+        f"in {learned['seconds']:.0f} s; "
+        + (f"a rank-{learned['lora_rank']} update trained under the frozen general mask; " if learned["lora_rank"]
+           else "")
+        + f"its mask changes {learned['groups_changed']:,} of the general mask's {learned['groups']:,} groups "
+        f"({100 * learned['groups_changed'] / learned['groups']:.3f}%) and is saved as that difference"
+        + (" with the update" if learned["lora_rank"] else "") + f" -> {learned['output']}",
         f"one base, {len(switches)} mask adapters: switching takes at most {1000 * max(switches):.0f} ms "
         f"(set_adapter and the first forward); loading the base took {payload['base_load_seconds']:.1f} s",
     ])
@@ -787,7 +801,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--general", default=None,
                    help="the general 2:4 mask the task mask is learned from: adapter folder or Hub id (default: the "
                         "shipped general mask, for the shipped model; needed with any other --model)")
-    _add_training_args(p, steps=16, batch_size=4, seq_len=128)
+    _add_training_args(p, steps=16, batch_size=4, seq_len=128, lr=None,
+                       lr_help=f"AdamW learning rate (cosine to lr/10); default {DEMO_LORA_LR:g} with --lora-rank > 0, "
+                               "5e-4 for a mask-only task mask")
+    add_config_arg(p, "lora_rank", default=DEMO_LORA_RANK,
+                   help="rank of the update trained under the frozen general mask as the task adapter; 0: a "
+                        "mask-only task mask (the general mask's logits trained instead)")
     p.add_argument("--output", default="runs/demo",
                    help=f"folder for the SparseGPT mask (sparsegpt/), the task mask (task-{DEMO_TASK}/) and demo.json")
     p.set_defaults(func=cmd_demo, num_samples=16, calibration_len=256)

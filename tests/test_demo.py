@@ -70,7 +70,10 @@ def test_demo_prints_one_table_of_the_four_rows_and_writes_them_to_demo_json(dem
     assert table[3].endswith(f"{rows[3]['bits_per_weight']:.3f} bit/weight |")
     task = payload["task_mask"]
     assert (task["tokens"], task["steps"], task["batch_size"], task["seq_len"]) == (2 * 2 * 32, 2, 2, 32)
-    assert f"task mask: {task['tokens']} TinyStories training tokens (2 steps x 2 x 32) in " in out
+    assert (task["lora_rank"], task["lr"]) == (16, 2e-3)
+    assert f"task adapter: {task['tokens']} TinyStories training tokens (2 steps x 2 x 32, lr 0.002) in " in out
+    assert "a rank-16 update trained under the frozen general mask" in out
+    assert rows[3]["model"] == "task adapter: general mask + rank-16 update"
     # the changed groups: what the delta-coded file itself records (maskllm_delta_info = [K, coding, gap bits])
     saved = load_file(demo["output"] / "task-tinystories" / "adapter_model.safetensors")
     assert task["groups_changed"] == sum(int(v[0]) for k, v in saved.items() if k.endswith(".maskllm_delta_info"))
@@ -78,7 +81,7 @@ def test_demo_prints_one_table_of_the_four_rows_and_writes_them_to_demo_json(dem
     assert task["groups"] == sum(module.weight.numel() // 4 for name, module in model.named_modules()
                                  if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj")))
-    assert (f"it changes {task['groups_changed']:,} of the general mask's {task['groups']:,} groups "
+    assert (f"its mask changes {task['groups_changed']:,} of the general mask's {task['groups']:,} groups "
             f"({100 * task['groups_changed'] / task['groups']:.3f}%)") in out
     assert "one base, 3 mask adapters: switching takes at most" in out
     assert all(r["switch_seconds"] > 0 for r in rows[1:]) and rows[0]["switch_seconds"] is None
@@ -102,7 +105,10 @@ def test_demo_task_mask_is_exact_2_4_and_delta_coded_against_the_general_mask(de
         size = adapter_size(rows[name]["adapter"])
         assert (rows[name]["bytes"], rows[name]["bits_per_weight"]) == (size["bytes"], size["bits_per_weight"])
         assert size["bytes"] == os.path.getsize(os.path.join(rows[name]["adapter"], "adapter_model.safetensors"))
-    assert rows["tinystories"]["bytes"] < rows["general"]["bytes"]  # only where it differs from the general mask
+    saved = load_file(task_dir / "adapter_model.safetensors")
+    updates = {key: value.shape for key, value in saved.items() if ".maskllm_lora_" in key}
+    assert len(updates) == 2 * 4 * 7 and all(16 in shape for shape in updates.values())
+    assert demo["payload"]["task_mask"]["groups_changed"] == 0  # the general mask is frozen: its delta is empty
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(AIDREAMS), str(task_dir)).merge_and_unload()
     linears = {name: module for name, module in merged.named_modules()
                if isinstance(module, torch.nn.Linear) and name != "lm_head"}
@@ -149,3 +155,21 @@ def test_demo_general_defaults_to_the_shipped_general_mask_only_for_the_shipped_
     with pytest.raises(ValueError, match=r"--general is needed with --model m --gguf-file f\.gguf.*sparse-peft learn "
                                          r"--model m --gguf-file f\.gguf --prior sparsegpt"):
         cli._resolve_general(demo.parse_args(["--model", "m", "--gguf-file", "f.gguf"]))
+
+
+def test_demo_lora_rank_0_learns_a_mask_only_task_mask_stored_smaller_than_the_general_mask(demo, tmp_path):
+    output = tmp_path / "out"
+    argv = ["demo", "--model", str(AIDREAMS), "--general", demo["general"], "--calibration", demo["text_file"],
+            "--num-samples", "4", "--calibration-len", "32", "--eval-data", demo["text_file"], "--window",
+            str(WINDOW), "--max-windows", str(MAX_WINDOWS), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+            "--lora-rank", "0", "--output", str(output)]
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+        assert main(argv) == 0
+    payload = json.loads((output / "demo.json").read_text())
+    rows = {r["row"]: r for r in payload["rows"]}
+    assert (payload["task_mask"]["lora_rank"], payload["task_mask"]["lr"]) == (0, 5e-4)
+    assert rows["tinystories"]["model"] == "task 2:4 mask (from the general)"
+    assert rows["tinystories"]["bytes"] < rows["general"]["bytes"]  # only where it differs from the general mask
+    saved = load_file(output / "task-tinystories" / "adapter_model.safetensors")
+    assert not any(".maskllm_lora_" in key for key in saved)
+    assert "task mask: 128 TinyStories training tokens (2 steps x 2 x 32, lr 0.0005) in " in out.getvalue()
