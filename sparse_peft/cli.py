@@ -80,6 +80,8 @@ DEMO_ROWS = {"dense": "dense", "sparsegpt": "SparseGPT 2:4 one-shot (mask only)"
              DEMO_TASK: "task 2:4 mask (from the general)"}
 #: The demo's task adapter by default: a rank-16 update under the frozen general mask, at this learning rate.
 DEMO_LORA_RANK, DEMO_LORA_LR = 16, 2e-3
+#: AdamW learning rate of ``learn`` and of the demo's mask-only task mask.
+DEFAULT_LR = 5e-4
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -152,7 +154,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_training_args(parser: argparse.ArgumentParser, steps: int, batch_size: int, seq_len: int,
-                       lr: Optional[float] = 5e-4,
+                       lr: Optional[float] = DEFAULT_LR,
                        lr_help: str = "AdamW learning rate (cosine to lr/10)") -> None:
     parser.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="training windows per step and device")
@@ -640,7 +642,7 @@ def cmd_demo(args) -> dict:
     rank = args.lora_rank
     config = MaskConfig(prior=general, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM", lora_rank=rank,
                         train_mask=rank == 0)
-    lr = args.lr if args.lr is not None else (DEMO_LORA_LR if rank else 5e-4)
+    lr = args.lr if args.lr is not None else (DEMO_LORA_LR if rank else DEFAULT_LR)
     start = time.perf_counter()
     model, tokenizer = _load(args)
     load_seconds = time.perf_counter() - start
@@ -799,16 +801,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_parser("demo", cmd_demo)
     _add_model_args(p), _add_calibration_args(p), _add_eval_args(p, window=256, max_windows=8)
     p.add_argument("--general", default=None,
-                   help="the general 2:4 mask the task mask is learned from: adapter folder or Hub id (default: the "
+                   help="the general 2:4 mask the task adapter starts from: adapter folder or Hub id (default: the "
                         "shipped general mask, for the shipped model; needed with any other --model)")
     _add_training_args(p, steps=16, batch_size=4, seq_len=128, lr=None,
                        lr_help=f"AdamW learning rate (cosine to lr/10); default {DEMO_LORA_LR:g} with --lora-rank > 0, "
-                               "5e-4 for a mask-only task mask")
+                               f"{DEFAULT_LR:g} for a mask-only task mask")
     add_config_arg(p, "lora_rank", default=DEMO_LORA_RANK,
                    help="rank of the update trained under the frozen general mask as the task adapter; 0: a "
                         "mask-only task mask (the general mask's logits trained instead)")
     p.add_argument("--output", default="runs/demo",
-                   help=f"folder for the SparseGPT mask (sparsegpt/), the task mask (task-{DEMO_TASK}/) and demo.json")
+                   help=f"folder for the SparseGPT mask (sparsegpt/), the task adapter (task-{DEMO_TASK}/) and demo.json")
     p.set_defaults(func=cmd_demo, num_samples=16, calibration_len=256)
 
     p = add_parser("push", cmd_push)
