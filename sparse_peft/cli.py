@@ -17,6 +17,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from typing import Any, Optional, Sequence
 
@@ -190,14 +191,23 @@ def _targets(args) -> Optional[list[str]]:
     return [t.strip() for t in args.targets.split(",")] if args.targets else None
 
 
-def _load(args):
+@contextmanager
+def _model_from_hub(args, what: str) -> Iterator[None]:
+    """Re-raise an ``OSError`` of reading ``--model`` as a Hub id as one naming the flag, ``what`` failed, the
+    first line of the reason and :func:`~sparse_peft.download.offline_hint`; for the shipped model and local paths
+    the error is raised as it is."""
     try:
-        return load_model_and_tokenizer(args.model, gguf_file=args.gguf_file, dtype=getattr(torch, args.dtype))
+        yield
     except OSError as err:
         if args.model is None or os.path.exists(args.model):
             raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise OSError(f"--model {args.model!r}: could not load it from the Hub ({reason}). {offline_hint()}") from err
+        raise OSError(f"--model {args.model!r}: could not {what} from the Hub ({reason}). {offline_hint()}") from err
+
+
+def _load(args):
+    with _model_from_hub(args, "load it"):
+        return load_model_and_tokenizer(args.model, gguf_file=args.gguf_file, dtype=getattr(torch, args.dtype))
 
 
 def _calibration(args, tokenizer) -> torch.Tensor:
@@ -235,12 +245,8 @@ def _check_model(args) -> None:
 def _check_targets(args, config: MaskConfig) -> None:
     """``--n`` / ``--m`` / ``--targets`` against the model's layer shapes, on the model built on the meta device
     from its config (no weights read: :func:`~sparse_peft.model.check_targets`)."""
-    try:
+    with _model_from_hub(args, "read its config"):
         model_config = load_model_config(args.model, gguf_file=args.gguf_file)
-    except OSError as err:
-        if args.model is None or os.path.exists(args.model):
-            raise
-        raise OSError(f"--model {args.model!r}: could not read its config ({err}). {offline_hint()}") from err
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
     if not check_targets(skeleton, copy.copy(config)):
@@ -637,12 +643,12 @@ def cmd_demo(args) -> dict:
         _check_text(flag, source)
     task = load_task(DEMO_TASK)
     texts = {"eval": load_texts(args.eval_data, split="test"), "task": task.held_out}
-    os.makedirs(args.output, exist_ok=True)
-    sparsegpt_dir, task_dir = os.path.join(args.output, "sparsegpt"), os.path.join(args.output, f"task-{DEMO_TASK}")
     rank = args.lora_rank
     config = MaskConfig(prior=general, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM", lora_rank=rank,
                         train_mask=rank == 0)
     lr = args.lr if args.lr is not None else (DEMO_LORA_LR if rank else DEFAULT_LR)
+    os.makedirs(args.output, exist_ok=True)
+    sparsegpt_dir, task_dir = os.path.join(args.output, "sparsegpt"), os.path.join(args.output, f"task-{DEMO_TASK}")
     start = time.perf_counter()
     model, tokenizer = _load(args)
     load_seconds = time.perf_counter() - start

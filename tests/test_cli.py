@@ -187,6 +187,24 @@ def test_a_failed_hub_dataset_lookup_names_the_id_and_the_offline_switch(monkeyp
         load_texts("no-such-user-xyz/no-such-data")
 
 
+@pytest.mark.parametrize("argv, what", [
+    (["learn", "--prior", "none", "--output", "out"], "read its config"),  # the pre-load N:M check
+    (["eval"], "load it"),
+])
+def test_a_hub_model_that_cannot_be_read_is_one_line_naming_the_flag_and_the_offline_switch(
+    argv, what, monkeypatch, tmp_path, capsys
+):
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main([argv[0], "--model", "no-such-user-xyz/no-such-model", *argv[1:]]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith(f"sparse-peft {argv[0]}: error: --model 'no-such-user-xyz/no-such-model': could not "
+                                f"{what} from the Hub (") and "HF_HUB_OFFLINE is set" in last_line, last_line
+    assert not (tmp_path / "out").exists()
+
+
 def test_main_prints_library_log_lines_once(capsys):
     """No root handler (``logging.basicConfig``) beside huggingface_hub's and transformers' own handlers."""
     import logging

@@ -135,6 +135,7 @@ def test_demo_perplexities_are_those_of_the_saved_adapters(demo):
         (["--general", "runs/generl"], "Did you mean 'runs/general'?"),
         (["--general", "runs/general/adapter_config.json"], "is a file; pass the mask adapter's folder"),
         (["--general", "runs/general", "--eval-data", "wikitxt2"], "Did you mean 'wikitext2'?"),
+        (["--general", "runs/general", "--lora-rank", "-1"], "MaskConfig.lora_rank must be an integer >= 0, got -1"),
     ],
 )
 def test_demo_bad_general_fails_before_any_model_is_loaded(extra, message, tmp_path, monkeypatch, capsys):
