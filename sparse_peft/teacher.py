@@ -100,11 +100,11 @@ def top_k_distillation_loss(
             f"teacher outputs {tuple(top_ids.shape)} / {tuple(rest_logprob.shape)} do not match the logits "
             f"{tuple(logits.shape)}: the cached teacher outputs belong to other examples."
         )
-    log_q = F.log_softmax(logits.float(), dim=-1)
-    ids = top_ids.long()
-    q_top = log_q.gather(-1, ids)
-    # the student's mass outside the teacher's top k; a finite fill keeps the gradient finite when k = vocab
-    q_rest = log_q.scatter(-1, ids, torch.finfo(log_q.dtype).min).logsumexp(-1)
+    logits = logits.float()
+    q_top = logits.gather(-1, top_ids.long()) - logits.logsumexp(-1, keepdim=True)  # [batch, seq, k]
+    # log of the student's mass outside the teacher's top k, log(1 - sum exp(q_top)), from the k values alone (no
+    # second vocabulary-sized tensor); clamped at a mass of ~1e-7 so that it stays finite when k is the vocabulary
+    q_rest = torch.log(-torch.expm1(q_top.logsumexp(-1).clamp(max=-1e-7)))
     p_top = top_logprobs.float()
     rest = rest_logprob.float()
     per_position = (p_top.exp() * (p_top - q_top)).sum(-1)
