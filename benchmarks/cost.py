@@ -15,12 +15,28 @@ text, with the same optimizer step (fused AdamW, betas 0.9/0.95, eps 1e-5, weigh
 * ``mask-ckpt``: ``mask`` with gradient checkpointing of the decoder blocks;
 * ``mask-adam8bit``: ``mask`` with torchao's ``AdamW8bit`` (8-bit blockwise moments; what ``Trainer`` uses for
   ``optim="adamw_torch_8bit"``), needs ``pip install torchao``;
+* ``mask-distill``: ``mask-keep`` trained on the KL from the dense model (``learn_mask(distill=True)``: a teacher
+  forward of the same base with the adapter disabled in every step);
+* ``mask-distill-cached``: the same KL from the teacher's top-64 outputs computed once before timing
+  (``learn_mask(distill=True, teacher_top_k=64)``: no teacher forward in the step);
 * ``lora``: ``LoraConfig(r=16, lora_alpha=32)`` on the same targets;
 * ``full``: every parameter trains.
 
 Step time is the median over ``--steps`` timed steps after ``--warmup`` untimed ones (forward, backward, clipping,
-optimizer step, zeroing the gradients); the process's CPU time per step is reported too, which other processes on
-a shared machine disturb much less than wall time. ``--autocast`` runs every method's forward under
+optimizer step, zeroing the gradients), with the optimizer's share (clipping, step, zeroing) beside it; the
+process's CPU time per step is reported too, which other processes on a shared machine disturb much less than wall
+time. For the mask methods, ``per-weight s`` is the same step on a batch of one token: what a step costs whatever
+its batch (sampling the soft mask, the mask products, the logits' gradient and their optimizer step), since every
+GEMM shrinks to a matrix-vector product.
+
+The GEMM floor (process ``gemm``): the matrix products a step cannot avoid, timed on this machine at the step's
+token count in the step's matmul dtype (fp32, or bf16 under ``--autocast``): for every targeted linear and the
+output layer, the forward ``x @ W.T``, the input gradient ``dY @ W`` and the weight gradient ``dY.T @ x``. A
+method's floor sums the products it needs: full fine-tuning all three everywhere; LoRA forward and input gradient
+(the frozen base needs no weight gradient; its rank-16 products are left out); the mask methods all three on the
+targeted linears (the weight gradient is the mask's) and two on the output layer; distillation one more forward
+of everything. ``GEMM fraction`` is floor / step time: how close a step runs to its matrix products. Attention's
+own products (``QK^T``, ``AV``) and the embedding are left out. ``--autocast`` runs every method's forward under
 ``torch.autocast`` (as ``Trainer(bf16=True)`` does); weights, logits and optimizer state keep their dtype. Peak
 memory is the process's peak RSS on CPU (it includes the model) and ``torch.cuda.max_memory_allocated`` on CUDA.
 Trainable-state bytes count parameters + gradients + optimizer state of the trainable tensors, divided by the
@@ -45,7 +61,11 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("mask", "mask-keep", "mask-ckpt", "mask-adam8bit", "lora", "full")
+from sparse_peft.utils import atomic_write
+
+METHODS = ("mask", "mask-keep", "mask-ckpt", "mask-adam8bit", "mask-distill", "mask-distill-cached", "lora", "full")
+#: The teacher tokens kept per position by ``mask-distill-cached``.
+TEACHER_TOP_K = 64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -65,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     parser.add_argument("--text", default="wikitext2", help="text the fixed batch is cut from (sparse_peft.data)")
     parser.add_argument("--json", default="cost.json", help="where to write the results")
+    parser.add_argument("--per-weight-steps", type=int, default=3,
+                        help="timed one-token steps of each mask method (0: no per-weight column)")
+    parser.add_argument("--gemm-repeats", type=int, default=3, help="timings per GEMM shape of the floor (0: none)")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: measure one method, print JSON
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
@@ -117,7 +140,7 @@ def prepare(method: str, model):
     if method == "lora":
         return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     peft_model = get_peft_model(model, MaskConfig(target_modules=TARGETS))
-    if method == "mask-keep":
+    if method in ("mask-keep", "mask-distill", "mask-distill-cached"):
         from sparse_peft.layer import set_soft_mask_memory
 
         set_soft_mask_memory(peft_model, recompute=False)
@@ -161,6 +184,28 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def loss_function(method: str, model, batches):
+    """``tokens -> loss`` of ``method``: the LM loss, or the KL from the dense model over every position (by a
+    teacher forward per step, or from its top-k outputs on each of ``batches``, computed here once, in fp32, as
+    ``add_teacher_outputs`` does)."""
+    from sparse_peft.teacher import teacher_top_k, top_k_distillation_loss
+    from sparse_peft.training import dense_distillation_loss
+
+    if method == "mask-distill":
+        def distill(tokens):
+            with torch.no_grad(), model.disable_adapter():
+                dense_logits = model(input_ids=tokens).logits
+            return dense_distillation_loss(model(input_ids=tokens).logits, dense_logits)
+        return distill
+    if method == "mask-distill-cached":
+        cached = {}
+        for tokens in batches:
+            with torch.no_grad(), model.disable_adapter():
+                cached[tuple(tokens.shape)] = teacher_top_k(model(input_ids=tokens).logits, TEACHER_TOP_K)
+        return lambda tokens: top_k_distillation_loss(model(input_ids=tokens).logits, *cached[tuple(tokens.shape)])
+    return lambda tokens: model(input_ids=tokens, labels=tokens).loss
+
+
 def measure(method: str, args) -> dict:
     """Build, train ``args.warmup + args.steps`` steps and return the measurements of one method."""
     from sparse_peft import update_mask_schedule
@@ -174,39 +219,54 @@ def measure(method: str, args) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(method, params)
+    one_token = batch[:1, :1]  # the per-weight step's batch
+    compute_loss = loss_function(method, model, (batch, one_token))
     total = args.warmup + args.steps
     setup_memory = peak_memory(args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times, cpu_times, losses, grad_bytes = [], [], [], 0
     device_type = torch.device(args.device).type
     autocast_dtype = None if args.autocast == "none" else getattr(torch, args.autocast)
-    for step in range(total):
+    grad_bytes = 0
+
+    def step(tokens, index: int, count: int) -> tuple[float, float, float, float]:
+        """One optimizer step: (wall s, CPU s, optimizer wall s, loss)."""
+        nonlocal grad_bytes
         if method.startswith("mask"):
-            update_mask_schedule(model, step, total)
+            update_mask_schedule(model, index, count)
         synchronize(args.device)
         start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = compute_loss(tokens)
         loss.backward()
         grad_bytes = tensor_bytes(p.grad for p in params)
+        synchronize(args.device)
+        optimizer_start = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(args.device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-        losses.append(loss.item())
-        print(f"  {method} step {step}: {time.perf_counter() - start:.2f} s, loss {losses[-1]:.4f}", file=sys.stderr)
+        end = time.perf_counter()
+        return end - start, time.process_time() - cpu_start, end - optimizer_start, loss.item()
+
+    times, cpu_times, optimizer_times, losses = [], [], [], []
+    for index in range(total):
+        wall, cpu, optimizer_wall, loss = step(batch, index, total)
+        if index >= args.warmup:
+            times.append(wall)
+            cpu_times.append(cpu)
+            optimizer_times.append(optimizer_wall)
+        losses.append(loss)
+        print(f"  {method} step {index}: {wall:.2f} s, loss {loss:.4f}", file=sys.stderr)
     state_bytes = tensor_bytes(params) + grad_bytes
     state_bytes += tensor_bytes(t for state in optimizer.state.values() for t in state.values())
     step_time = statistics.median(times)
-    return {
+    result = {
         "method": method,
         "step_time_s": step_time,
         "step_times_s": times,
         "step_cpu_time_s": statistics.median(cpu_times),
+        "optimizer_time_s": statistics.median(optimizer_times),
         "tokens_per_s": batch.numel() / step_time,
         "peak_memory_bytes": peak_memory(args.device),
         "setup_memory_bytes": setup_memory,
@@ -215,6 +275,65 @@ def measure(method: str, args) -> dict:
         "masked_weights": masked_weights,
         "trainable_state_bytes_per_masked_weight": state_bytes / masked_weights,
         "losses": losses,
+    }
+    if method.startswith("mask") and args.per_weight_steps > 0:
+        step(one_token, 0, 1)  # warm-up at this shape
+        result["per_weight_step_s"] = statistics.median(
+            step(one_token, 0, 1)[0] for _ in range(args.per_weight_steps)
+        )
+    return result
+
+
+def gemm_floor(args) -> dict:
+    """Seconds of the matrix products of one step at this machine's measured rate: per kind (``forward``,
+    ``input_grad``, ``weight_grad``) for the targeted linears and for the output layer, and each method's floor."""
+    model, batch = load_model(args)
+    tokens = batch.numel()
+    dtype = torch.float32 if args.autocast == "none" else getattr(torch, args.autocast)
+    output = model.get_output_embeddings()
+    shapes: dict[tuple[int, int], int] = {}  # (out, in) of the targeted linears -> how many
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in TARGETS:
+            shapes[tuple(module.weight.shape)] = shapes.get(tuple(module.weight.shape), 0) + 1
+    del model
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        synchronize(args.device)
+        times = []
+        for _ in range(args.gemm_repeats):
+            start = time.perf_counter()
+            fn()
+            synchronize(args.device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def products(out_features: int, in_features: int) -> dict[str, float]:
+        g = torch.Generator(device=args.device).manual_seed(0)
+        x = torch.randn(tokens, in_features, device=args.device, generator=g).to(dtype)
+        w = torch.randn(out_features, in_features, device=args.device, generator=g).to(dtype)
+        dy = torch.randn(tokens, out_features, device=args.device, generator=g).to(dtype)
+        return {"forward": timed(lambda: x @ w.t()), "input_grad": timed(lambda: dy @ w),
+                "weight_grad": timed(lambda: dy.t() @ x)}
+
+    linears = {kind: 0.0 for kind in ("forward", "input_grad", "weight_grad")}
+    flops = 0
+    for (out_features, in_features), count in shapes.items():
+        for kind, seconds in products(out_features, in_features).items():
+            linears[kind] += count * seconds
+        flops += 3 * count * 2 * tokens * out_features * in_features
+    head = products(*output.weight.shape)
+    flops_head = 3 * 2 * tokens * output.weight.shape[0] * output.weight.shape[1]
+    full = sum(linears.values()) + sum(head.values())
+    two = linears["forward"] + linears["input_grad"] + head["forward"] + head["input_grad"]
+    mask = sum(linears.values()) + head["forward"] + head["input_grad"]
+    teacher = linears["forward"] + head["forward"]
+    return {
+        "method": "gemm", "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
+        "linears_s": linears, "output_layer_s": head,
+        "gflop_per_s": (flops + flops_head) / full / 1e9,
+        "floor_s": {"full": full, "lora": two, "mask": mask, "mask-keep": mask, "mask-ckpt": mask + linears["forward"],
+                    "mask-adam8bit": mask, "mask-distill": mask + teacher, "mask-distill-cached": mask},
     }
 
 
@@ -225,26 +344,54 @@ def run_child(method: str, argv: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def report(results: dict[str, dict], args) -> dict:
-    mib = 2**20
-    memory = "peak alloc MiB" if args.device.startswith("cuda") else "peak RSS MiB"
-    print(f"\n{'method':<13} {'step s':>8} {'CPU s':>7} {'tokens/s':>9} {memory:>14} {'setup MiB':>10} "
-          f"{'state B/masked w':>17}")
+def report(results: dict[str, dict], args) -> tuple[dict, str]:
+    """Print the results as a Markdown table and the ratios to the targets; returns ``(ratios, table)``."""
+    memory = "peak alloc (MiB)" if args.device.startswith("cuda") else "peak RSS (MiB)"
+    precision = "fp32" if args.autocast == "none" else f"{args.autocast} autocast"
+    header = (f"| batch | precision | method | step (s) | optimizer (s) | per-weight (s) | CPU time / step (s) | tokens/s "
+              f"| {memory} | trainable state (B / masked weight) | GEMM floor (s) | GEMM fraction | vs full | vs LoRA |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, r in results.items():
-        print(f"{name:<13} {r['step_time_s']:8.2f} {r['step_cpu_time_s']:7.2f} {r['tokens_per_s']:9.1f} "
-              f"{r['peak_memory_bytes'] / mib:14.0f} "
-              f"{r['setup_memory_bytes'] / mib:10.0f} {r['trainable_state_bytes_per_masked_weight']:17.2f}")
+        def ratio(base: str) -> str:
+            return f"{r['step_time_s'] / results[base]['step_time_s']:.2f}" if base in results else "-"
+
+        per_weight = f"{r['per_weight_step_s']:.2f}" if "per_weight_step_s" in r else "-"
+        floor = f"{r['gemm_floor_s']:.2f}" if "gemm_floor_s" in r else "-"
+        fraction = f"{100 * r['gemm_fraction']:.0f}%" if "gemm_fraction" in r else "-"
+        lines.append(
+            f"| {args.batch} x {args.seq_len} | {precision} | {name} | {r['step_time_s']:.2f} "
+            f"| {r['optimizer_time_s']:.2f} | {per_weight} | {r['step_cpu_time_s']:.2f} | {r['tokens_per_s']:.1f} "
+            f"| {r['peak_memory_bytes'] / 2**20:,.0f} | {r['trainable_state_bytes_per_masked_weight']:.2f} "
+            f"| {floor} | {fraction} | {ratio('full')} | {ratio('lora')} |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
     ratios = {}
     for mask in (m for m in results if m.startswith("mask")):
         for base in ("full", "lora"):
             for key, what in (("step_time_s", "step time"), ("step_cpu_time_s", "CPU time")):
                 if base in results:
                     ratios[f"{mask}/{base} {what}"] = results[mask][key] / results[base][key]
+    for distill in ("mask-distill", "mask-distill-cached"):
+        if distill in results and "mask-keep" in results:
+            ratios[f"{distill}/mask-keep step time"] = (results[distill]["step_time_s"]
+                                                        / results["mask-keep"]["step_time_s"])
     if ratios:
-        print("\nratios (issue 5 targets: mask/full <= 1.2, mask/lora <= 1.7; on a busy machine trust CPU time):")
+        print("\nratios (targets: mask/full <= 1.1, mask/lora <= 1.5, cached distillation / LM loss <= 1.05; "
+              "on a busy machine trust CPU time):")
         for name, value in ratios.items():
-            print(f"  {name:<30} {value:5.2f}")
-    return ratios
+            print(f"  {name:<40} {value:5.2f}")
+    return ratios, table
+
+
+def cpu_vector_flags() -> list[str]:
+    """The CPU's vector-instruction flags from ``/proc/cpuinfo`` (AVX*, AMX*, FMA, F16C), else ``[]``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return sorted(flag for flag in flags if flag.startswith(("avx", "amx", "fma", "f16c")))
 
 
 def cpu_model_name() -> str:
@@ -260,18 +407,26 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.only is not None:
-        print(json.dumps(measure(args.only, args)))
+        print(json.dumps(gemm_floor(args) if args.only == "gemm" else measure(args.only, args)))
         return
     child_argv = [a for a in argv if a != "--only"]
     results = {}
     for method in args.methods:
         print(f"measuring {method} ...", flush=True)
         results[method] = run_child(method, child_argv)
-    ratios = report(results, args)
+    floor = None
+    if args.gemm_repeats > 0:
+        print("measuring the GEMM floor ...", flush=True)
+        floor = run_child("gemm", child_argv)
+        for method, result in results.items():
+            result["gemm_floor_s"] = floor["floor_s"][method]
+            result["gemm_fraction"] = floor["floor_s"][method] / result["step_time_s"]
+    ratios, table = report(results, args)
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor() or cpu_model_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": cpu_vector_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -279,9 +434,12 @@ def main(argv=None) -> None:
         "load_average": os.getloadavg(),
     }
     settings = {k: v for k, v in vars(args).items() if k != "only"}
-    Path(args.json).write_text(json.dumps({"settings": settings, "machine": machine, "results": results,
-                                           "ratios": ratios}, indent=2))
-    print(f"\nwrote {args.json}")
+    payload = json.dumps({"settings": settings, "machine": machine, "results": results, "gemm": floor,
+                          "ratios": ratios}, indent=2)
+    atomic_write(args.json, lambda f: f.write(payload.encode()))
+    markdown = str(Path(args.json).with_suffix(".md"))
+    atomic_write(markdown, lambda f: f.write((table + "\n").encode()))
+    print(f"\nwrote {args.json} and {markdown}")
 
 
 if __name__ == "__main__":

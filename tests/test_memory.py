@@ -96,6 +96,31 @@ def test_cost_benchmark_counts_24_bytes_of_trainable_state_per_masked_weight():
     assert autocast["losses"] != results["mask"]["losses"]
     assert autocast["losses"][0] == pytest.approx(results["mask"]["losses"][0], rel=0.02)
     assert autocast["trainable_state_bytes"] == results["mask"]["trainable_state_bytes"]
+    assert results["mask"]["per_weight_step_s"] > 0 and "per_weight_step_s" not in results["lora"]
+
+
+def test_cost_benchmark_distillation_rows_and_gemm_floor():
+    """The two distillation rows train on the same first-step KL, the cached one on its top-64 coarsening (never
+    more); the GEMM floor of each method sums exactly the products it needs."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("cost", REPO_ROOT / "benchmarks" / "cost.py")
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    args = cost.parse_args(["--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--seq-len", "16",
+                            "--per-weight-steps", "1", "--gemm-repeats", "1"])
+    exact, cached = (cost.measure(method, args) for method in ("mask-distill", "mask-distill-cached"))
+    assert 0 < cached["losses"][0] <= exact["losses"][0] + 1e-6
+    assert cached["trainable_state_bytes"] == exact["trainable_state_bytes"]
+    floor = cost.gemm_floor(args)
+    linears, head, floors = floor["linears_s"], floor["output_layer_s"], floor["floor_s"]
+    assert floor["tokens"] == 4 * 16 and floor["dtype"] == "float32"
+    assert floors["full"] == pytest.approx(sum(linears.values()) + sum(head.values()))
+    assert floors["full"] - floors["mask"] == pytest.approx(head["weight_grad"])
+    assert floors["mask"] - floors["lora"] == pytest.approx(linears["weight_grad"])
+    assert floors["mask-distill"] - floors["mask-distill-cached"] == pytest.approx(linears["forward"] + head["forward"])
 
 
 def test_trainer_8bit_adam_keeps_one_byte_per_moment_and_the_cost_benchmark_counts_it(tmp_path):
