@@ -1,4 +1,6 @@
-"""Teacher outputs computed once: the top-k KL against a reference computation, the on-disk cache, and Trainer."""
+"""Teacher outputs computed once: the top-k KL against a reference computation, the on-disk cache, learn_mask.
+
+The Trainer step with cached outputs is tested beside the uncached one in test_training.py."""
 
 import math
 import os
@@ -7,10 +9,9 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import get_peft_model
-from transformers import TrainingArguments
 
 from conftest import tiny_llama
-from sparse_peft import MaskConfig, MaskScheduleCallback
+from sparse_peft import MaskConfig
 from sparse_peft import teacher as teacher_module
 from sparse_peft.teacher import (
     TEACHER_COLUMNS,
@@ -19,7 +20,7 @@ from sparse_peft.teacher import (
     teacher_top_k,
     top_k_distillation_loss,
 )
-from sparse_peft.training import DenseDistillationTrainer, dense_distillation_loss, learn_mask, mask_training_arguments
+from sparse_peft.training import dense_distillation_loss, learn_mask, mask_training_arguments
 
 
 def reference_coarse_kl(student: torch.Tensor, dense: torch.Tensor, k: int) -> float:
@@ -123,36 +124,6 @@ def test_a_failed_teacher_pass_leaves_no_cache_entry_and_bad_datasets_are_refuse
     done = add_teacher_outputs(model, windows(), top_k=4, cache=tmp_path)
     with pytest.raises(ValueError, match="already has a 'teacher_top_ids' column"):
         add_teacher_outputs(model, done, cache=tmp_path)
-
-
-def test_distillation_trainer_with_cached_teacher_runs_no_teacher_forward_and_logs_the_cached_kl(tmp_path):
-    """As the uncached test in test_training: a frozen sharp mask makes the training forward the hard-mask forward,
-    so the logged loss of one step of 2 accumulated micro-batches is their mean top-k KL, computed independently."""
-    data = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    dataset = Dataset.from_dict({"input_ids": data.tolist(), "labels": data.tolist()})
-    frozen = dict(tau_start=1e-4, tau_end=1e-4, kappa_start=1e7, kappa_end=1e7, sparse_reg=0.0)
-    sharp = dict(initializer_range=0.2)
-    model = get_peft_model(tiny_llama(**sharp), MaskConfig(prior="magnitude", task_type="CAUSAL_LM", **frozen))
-    with torch.no_grad():
-        dense_logits = tiny_llama(**sharp)(input_ids=data).logits
-        masked_logits = model.eval()(input_ids=data).logits
-    expected = top_k_distillation_loss(masked_logits, *teacher_top_k(dense_logits, 8), data).item()
-    assert expected > 0.05
-    cached = add_teacher_outputs(model, dataset, top_k=8, cache=tmp_path / "teacher")
-
-    def no_teacher():
-        raise AssertionError("the teacher forward ran although the batch carries its cached outputs")
-
-    model.disable_adapter = no_teacher
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        learning_rate=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-    )
-    trainer = DenseDistillationTrainer(model=model, args=args, train_dataset=cached,
-                                       callbacks=[MaskScheduleCallback()])
-    trainer.train()
-    logged = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
-    assert math.isclose(logged, expected, rel_tol=2e-3), (logged, expected)
 
 
 def test_learn_mask_with_a_teacher_cache_learns_and_needs_distill(tmp_path):

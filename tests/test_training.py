@@ -173,9 +173,13 @@ def test_dense_distillation_loss_is_the_mean_kl_over_predicting_positions():
         dense_distillation_loss(logits, dense, labels[:, :4])
 
 
-def test_distillation_trainer_learns_from_the_dense_base_and_averages_accumulated_batches(tmp_path):
+@pytest.mark.parametrize("teacher_top_k", [None, 8])
+def test_distillation_trainer_learns_from_the_dense_base_and_averages_accumulated_batches(tmp_path, teacher_top_k):
     """A (near-)zero temperature makes the training forward use exactly the hard mask, so the logged loss of one
-    step with 2 accumulated micro-batches must be their mean KL from the unmasked model, computed independently."""
+    step with 2 accumulated micro-batches must be their mean KL from the unmasked model, computed independently.
+    With the teacher's cached top-k outputs (sparse_peft.teacher) the step runs no teacher forward, and the loss is
+    their mean top-k KL."""
+    from sparse_peft.teacher import add_teacher_outputs, teacher_top_k as top_k, top_k_distillation_loss
     from sparse_peft.training import DenseDistillationTrainer, dense_distillation_loss
 
     data = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -187,7 +191,16 @@ def test_distillation_trainer_learns_from_the_dense_base_and_averages_accumulate
         dense_logits = tiny_llama(**sharp)(input_ids=data).logits  # the same seed: the base without any mask
         masked_logits = model.eval()(input_ids=data).logits
         assert torch.allclose(model.train()(input_ids=data).logits, masked_logits, atol=1e-5)  # the premise
-    expected = dense_distillation_loss(masked_logits, dense_logits, data).item()
+    if teacher_top_k is None:
+        expected = dense_distillation_loss(masked_logits, dense_logits, data).item()
+    else:
+        expected = top_k_distillation_loss(masked_logits, *top_k(dense_logits, teacher_top_k), data).item()
+        dataset = add_teacher_outputs(model, dataset, top_k=teacher_top_k, cache=tmp_path / "teacher")
+
+        def no_teacher():
+            raise AssertionError("the teacher forward ran although the batch carries its cached outputs")
+
+        model.disable_adapter = no_teacher
     assert expected > 0.05
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
