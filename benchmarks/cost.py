@@ -348,8 +348,9 @@ def report(results: dict[str, dict], args) -> tuple[dict, str]:
     """Print the results as a Markdown table and the ratios to the targets; returns ``(ratios, table)``."""
     memory = "peak alloc (MiB)" if args.device.startswith("cuda") else "peak RSS (MiB)"
     precision = "fp32" if args.autocast == "none" else f"{args.autocast} autocast"
-    header = (f"| batch | precision | method | step (s) | optimizer (s) | per-weight (s) | CPU time / step (s) | tokens/s "
-              f"| {memory} | trainable state (B / masked weight) | GEMM floor (s) | GEMM fraction | vs full | vs LoRA |")
+    header = (f"| batch | precision | method | step (s) | optimizer (s) | per-weight (s) | CPU time / step (s) "
+              f"| tokens/s | {memory} | trainable state (B / masked weight) | GEMM floor (s) | GEMM fraction "
+              "| vs full | vs LoRA |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, r in results.items():
         def ratio(base: str) -> str:

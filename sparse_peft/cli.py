@@ -382,8 +382,8 @@ def learn_and_save(model, tokenizer, config: MaskConfig, data: str | Sequence[st
     into ``output/trainer``; ``resume``: a checkpoint folder or ``"last"`` (the newest there). ``eval_steps``: log
     the loss on ``eval_windows`` windows of ``eval_data``'s test split every that many steps. ``seed`` seeds the
     initial logits' noise and Trainer. ``teacher_top_k`` (with ``distill``): cache the dense model's top-k outputs
-    once under ``$SPARSE_PEFT_CACHE`` instead of a teacher forward per step. ``output/trainer`` is removed again if it is left empty. The adapter is
-    unloaded after saving, so ``model`` is left as it was.
+    once under ``$SPARSE_PEFT_CACHE`` instead of a teacher forward per step. ``output/trainer`` is removed again if
+    it is left empty. The adapter is unloaded after saving, so ``model`` is left as it was.
     Returns ``{"prior", "tokens", "seconds", "output", "train_loss"}``.
     """
     texts = load_texts(data, split="train", text_column=text_column) if isinstance(data, str) else data

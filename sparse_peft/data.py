@@ -8,7 +8,8 @@ top, neither of them an offline-only path:
   named after the Hub model it was converted from, ``HuggingFaceTB/SmolLM2-135M-Instruct``, with the quantisation
   recorded (:data:`~sparse_peft.constants.SHIPPED_BASE_SOURCE`), so adapters made on it can be pushed as they are.
 * A GGUF checkpoint (``gguf_file=...``, local folder or Hub repo) is dequantised once by transformers and cached
-  with ``save_pretrained`` under :func:`~sparse_peft.utils.cache_dir`, so later loads take a second instead of ~40 s.
+  with ``save_pretrained`` under :func:`~sparse_peft.utils.cache_dir`, so later loads take a second instead of
+  ~40 s.
 * Short names of the shipped text assets (``wikitext2``, ``c4``, ``tinystories``) resolve to files under
   :func:`assets_dir` (``$SPARSE_PEFT_ASSETS``, else ``../shared/assets`` beside a project checkout; an installed
   wheel has no assets), which are then read with ``datasets.load_dataset`` like any other file.

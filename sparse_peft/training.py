@@ -91,8 +91,8 @@ class DenseDistillationTrainer(Trainer):
     The teacher is the same frozen base with the mask adapter disabled (``disable_adapter()``): no second copy of
     the weights, one extra forward pass without gradient per step. When the training examples carry the teacher's
     cached top-k outputs (:func:`~sparse_peft.teacher.add_teacher_outputs`), there is no teacher forward: the loss is
-    :func:`~sparse_peft.teacher.top_k_distillation_loss` from those columns. Each position then brings the dense model's whole
-    next-token distribution instead of one label. Not in the MaskLLM paper, which trains on the LM loss;
+    :func:`~sparse_peft.teacher.top_k_distillation_loss` from those columns. Each position then brings the dense
+    model's whole next-token distribution instead of one label. Not in the MaskLLM paper, which trains on the LM loss;
     docs/training.md has the measured comparison and step times.
 
     The model must be a ``PeftModel`` without ``modules_to_save``: a head trained next to the mask has no dense
@@ -164,8 +164,9 @@ def learn_mask(
     ``distill=True`` trains on the KL divergence from the dense model (:class:`DenseDistillationTrainer`) instead of
     the LM loss of the labels; with ``teacher_top_k`` the dense model's top-k next-token distribution of every
     training example is computed once and cached on disk (:func:`~sparse_peft.teacher.add_teacher_outputs`, folder
-    ``teacher_cache``, default under ``$SPARSE_PEFT_CACHE``), and the steps run no teacher forward: the loss is the
-    KL over the teacher's top k tokens and the rest (:func:`~sparse_peft.teacher.top_k_distillation_loss`).
+    ``teacher_cache``, default under ``$SPARSE_PEFT_CACHE``; the teacher pass takes
+    ``args.per_device_eval_batch_size`` windows at a time), and the steps run no teacher forward: the loss is the KL
+    over the teacher's top k tokens and the rest (:func:`~sparse_peft.teacher.top_k_distillation_loss`).
     ``resume_from_checkpoint`` goes to ``trainer.train``: a checkpoint folder of an
     earlier run with the same ``args``, or True for the latest one in ``args.output_dir``. Checkpoints (``args``
     with ``save_strategy`` / ``save_steps``) hold the float logits (see :class:`~sparse_peft.MaskScheduleCallback`),
