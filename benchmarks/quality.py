@@ -167,7 +167,9 @@ def main(argv=None) -> dict:
         if measured(f"learned from {prior}", steps=steps, **shape):
             continue
         config = sparse_peft.MaskConfig(
-            prior=None if prior == "none" else priors[prior], tau_start=args.tau_start, tau_end=args.tau_end,
+            # the saved one-shot masks are learned from as one-shot priors, with the paper's noise
+            prior=None if prior == "none" else priors[prior], prior_noise=None if prior == "none" else True,
+            tau_start=args.tau_start, tau_end=args.tau_end,
             kappa_start=args.kappa_start, kappa_end=args.kappa_end, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM",
         )
         peft_model = get_peft_model(model, config)

@@ -354,8 +354,10 @@ class Benchmark:
             if kind == "transfer+lowrank":
                 extra.update(lora_rank=self.args.lowrank_rank, train_mask=False, init_lora_weights="eora",
                              calibration=self.calibration(spec))
-            config = sparse_peft.MaskConfig(prior=prior, sparse_reg=self.args.sparse_reg, task_type=task_type,
-                                            **schedule, **extra)
+            # from scratch = the paper's one-shot prior formula with its noise, although the prior is a saved folder
+            noise = None if kind.startswith("transfer") else True
+            config = sparse_peft.MaskConfig(prior=prior, prior_noise=noise, sparse_reg=self.args.sparse_reg,
+                                            task_type=task_type, **schedule, **extra)
         start = time.perf_counter()
         peft_model = get_peft_model(base, config)
         row["init_seconds"] = time.perf_counter() - start  # the prior (and a training-free update) computed

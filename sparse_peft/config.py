@@ -79,6 +79,14 @@ class MaskConfig(PeftConfig):
         },
     )
     prior_strength: float = field(default=3.0, metadata={"help": "alpha of the prior formula (paper: 3)."})
+    prior_noise: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Whether the prior formula adds the paper's random part (at alpha 3 ~5% of groups start off the "
+            "prior). None: yes for a one-shot pruner, no for a mask-adapter prior, so that a task mask starts exactly "
+            "at its general mask. True for an adapter that holds a one-shot mask to learn from (benchmarks/quality.py)."
+        },
+    )
     logit_init_std: float = field(default=0.01, metadata={"help": "Std of the random initial logits."})
     sparse_reg: float = field(
         default=1e-5,
@@ -259,6 +267,11 @@ class MaskConfig(PeftConfig):
     def prior_is_adapter(self) -> bool:
         """True if ``prior`` names a saved mask adapter (the transfer path) rather than a one-shot pruner."""
         return self.prior is not None and self.prior not in ONE_SHOT_PRIORS
+
+    @property
+    def adds_prior_noise(self) -> bool:
+        """Whether the initial logits get the prior formula's random part (``prior_noise``, resolved)."""
+        return not self.prior_is_adapter if self.prior_noise is None else self.prior_noise
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able fields: sets (PEFT makes ``target_modules`` one) as sorted lists, so that a saved

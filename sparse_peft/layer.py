@@ -219,8 +219,9 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
                     f"{self.weight_shape}."
                 )
             # A saved mask adapter (a general mask) is the start of a task mask: without the formula's noise its
-            # hard mask is exactly the prior's; a one-shot prior keeps the paper's noise (~5% of groups off it).
-            logits = prior_logits(prior_mask, n, m, config.prior_strength, init_std, noise=not config.prior_is_adapter)
+            # hard mask is exactly the prior's; a one-shot prior keeps the paper's noise (~5% of groups off it);
+            # config.prior_noise overrides either.
+            logits = prior_logits(prior_mask, n, m, config.prior_strength, init_std, noise=config.adds_prior_noise)
         else:
             logits = random_logits(num_groups, n, m, init_std)
         device = self.get_base_layer().weight.device

@@ -282,6 +282,15 @@ def test_prior_from_a_saved_adapter_is_the_transfer_path(tmp_path):
     oneshot = get_peft_model(tiny_llama(0), MaskConfig(prior="magnitude"))
     oneshot_logits = [v for k, v in oneshot.state_dict().items() if "maskllm_logits" in k]
     assert all(len(torch.unique(t)) > 3 for t in oneshot_logits)  # the paper's formula, noise and all
+    # prior_noise=True: an adapter holding a one-shot mask to learn from gets the paper's formula, noise and all
+    torch.manual_seed(0)
+    noisy = get_peft_model(tiny_llama(0), MaskConfig(prior=str(tmp_path / "general"), prior_noise=True)).eval()
+    noisy_logits = [v for k, v in noisy.state_dict().items() if "maskllm_logits" in k]
+    assert all(len(torch.unique(t)) > 3 for t in noisy_logits)
+    off = sum(int((hard_masks(noisy)[k] != v).sum()) for k, v in general_masks.items())
+    assert 0 < off < 0.25 * sum(v.numel() for v in general_masks.values())
+    no_noise = get_peft_model(tiny_llama(0), MaskConfig(prior="magnitude", prior_noise=False))
+    assert all(len(torch.unique(v)) == 3 for k, v in no_noise.state_dict().items() if "maskllm_logits" in k)
     with pytest.raises(ValueError, match="different base model"):
         get_peft_model(tiny_llama(seed=5), MaskConfig(prior=str(tmp_path / "general")))
     with pytest.raises(ValueError, match="is 2:4 sparse but this MaskConfig asks for 1:4"):

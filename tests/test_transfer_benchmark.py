@@ -54,6 +54,8 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
         config = json.loads((tmp_path / "t" / "adapters" / row["adapter"].rsplit("/", 1)[-1] /
                              "adapter_config.json").read_text())
         assert config["save_delta"] and config["prior"] == general  # delta-coded against the general mask
+        # from scratch starts from the task's SparseGPT folder with the paper's noise; transfer exactly at the general
+        assert config["prior_noise"] is (True if row["row"] == "scratch" else None)
         if row["row"] == "transfer":
             assert row["bits_delta"] < row["bits_raw"]
         if row["row"] == "transfer+lowrank":  # its mask is the general mask; the file holds the update
