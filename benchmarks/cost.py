@@ -385,23 +385,18 @@ def report(results: dict[str, dict], args) -> tuple[dict, str]:
     return ratios, table
 
 
-def cpu_vector_flags() -> list[str]:
-    """The CPU's vector-instruction flags from ``/proc/cpuinfo`` (AVX*, AMX*, FMA, F16C), else ``[]``."""
+def cpuinfo_field(name: str) -> str:
+    """The first ``name : value`` line's value in ``/proc/cpuinfo`` (Linux), else ``""``."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return sorted(flag for flag in flags if flag.startswith(("avx", "amx", "fma", "f16c")))
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``""``: which kernels ran decides the timings."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(name)), "")
     except OSError:
         return ""
+
+
+def cpu_vector_flags() -> list[str]:
+    """The CPU's vector-instruction flags (AVX*, AMX*, FMA, F16C): which kernels ran decides the timings."""
+    return sorted(f for f in cpuinfo_field("flags").split() if f.startswith(("avx", "amx", "fma", "f16c")))
 
 
 def main(argv=None) -> None:
@@ -425,7 +420,7 @@ def main(argv=None) -> None:
     ratios, table = report(results, args)
     machine = {
         "platform": platform.platform(),
-        "processor": platform.processor() or cpu_model_name(),
+        "processor": platform.processor() or cpuinfo_field("model name"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_flags": cpu_vector_flags(),
         "cpu_count": os.cpu_count(),

@@ -187,7 +187,11 @@ def add_teacher_outputs(
         except OSError:
             if not folder.is_dir():  # not another process that finished the same entry first
                 raise
-    teacher = load_from_disk(str(folder))
+    try:
+        teacher = load_from_disk(str(folder))
+    except (OSError, ValueError) as error:  # e.g. a file of the entry deleted by hand
+        raise ValueError(f"teacher cache {folder} cannot be read ({error}): delete that folder and it is computed "
+                         "again.") from error
     if len(teacher) != len(dataset):
         raise ValueError(f"teacher cache {folder} holds {len(teacher)} examples, not {len(dataset)}: delete it.")
     return concatenate_datasets([dataset, teacher], axis=1)

@@ -122,6 +122,13 @@ def test_a_failed_teacher_pass_leaves_no_cache_entry_and_bad_datasets_are_refuse
     with pytest.raises(ValueError, match="no 'input_ids' column"):
         add_teacher_outputs(model, Dataset.from_dict({"text": ["a"]}), cache=tmp_path)
     done = add_teacher_outputs(model, windows(), top_k=4, cache=tmp_path)
+    (entry,) = tmp_path.iterdir()
+    for name in os.listdir(entry):
+        if name.endswith(".json"):
+            (entry / name).unlink()  # a damaged entry
+    with pytest.raises(ValueError, match="cannot be read .* delete that folder"):
+        add_teacher_outputs(model, windows(), top_k=4, cache=tmp_path)
+    assert {p.name for p in entry.iterdir()}  # the entry is reported, not removed
     with pytest.raises(ValueError, match="already has a 'teacher_top_ids' column"):
         add_teacher_outputs(model, done, cache=tmp_path)
 
