@@ -15,6 +15,9 @@ text, with the same optimizer step (fused AdamW, betas 0.9/0.95, eps 1e-5, weigh
 * ``mask-ckpt``: ``mask`` with gradient checkpointing of the decoder blocks;
 * ``mask-adam8bit``: ``mask`` with torchao's ``AdamW8bit`` (8-bit blockwise moments; what ``Trainer`` uses for
   ``optim="adamw_torch_8bit"``), needs ``pip install torchao``;
+* ``mask-bf16``: ``mask-keep`` with ``MaskConfig(logits_dtype="bfloat16")`` and torchao's stochastically rounding
+  AdamW with bfloat16 moments (``sparse_peft.training.bf16_logits_optimizer``, what ``learn_mask`` uses for
+  bfloat16 logits), needs ``pip install torchao``;
 * ``mask-distill``: ``mask-keep`` trained on the KL from the dense model (``learn_mask(distill=True)``: a teacher
   forward of the same base with the adapter disabled in every step);
 * ``mask-distill-cached``: the same KL from the teacher's top-64 outputs computed once before timing
@@ -63,7 +66,8 @@ import torch
 
 from sparse_peft.utils import atomic_write
 
-METHODS = ("mask", "mask-keep", "mask-ckpt", "mask-adam8bit", "mask-distill", "mask-distill-cached", "lora", "full")
+METHODS = ("mask", "mask-keep", "mask-ckpt", "mask-adam8bit", "mask-bf16", "mask-distill", "mask-distill-cached", "lora",
+           "full")
 #: The teacher tokens kept per position by ``mask-distill-cached``.
 TEACHER_TOP_K = 64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -139,8 +143,9 @@ def prepare(method: str, model):
         return model
     if method == "lora":
         return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
-    peft_model = get_peft_model(model, MaskConfig(target_modules=TARGETS))
-    if method in ("mask-keep", "mask-distill", "mask-distill-cached"):
+    logits_dtype = "bfloat16" if method == "mask-bf16" else "float32"
+    peft_model = get_peft_model(model, MaskConfig(target_modules=TARGETS, logits_dtype=logits_dtype))
+    if method in ("mask-keep", "mask-bf16", "mask-distill", "mask-distill-cached"):
         from sparse_peft.layer import set_soft_mask_memory
 
         set_soft_mask_memory(peft_model, recompute=False)
@@ -161,8 +166,18 @@ def tensor_bytes(tensors) -> int:
 
 
 def make_optimizer(method: str, params: list):
-    """AdamW with MaskLLM's settings; 8-bit moments (torchao) for ``mask-adam8bit``, else torch's fused AdamW."""
+    """AdamW with MaskLLM's settings; 8-bit moments (torchao) for ``mask-adam8bit``, torchao's bfloat16 AdamW with
+    stochastic rounding for ``mask-bf16``, else torch's fused AdamW."""
     kwargs = dict(lr=5e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    if method == "mask-bf16":
+        from transformers import TrainingArguments
+
+        from sparse_peft.training import bf16_logits_optimizer
+
+        args = TrainingArguments("unused", learning_rate=kwargs["lr"], adam_beta1=0.9, adam_beta2=0.95,
+                                 adam_epsilon=1e-5, report_to=[])
+        optimizer_cls, optimizer_kwargs = bf16_logits_optimizer(args)
+        return optimizer_cls(params, weight_decay=kwargs["weight_decay"], **optimizer_kwargs)
     if method == "mask-adam8bit":
         try:
             from torchao.optim import AdamW8bit
@@ -333,7 +348,7 @@ def gemm_floor(args) -> dict:
         "linears_s": linears, "output_layer_s": head,
         "gflop_per_s": (flops + flops_head) / full / 1e9,
         "floor_s": {"full": full, "lora": two, "mask": mask, "mask-keep": mask, "mask-ckpt": mask + linears["forward"],
-                    "mask-adam8bit": mask, "mask-distill": mask + teacher, "mask-distill-cached": mask},
+                    "mask-adam8bit": mask, "mask-bf16": mask, "mask-distill": mask + teacher, "mask-distill-cached": mask},
     }
 
 

@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher-top-k", type=int, default=None,
                    help="with --distill: the teacher's top-k outputs computed once and cached (learn_mask's "
                         "teacher_top_k) instead of a teacher forward per step")
+    add_config_arg(p, "logits_dtype")
     p.add_argument("--bf16", action="store_true",
                    help="learned rows train under bf16 autocast (Trainer's bf16=True; the logits and their optimizer "
                         "state stay fp32, and perplexity is always measured in fp32). Needs bf16 matmuls: a CUDA GPU "
@@ -163,6 +164,8 @@ def main(argv=None) -> dict:
     # what distinguishes learned rows besides prior and steps: tokens per step, the regulariser, the loss, precision
     shape = {"batch_size": args.batch_size, "seq_len": args.seq_len, "sparse_reg": args.sparse_reg,
              "distill": args.distill, "bf16": args.bf16, "teacher_top_k": args.teacher_top_k}
+    if args.logits_dtype != "float32":  # rows without the key have float32 logits
+        shape["logits_dtype"] = args.logits_dtype
     for prior, steps in runs:
         if measured(f"learned from {prior}", steps=steps, **shape):
             continue
@@ -171,6 +174,7 @@ def main(argv=None) -> dict:
             prior=None if prior == "none" else priors[prior], prior_noise=None if prior == "none" else True,
             tau_start=args.tau_start, tau_end=args.tau_end,
             kappa_start=args.kappa_start, kappa_end=args.kappa_end, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM",
+            logits_dtype=args.logits_dtype,
         )
         peft_model = get_peft_model(model, config)
         training_args = mask_training_arguments(
@@ -187,6 +191,7 @@ def main(argv=None) -> dict:
         name = f"learned-{prior}-{steps}x{args.batch_size}x{args.seq_len}-reg{args.sparse_reg:g}"
         name += ("-distill" if args.distill else "") + ("-bf16" if args.bf16 else "")
         name += f"-top{args.teacher_top_k}" if args.teacher_top_k else ""
+        name += "-bf16logits" if args.logits_dtype == "bfloat16" else ""
         peft_model.save_pretrained(os.path.join(args.output, name))
         add({"mask": f"learned from {prior}", "kind": "learned", "ppl": ppl(peft_model), "seconds": seconds,
              "steps": steps, **shape, "tokens": steps * args.batch_size * args.seq_len, "passes": round(passes, 3),
@@ -218,6 +223,8 @@ def markdown(rows: list[dict]) -> str:
         if r.get("teacher_top_k"):
             loss += f" (cached top-{r['teacher_top_k']})"
         precision = ("bf16 autocast" if r["bf16"] else "fp32") if "bf16" in r else "-"
+        if r.get("logits_dtype") == "bfloat16":
+            precision += ", bf16 logits + moments (stochastic rounding)"
         tokens = str(r.get("tokens", "-"))
         if r.get("passes", 0) > 1:
             tokens += f" ({r['passes']:.2f} passes over the text)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -449,6 +450,9 @@ def _check_training_options(args) -> None:
     if args.teacher_top_k is not None and (args.teacher_top_k < 1 or not args.distill):
         raise ValueError(f"--teacher-top-k {args.teacher_top_k}: pass a positive number of tokens, together with "
                          "--distill (it caches the dense model's outputs for distillation).")
+    if args.logits_dtype == "bfloat16" and importlib.util.find_spec("torchao") is None:
+        raise ValueError("--logits-dtype bfloat16 trains with torchao's AdamW (stochastic rounding): pip install "
+                          "torchao (or sparse-peft[lowmem]), or drop the flag.")
     if args.eval_steps is not None and args.eval_data is None:
         raise ValueError("--eval-steps needs --eval-data (held-out text: wikitext2, a file or a Hub dataset id).")
     if args.eval_data is not None:
@@ -577,7 +581,7 @@ def cmd_learn(args) -> dict:
         kappa_start=args.kappa_start, kappa_end=args.kappa_end, sparse_reg=args.sparse_reg,
         save_logits=args.save_logits, task_type="CAUSAL_LM", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_placement=args.lora_placement, train_mask=not args.freeze_mask,
-        init_lora_weights="eora" if args.init_lora_weights == "eora" else True,
+        init_lora_weights="eora" if args.init_lora_weights == "eora" else True, logits_dtype=args.logits_dtype,
     )
     _check_model(args)
     _check_prior(prior)
@@ -769,6 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end", "save_logits", "lora_rank"):
         add_config_arg(p, name)
+    add_config_arg(p, "logits_dtype", choices=("float32", "bfloat16"))
     add_config_arg(p, "lora_alpha", type=float)
     add_config_arg(p, "lora_placement", choices=("under_mask", "dense_residual"))
     add_config_arg(p, "init_lora_weights", action="store", type=str, choices=("zeros", "eora"), default="zeros",

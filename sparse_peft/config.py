@@ -163,6 +163,15 @@ class MaskConfig(PeftConfig):
             "low-rank update (needs lora_rank > 0); training then uses the hard mask, at about LoRA's cost."
         },
     )
+    logits_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the trainable [G, C] logits: 'float32' (default) or 'bfloat16' (half the bytes of the "
+            "logits, their gradients and AdamW's moments; train them with sparse_peft.training.bf16_logits_optimizer, which "
+            "rounds stochastically so that updates below bfloat16's resolution are not lost). The Gumbel softmax is "
+            "computed in float32 either way; saved logits (save_logits) are float32, which holds bfloat16 exactly."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -203,6 +212,10 @@ class MaskConfig(PeftConfig):
                 f"MaskConfig(save_delta=True) stores masks as changes to a general mask, but prior={self.prior!r} is "
                 "not a saved mask adapter. Pass prior='<path or Hub id of the general mask adapter>', or drop "
                 "save_delta."
+            )
+        if self.logits_dtype not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"MaskConfig.logits_dtype must be 'float32' or 'bfloat16', got {self.logits_dtype!r}."
             )
         self._check_lowrank()
         if isinstance(self.target_modules, list):

@@ -117,6 +117,7 @@ class _MaskedLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 grad_mask = grad_masked.mul_(weight).reshape(-1, candidates.shape[1])  # [G, M]
                 grad_logits = soft_mask_logit_grad(grad_mask, probs, candidates, sample.tau, sample.kappa)
+                grad_logits = grad_logits.to(logits.dtype)
         return grad_x, None, None, grad_logits, None, None, grad_a, grad_b
 
 
@@ -138,7 +139,8 @@ def stored_indices(state: torch.Tensor) -> torch.Tensor:
 class MaskedLinear(nn.Module, BaseTunerLayer):
     """Wraps an ``nn.Linear`` (or a GPT-2 ``Conv1D``) and masks its weight with the active mask adapter.
 
-    Per adapter it holds ``maskllm_logits[adapter]``: float32 ``[G, C]`` with ``G = out * in / m``. In training
+    Per adapter it holds ``maskllm_logits[adapter]``: ``[G, C]`` with ``G = out * in / m``, float32 (or bfloat16,
+    ``MaskConfig.logits_dtype``). In training
     mode the forward samples a soft mask (Gumbel-softmax, a fresh sample per call); in eval mode it uses the hard
     argmax mask, cached until the logits change. The base weight is never trained.
 
@@ -230,7 +232,7 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
         if config.inference_mode:
             state = nn.Parameter(pattern_indices(logits).to(device=device, dtype=torch.uint8), requires_grad=False)
         else:
-            state = nn.Parameter(logits.to(device=device, dtype=torch.float32))
+            state = nn.Parameter(logits.to(device=device, dtype=getattr(torch, config.logits_dtype)))
         self.maskllm_logits[adapter_name] = state
         if config.lora_rank:
             out_features, in_features = self.weight_shape

@@ -155,16 +155,23 @@ class MaskModel(BaseTuner):
         return undo
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """PEFT's adapter dtype cast; ``autocast_adapter_dtype=False`` cannot keep the logits in the base dtype
-        (they are always float32), so it warns."""
+        """PEFT's adapter dtype cast, after which the logits have ``MaskConfig.logits_dtype`` whatever the base
+        model's dtype; ``autocast_adapter_dtype=False`` cannot keep them in the base dtype, so it warns."""
         if not autocast_adapter_dtype:
             warnings.warn(
-                "autocast_adapter_dtype=False has no effect on mask adapters: their logits are always float32 (an "
-                "adapter loaded for inference holds uint8 pattern indices), whatever the base model's dtype.",
+                "autocast_adapter_dtype=False has no effect on mask adapters: their logits have "
+                "MaskConfig.logits_dtype (an adapter loaded for inference holds uint8 pattern indices), whatever "
+                "the base model's dtype.",
                 UserWarning,
                 stacklevel=3,
             )
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        dtype = getattr(torch, self.peft_config[adapter_name].logits_dtype)
+        for module in self.model.modules():
+            if isinstance(module, MaskedLinear) and adapter_name in module.maskllm_logits:
+                logits = module.maskllm_logits[adapter_name]
+                if logits.is_floating_point() and logits.dtype != dtype:
+                    logits.data = logits.data.to(dtype)
 
     def _create_and_replace(
         self,

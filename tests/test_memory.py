@@ -153,3 +153,68 @@ def test_trainer_8bit_adam_keeps_one_byte_per_moment_and_the_cost_benchmark_coun
     moment = state["exp_avg"]
     expected = moment.codes.numel() + 4 * moment.scale.numel() + 4 * moment.qmap.numel()
     assert cost.tensor_bytes([moment]) == expected < 4 * logits.numel()
+
+
+def test_bfloat16_logits_get_the_float32_gradient_rounded_and_train_with_stochastic_rounding(tmp_path):
+    """``MaskConfig(logits_dtype="bfloat16")``: the layer's logit gradient is the float32 one (same logits, same
+    noise) rounded to bfloat16; ``learn_mask`` trains them with torchao's stochastically rounding AdamW, whose
+    moments are bfloat16 too (12 instead of 24 B per masked weight)."""
+    pytest.importorskip("torchao")
+    from datasets import Dataset
+
+    from conftest import tiny_llama
+    from sparse_peft.training import learn_mask, mask_training_arguments
+
+    grads = {}
+    x = torch.randn(TOKENS, IN, generator=torch.Generator().manual_seed(1))
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        model = get_peft_model(nn.Sequential(nn.Linear(IN, OUT)),
+                               MaskConfig(target_modules=["0"], prior="magnitude", logits_dtype=dtype))
+        layer = next(m for m in model.modules() if isinstance(m, MaskedLinear)).train()
+        logits = layer.maskllm_logits["default"]
+        assert logits.dtype == getattr(torch, dtype)
+        if dtype == "float32":
+            logits.data = logits.data.bfloat16().float()  # the same values as the bfloat16 run
+        torch.manual_seed(2)  # the same Gumbel seed
+        layer(x).square().sum().backward()
+        grads[dtype] = logits.grad
+    assert grads["bfloat16"].dtype == torch.bfloat16
+    assert torch.equal(grads["bfloat16"], grads["float32"].bfloat16())
+
+    data = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), MaskConfig(task_type="CAUSAL_LM", logits_dtype="bfloat16"))
+    logits = model.base_model.model.model.layers[0].mlp.gate_proj.maskllm_logits["default"]
+    before = logits.detach().clone()
+    args = mask_training_arguments(str(tmp_path), 2, 2, disable_tqdm=True)
+    trainer = learn_mask(model, Dataset.from_dict({"input_ids": data, "labels": data}), args)
+    assert logits.dtype == torch.bfloat16 and not torch.equal(logits, before)
+    from torchao.optim import _AdamW
+
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+    assert isinstance(optimizer, _AdamW) and optimizer.bf16_stochastic_round
+    state = trainer.optimizer.state[logits]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_logits_dtype_is_checked():
+    with pytest.raises(ValueError, match="logits_dtype must be 'float32' or 'bfloat16'"):
+        MaskConfig(logits_dtype="float16")
+
+
+def test_bfloat16_logits_save_and_load_bit_exactly(tmp_path):
+    """``save_logits`` writes bfloat16 logits as float32 (exact); a trainable reload has them in bfloat16 again."""
+    from peft import PeftModel
+
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), MaskConfig(task_type="CAUSAL_LM", logits_dtype="bfloat16", save_logits=True))
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "maskllm_logits" in n}
+    model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(1)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter", is_trainable=True)
+    reloaded = {n: p for n, p in loaded.named_parameters() if "maskllm_logits" in n}
+    assert reloaded.keys() == saved.keys()
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p, saved[n]) for n, p in reloaded.items())
