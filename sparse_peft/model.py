@@ -157,16 +157,17 @@ class MaskModel(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's adapter dtype cast, after which the logits have ``MaskConfig.logits_dtype`` whatever the base
         model's dtype; ``autocast_adapter_dtype=False`` cannot keep them in the base dtype, so it warns."""
+        logits_dtype = self.peft_config[adapter_name].logits_dtype
         if not autocast_adapter_dtype:
             warnings.warn(
-                "autocast_adapter_dtype=False has no effect on mask adapters: their logits have "
-                "MaskConfig.logits_dtype (an adapter loaded for inference holds uint8 pattern indices), whatever "
-                "the base model's dtype.",
+                f"autocast_adapter_dtype=False has no effect on mask adapters: their logits are "
+                f"MaskConfig.logits_dtype ({logits_dtype}; an adapter loaded for inference holds uint8 pattern "
+                "indices), whatever the base model's dtype.",
                 UserWarning,
                 stacklevel=3,
             )
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
-        dtype = getattr(torch, self.peft_config[adapter_name].logits_dtype)
+        dtype = getattr(torch, logits_dtype)
         for module in self.model.modules():
             if isinstance(module, MaskedLinear) and adapter_name in module.maskllm_logits:
                 logits = module.maskllm_logits[adapter_name]
