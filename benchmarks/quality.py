@@ -28,6 +28,7 @@ import time
 
 import torch
 from peft import get_peft_model
+from transformers import set_seed
 
 import sparse_peft
 from sparse_peft.cli import add_config_arg
@@ -38,6 +39,8 @@ from sparse_peft.training import learn_mask, mask_training_arguments, text_windo
 from sparse_peft.utils import atomic_write, check_resumed_settings
 
 
+#: Values of the learned rows' settings in rows written before the setting was recorded
+ROW_DEFAULTS = {"logits_dtype": "float32", "seed": 42}
 #: Settings all rows of one table share: a ``--resume`` run must use the values the table was measured with.
 SHARED_SETTINGS = ("model", "gguf_file", "calibration", "num_samples", "calibration_len", "train_data", "lr",
                    "tau_start", "tau_end", "kappa_start", "kappa_end", "eval_data", "window", "eval_windows")
@@ -67,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --distill: the teacher's top-k outputs computed once and cached (learn_mask's "
                         "teacher_top_k) instead of a teacher forward per step")
     add_config_arg(p, "logits_dtype")
+    p.add_argument("--seed", type=int, default=ROW_DEFAULTS["seed"], help="Trainer's seed of the learned rows")
     p.add_argument("--bf16", action="store_true",
                    help="learned rows train under bf16 autocast (Trainer's bf16=True; the logits and their optimizer "
                         "state stay fp32, and perplexity is always measured in fp32). Needs bf16 matmuls: a CUDA GPU "
@@ -122,7 +126,9 @@ def main(argv=None) -> dict:
         atomic_write(json_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
 
     def measured(mask: str, **settings) -> bool:
-        return any(r["mask"] == mask and all(r.get(k) == v for k, v in settings.items()) for r in rows)
+        return any(
+            r["mask"] == mask and all(r.get(k, ROW_DEFAULTS.get(k)) == v for k, v in settings.items()) for r in rows
+        )
 
     if not measured("dense"):
         add({"mask": "dense", "kind": "-", "ppl": ppl(model)})
@@ -164,8 +170,7 @@ def main(argv=None) -> dict:
     # what distinguishes learned rows besides prior and steps: tokens per step, the regulariser, the loss, precision
     shape = {"batch_size": args.batch_size, "seq_len": args.seq_len, "sparse_reg": args.sparse_reg,
              "distill": args.distill, "bf16": args.bf16, "teacher_top_k": args.teacher_top_k}
-    if args.logits_dtype != "float32":  # rows without the key have float32 logits
-        shape["logits_dtype"] = args.logits_dtype
+    shape.update(logits_dtype=args.logits_dtype, seed=args.seed)
     for prior, steps in runs:
         if measured(f"learned from {prior}", steps=steps, **shape):
             continue
@@ -176,10 +181,12 @@ def main(argv=None) -> dict:
             kappa_start=args.kappa_start, kappa_end=args.kappa_end, sparse_reg=args.sparse_reg, task_type="CAUSAL_LM",
             logits_dtype=args.logits_dtype,
         )
+        set_seed(args.seed)  # the prior's noise and Trainer's sampling
         peft_model = get_peft_model(model, config)
         training_args = mask_training_arguments(
             os.path.join(args.output, "trainer"), steps, args.batch_size, learning_rate=args.lr,
             logging_steps=max(1, steps // 10), use_cpu=args.device == "cpu", disable_tqdm=False, bf16=args.bf16,
+            seed=args.seed,
         )
         # Trainer goes over the text again (reshuffled, and learn_mask warns) when the budget asks for more
         # sequences than it holds
@@ -192,6 +199,7 @@ def main(argv=None) -> dict:
         name += ("-distill" if args.distill else "") + ("-bf16" if args.bf16 else "")
         name += f"-top{args.teacher_top_k}" if args.teacher_top_k else ""
         name += "-bf16logits" if args.logits_dtype == "bfloat16" else ""
+        name += f"-seed{args.seed}" if args.seed != ROW_DEFAULTS["seed"] else ""
         peft_model.save_pretrained(os.path.join(args.output, name))
         add({"mask": f"learned from {prior}", "kind": "learned", "ppl": ppl(peft_model), "seconds": seconds,
              "steps": steps, **shape, "tokens": steps * args.batch_size * args.seq_len, "passes": round(passes, 3),
