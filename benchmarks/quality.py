@@ -236,7 +236,8 @@ def markdown(rows: list[dict]) -> str:
         tokens = str(r.get("tokens", "-"))
         if r.get("passes", 0) > 1:
             tokens += f" ({r['passes']:.2f} passes over the text)"
-        lines.append(f"| {r['mask']} | {r['kind']} | {r['ppl']:.2f} | {shape} | {loss} | {precision} | {reg} "
+        mask = r["mask"] + (f" (seed {r['seed']})" if "seed" in r else "")
+        lines.append(f"| {mask} | {r['kind']} | {r['ppl']:.2f} | {shape} | {loss} | {precision} | {reg} "
                      f"| {tokens} | {seconds} | {gap} |")
     return "\n".join(lines)
 
