@@ -66,8 +66,8 @@ import torch
 
 from sparse_peft.utils import atomic_write
 
-METHODS = ("mask", "mask-keep", "mask-ckpt", "mask-adam8bit", "mask-bf16", "mask-distill", "mask-distill-cached", "lora",
-           "full")
+METHODS = ("mask", "mask-keep", "mask-ckpt", "mask-adam8bit", "mask-bf16", "mask-distill", "mask-distill-cached",
+           "lora", "full")
 #: The teacher tokens kept per position by ``mask-distill-cached``.
 TEACHER_TOP_K = 64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -348,7 +348,8 @@ def gemm_floor(args) -> dict:
         "linears_s": linears, "output_layer_s": head,
         "gflop_per_s": (flops + flops_head) / full / 1e9,
         "floor_s": {"full": full, "lora": two, "mask": mask, "mask-keep": mask, "mask-ckpt": mask + linears["forward"],
-                    "mask-adam8bit": mask, "mask-bf16": mask, "mask-distill": mask + teacher, "mask-distill-cached": mask},
+                    "mask-adam8bit": mask, "mask-bf16": mask, "mask-distill": mask + teacher,
+                    "mask-distill-cached": mask},
     }
 
 

@@ -167,9 +167,10 @@ class MaskConfig(PeftConfig):
         default="float32",
         metadata={
             "help": "dtype of the trainable [G, C] logits: 'float32' (default) or 'bfloat16' (half the bytes of the "
-            "logits, their gradients and AdamW's moments; train them with sparse_peft.training.bf16_logits_optimizer, which "
-            "rounds stochastically so that updates below bfloat16's resolution are not lost). The Gumbel softmax is "
-            "computed in float32 either way; saved logits (save_logits) are float32, which holds bfloat16 exactly."
+            "logits, their gradients and AdamW's moments; train them with "
+            "sparse_peft.training.bf16_logits_optimizer, which rounds stochastically so that updates below "
+            "bfloat16's resolution are not lost). The Gumbel softmax is computed in float32 either way; saved "
+            "logits (save_logits) are float32, which holds bfloat16 exactly."
         },
     )
     init_weights: bool = field(

@@ -140,9 +140,9 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
     """Wraps an ``nn.Linear`` (or a GPT-2 ``Conv1D``) and masks its weight with the active mask adapter.
 
     Per adapter it holds ``maskllm_logits[adapter]``: ``[G, C]`` with ``G = out * in / m``, float32 (or bfloat16,
-    ``MaskConfig.logits_dtype``). In training
-    mode the forward samples a soft mask (Gumbel-softmax, a fresh sample per call); in eval mode it uses the hard
-    argmax mask, cached until the logits change. The base weight is never trained.
+    ``MaskConfig.logits_dtype``). In training mode the forward samples a soft mask (Gumbel-softmax, a fresh sample
+    per call); in eval mode it uses the hard argmax mask, cached until the logits change. The base weight is never
+    trained.
 
     An adapter created for inference only (``inference_mode=True``, e.g. ``PeftModel.from_pretrained`` without
     ``is_trainable=True``) holds its hard mask instead: uint8 pattern indices ``[G]`` (0.25 byte per masked weight

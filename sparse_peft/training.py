@@ -207,6 +207,9 @@ def learn_mask(
     Trainer's progress bar but not the log dicts it prints under it (:class:`ProgressBarCallback`); the logs still
     go to ``state.log_history`` and the ``report_to`` integrations.
 
+    Trainable bfloat16 logits (``MaskConfig(logits_dtype="bfloat16")``) are trained with
+    :func:`bf16_logits_optimizer` (stochastic rounding); ``args.optim`` is then not used.
+
     Warns when ``args.max_steps`` asks for more sequences than ``train_dataset`` holds: ``Trainer`` then goes over
     the text again, and a mask memorises text it has seen (see :func:`_warn_if_text_repeats`).
     """

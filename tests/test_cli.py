@@ -193,7 +193,8 @@ def test_bfloat16_logits_without_torchao_fail_before_the_model_is_loaded(tmp_pat
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchao" else find_spec(name, *a))
     monkeypatch.chdir(tmp_path)
     refuse_model_loading(monkeypatch)
     argv = ["learn", "--model", str(AIDREAMS), "--prior", "none", "--logits-dtype", "bfloat16", "--output", "out"]
