@@ -27,7 +27,7 @@ def test_rows_gap_closed_and_resume_runs_only_missing_rows(tmp_path):
         assert (row["batch_size"], row["seq_len"], row["sparse_reg"]) == (1, 16, 0.0)
         assert abs(row["gap_closed"] - (sparsegpt - row["ppl"]) / (sparsegpt - dense)) < 1e-12
     assert (tmp_path / "q" / "quality.png").stat().st_size > 0
-    assert "| learned from sparsegpt | learned |" in (tmp_path / "q" / "quality.md").read_text()
+    assert "| learned from sparsegpt (seed 42) | learned |" in (tmp_path / "q" / "quality.md").read_text()
 
     # Resuming with one more budget keeps every measured row as it was and adds only the new one.
     second = quality.main([*SMALL, "--steps", "1", "--curve-steps", "1,2,3", "--output", out, "--resume"])
@@ -49,6 +49,20 @@ def test_rows_gap_closed_and_resume_runs_only_missing_rows(tmp_path):
         (1, False, False), (2, False, False), (3, False, False), (1, True, False), (1, False, True)]
     assert (tmp_path / "q" / "learned-sparsegpt-1x1x16-reg0-bf16").is_dir()
     assert "| 1 x 1 x 16 | LM | bf16 autocast |" in (tmp_path / "q" / "quality.md").read_text()
+
+    # Another seed, and bfloat16 logits, are new rows too; rows written before either was recorded count as
+    # float32 logits at seed 42, so a resume at those values adds nothing.
+    rows = json.loads((tmp_path / "q" / "quality.json").read_text())
+    for row in rows["rows"]:
+        row.pop("seed", None), row.pop("logits_dtype", None)
+    (tmp_path / "q" / "quality.json").write_text(json.dumps(rows))
+    fifth = quality.main([*SMALL, "--steps", "1", "--curve-steps", "1", "--output", out, "--resume"])
+    assert len(fifth["rows"]) == 10
+    sixth = quality.main([*SMALL, "--steps", "1", "--curve-steps", "1", "--seed", "1", "--logits-dtype", "bfloat16",
+                          "--output", out, "--resume"])
+    assert [(r["seed"], r["logits_dtype"]) for r in sixth["rows"][10:]] == [(1, "bfloat16")]
+    assert (tmp_path / "q" / "learned-sparsegpt-1x1x16-reg0-bf16logits-seed1").is_dir()
+    assert "| learned from sparsegpt (seed 1) | learned |" in (tmp_path / "q" / "quality.md").read_text()
 
     # A resume that would mix incomparable rows, or that lost a one-shot mask a row needs, stops before any work.
     saved = (tmp_path / "q" / "quality.json").read_bytes()
