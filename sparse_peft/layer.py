@@ -14,6 +14,7 @@ from peft.utils import transpose
 from .annealing import MaskSchedule, schedule_at
 from .config import MaskConfig
 from .constants import LOGITS, LORA_A, LORA_B, plain_name
+from .fused import kernel_for
 from .patterns import (
     candidate_patterns,
     check_groupable,
@@ -69,6 +70,9 @@ class _MaskedLinearFunction(torch.autograd.Function):
     ``dL/dlogits`` with :func:`~sparse_peft.patterns.soft_mask_logit_grad`. ``W`` and ``bias`` are frozen (no
     gradient). With ``save_probs`` it keeps the ``[C, G]`` float32 weights instead (6 bytes per weight for 2:4) and
     skips regenerating them. Under autocast the linear runs in the autocast dtype and so do both backward GEMMs.
+    Where :func:`~sparse_peft.fused.kernel_for` applies (CPU, float32 ``[out, in]`` weights, no update under the
+    mask) the soft mask, ``W * mask``, the regulariser and the logits' gradient come from the fused CPU kernel:
+    one pass in forward and one in backward, ``save_probs`` unused.
 
     It also adds the sparse regulariser: the loss is ``task_loss - lam * ||W * mask||^2`` with ``W`` frozen, whose
     gradient w.r.t. the masked weight is ``-2 * lam * W_eff``. Adding it here keeps it exact under gradient
@@ -82,14 +86,22 @@ class _MaskedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, logits, candidates, sample: _Sample, lora_a=None, lora_b=None):
-        probs = soft_mask_probs(logits, sample.tau, sample.kappa, sample.seed)
-        masked = _masked_weight(_updated_weight(weight, lora_a, lora_b, sample.lora_scale), probs, candidates)
+        kernel = None if lora_a is not None else kernel_for(weight, logits, *candidates.shape)
         reg = torch.zeros((), device=weight.device)
-        if sample.sparse_reg > 0:
-            reg = sample.sparse_reg * torch.linalg.vector_norm(masked, dtype=torch.float32).square()
+        probs = None
+        if kernel is not None:
+            masked, square = kernel.forward(weight, logits, candidates.float(), sample.seed, sample.kappa, sample.tau,
+                                            sample.sparse_reg > 0)
+            if sample.sparse_reg > 0:
+                reg = sample.sparse_reg * square
+        else:
+            probs = soft_mask_probs(logits, sample.tau, sample.kappa, sample.seed)
+            masked = _masked_weight(_updated_weight(weight, lora_a, lora_b, sample.lora_scale), probs, candidates)
+            if sample.sparse_reg > 0:
+                reg = sample.sparse_reg * torch.linalg.vector_norm(masked, dtype=torch.float32).square()
         out = F.linear(x, masked, bias)
         ctx.save_for_backward(x, weight, logits, candidates, probs if sample.save_probs else None, lora_a, lora_b)
-        ctx.sample = sample
+        ctx.sample, ctx.kernel = sample, kernel
         ctx.mark_non_differentiable(reg)
         return out, reg
 
@@ -97,6 +109,8 @@ class _MaskedLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_reg):
         x, weight, logits, candidates, probs, lora_a, lora_b = ctx.saved_tensors
         sample = ctx.sample
+        if ctx.kernel is not None:
+            return _kernel_backward(ctx, grad_out, x, weight, logits, candidates)
         if probs is None:
             probs = soft_mask_probs(logits, sample.tau, sample.kappa, sample.seed)
         weight = _updated_weight(weight, lora_a, lora_b, sample.lora_scale)
@@ -106,8 +120,7 @@ class _MaskedLinearFunction(torch.autograd.Function):
             grad_x = grad_out @ masked.to(grad_out.dtype)
         if any(ctx.needs_input_grad[i] for i in (3, 6, 7)):
             # the weight-gradient GEMM: dL/dW_eff [out, in], then dL/dmask = dL/dW_eff * W
-            grad_masked = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
-            grad_masked = grad_masked.to(weight.dtype)
+            grad_masked = _weight_gradient(grad_out, x, weight.dtype)
             if sample.sparse_reg > 0:
                 grad_masked.sub_(masked, alpha=2.0 * sample.sparse_reg)
             if lora_a is not None and (ctx.needs_input_grad[6] or ctx.needs_input_grad[7]):
@@ -119,6 +132,29 @@ class _MaskedLinearFunction(torch.autograd.Function):
                 grad_logits = soft_mask_logit_grad(grad_mask, probs, candidates, sample.tau, sample.kappa)
                 grad_logits = grad_logits.to(logits.dtype)
         return grad_x, None, None, grad_logits, None, None, grad_a, grad_b
+
+
+def _weight_gradient(grad_out: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight-gradient GEMM ``dL/dW_eff = grad_out^T @ x``: ``[out, in]`` in ``dtype``."""
+    grad = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
+    return grad.to(dtype)
+
+
+def _kernel_backward(ctx, grad_out, x, weight, logits, candidates) -> tuple:
+    """``_MaskedLinearFunction.backward`` through the fused CPU kernel (no update under the mask): one kernel call
+    rebuilds ``W * mask`` for ``dL/dx`` and computes ``dL/dlogits`` (regulariser included) from ``dL/dW_eff``."""
+    sample, kernel = ctx.sample, ctx.kernel
+    patterns = candidates.float()
+    grad_x = grad_logits = None
+    if ctx.needs_input_grad[3]:
+        grad_masked = _weight_gradient(grad_out, x, weight.dtype).contiguous()
+        masked, grad_logits = kernel.backward(grad_masked, weight, logits, patterns, sample.seed, sample.kappa,
+                                              sample.tau, sample.sparse_reg, ctx.needs_input_grad[0])
+    elif ctx.needs_input_grad[0]:
+        masked, _ = kernel.forward(weight, logits, patterns, sample.seed, sample.kappa, sample.tau, False)
+    if ctx.needs_input_grad[0]:
+        grad_x = grad_out @ masked.to(grad_out.dtype)
+    return grad_x, None, None, grad_logits, None, None, None, None
 
 
 def _updated_weight(
@@ -153,8 +189,8 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
     other_param_names = ("maskllm_spec",)
     #: Memory option of the training forward. True (default): backward regenerates the Gumbel sample from its seed,
     #: so no mask activation stays alive between forward and backward. False: keep the ``[C, G]`` float32
-    #: Gumbel-softmax weights (6 bytes per masked weight for 2:4) and skip regenerating them. See
-    #: :func:`set_soft_mask_memory`.
+    #: Gumbel-softmax weights (6 bytes per masked weight for 2:4) and skip regenerating them. Layers that train
+    #: through the fused CPU kernel (:mod:`sparse_peft.fused`) always regenerate. See :func:`set_soft_mask_memory`.
     recompute_soft_mask: bool = True
 
     def __init__(
@@ -548,6 +584,8 @@ def set_soft_mask_memory(model: nn.Module, recompute: bool) -> None:
     ``recompute=True`` (the default): nothing but the noise seed; backward regenerates the Gumbel sample (more
     compute: the soft mask is sampled twice per step). ``recompute=False``: the ``[C, G]`` float32 Gumbel-softmax
     weights, 4 * C / M bytes per masked weight (6 for 2:4), for a cheaper backward. Gradients are the same.
+    Layers that train through the fused CPU kernel (:mod:`sparse_peft.fused`) keep nothing either way: its
+    backward regenerates the sample in the same pass that computes the logits' gradient.
     """
     layers = [module for module in model.modules() if isinstance(module, MaskedLinear)]
     if not layers:

@@ -17,6 +17,8 @@ from functools import lru_cache
 
 import torch
 
+from .fused import kernel_uniforms
+
 
 def validate_n_m(n: int, m: int) -> None:
     """Raise ``ValueError`` unless ``0 < n < m <= 8`` (the N:M configurations we support)."""
@@ -86,11 +88,14 @@ def gumbel_noise(num_groups: int, num_candidates: int, seed: int, device: torch.
     Candidate-major because every per-group reduction over the ``C`` candidates is then an elementwise operation
     over ``C`` contiguous vectors of length ``G`` (several times faster than reducing rows of length 6). The same
     ``seed`` on the same device type always gives the same noise, so a backward pass can regenerate it instead of
-    keeping it alive.
+    keeping it alive. On CPU the uniforms come from the fused kernel's counter-based generator while it is available
+    (:func:`sparse_peft.fused.kernel_uniforms`), so the fused training path and this one draw the same sample.
     """
-    generator = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.empty(num_candidates, num_groups, device=device, dtype=torch.float32)
-    noise.uniform_(generator=generator)
+    noise = kernel_uniforms(seed, num_groups, num_candidates) if torch.device(device).type == "cpu" else None
+    if noise is None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        noise = torch.empty(num_candidates, num_groups, device=device, dtype=torch.float32)
+        noise.uniform_(generator=generator)
     return noise.log_().neg_().log_().neg_()
 
 

@@ -14,11 +14,23 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import sparse_peft  # noqa: F401  (registers the method)
+from sparse_peft import fused
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The shipped 231K-parameter real Llama (hidden 64, 5 layers, sentencepiece vocab 512) with its tokenizer.
 AIDREAMS = REPO_ROOT.parent / "shared" / "assets" / "models" / "aidreams260K-hf"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(params=["cpu-kernel", "pytorch"])
+def soft_mask_path(request, monkeypatch) -> str:
+    """Run a test through the fused CPU soft-mask kernel (which must build on this machine) and through the
+    PyTorch path (``SPARSE_PEFT_FUSED_CPU=0``)."""
+    if request.param == "pytorch":
+        monkeypatch.setenv(fused.ENV, "0")
+    else:
+        assert fused.cpu_kernel() is not None, "the fused CPU kernel did not build: see the log for the reason"
+    return request.param
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:

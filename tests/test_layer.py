@@ -289,7 +289,7 @@ def assert_grads_match(got: torch.Tensor, ref: torch.Tensor, low_precision: bool
     ],
     ids=["llama", "llama-saved-probs", "gpt2-conv1d", "llama-bf16", "llama-autocast-bf16"],
 )
-def test_fused_training_forward_matches_straightforward_autograd(make, recompute, autocast, tokens):
+def test_fused_training_forward_matches_straightforward_autograd(make, recompute, autocast, tokens, soft_mask_path):
     """Same seed -> same loss (task - lambda * sum ||W * mask||^2) and same logit gradients as plain autograd."""
     lam = 1e-2
     model = get_peft_model(make(), MaskConfig(sparse_reg=lam, prior="magnitude"))

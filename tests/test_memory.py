@@ -53,13 +53,13 @@ class Forward:
 
 
 @pytest.mark.parametrize("recompute", [True, False])
-def test_fused_forward_keeps_only_the_input_or_the_candidate_weights(recompute):
+def test_fused_forward_keeps_only_the_input_or_the_candidate_weights(recompute, soft_mask_path):
     layer = masked_layer(recompute)
     x = torch.randn(TOKENS, IN, requires_grad=True)
     x_bytes = x.numel() * 4
     fused = saved_activation_bytes(Forward(layer, x))
     expected = x_bytes + CANDIDATES * 4 * 4  # the input and the [C, M] candidate table
-    if not recompute:
+    if not recompute and soft_mask_path == "pytorch":  # the CPU kernel always regenerates the sample
         expected += GROUPS * CANDIDATES * 4  # the [C, G] float32 Gumbel-softmax weights
     assert fused == expected
     # plain autograd keeps at least the [G, C] softmax output and the [out, in] masked weight besides x

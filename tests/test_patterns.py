@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparse_peft import fused
 from sparse_peft.patterns import (
     candidate_patterns,
     draw_seed,
@@ -76,10 +77,13 @@ def test_soft_mask_groups_sum_to_n_and_are_fresh_samples(n, m):
     assert not torch.equal(s1, s2)
 
 
-def test_soft_mask_is_gumbel_softmax_of_scaled_logits():
+def test_soft_mask_is_gumbel_softmax_of_scaled_logits(soft_mask_path):
     logits = torch.randn(7, 6)
     got = soft_mask(logits, candidate_patterns(2, 4), tau=0.5, kappa=10.0, seed=3)
-    u = torch.empty(6, 7).uniform_(generator=torch.Generator().manual_seed(3))
+    if soft_mask_path == "cpu-kernel":  # on CPU the uniforms are the fused kernel's (tests/test_fused.py)
+        u = fused.kernel_uniforms(3, 7, 6)
+    else:
+        u = torch.empty(6, 7).uniform_(generator=torch.Generator().manual_seed(3))
     gumbels = -torch.log(-torch.log(u)).t()
     y = torch.softmax((logits * 10.0 + gumbels) / 0.5, dim=-1)
     torch.testing.assert_close(got, y @ candidate_patterns(2, 4))

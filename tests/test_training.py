@@ -68,7 +68,7 @@ def test_trainer_lowers_the_loss_and_anneals_to_the_end_values(tmp_path):
     assert not frozen_changed
 
 
-def test_learn_mask_keeping_the_soft_mask_trains_exactly_like_recomputing_it(tmp_path):
+def test_learn_mask_keeping_the_soft_mask_trains_exactly_like_recomputing_it(tmp_path, soft_mask_path):
     """``recompute_soft_mask=False`` only trades memory for speed: the same seed gives bit-identical logits."""
     from sparse_peft import MaskedLinear
     from sparse_peft.training import learn_mask, mask_training_arguments

@@ -1,0 +1,246 @@
+// Fused CPU kernels of the Gumbel-softmax soft mask (see sparse_peft/fused.py for the contract).
+//
+// Per group g of M weights with C candidate patterns S [C, M] (0/1) and logits l [C]:
+//   u_c   = uniform of candidate pair c / 2: 23 bits of splitmix64(seed, (c / 2) * G + g), two per hash
+//   y     = softmax((kappa * l + gumbel(u)) / tau)   gumbel(u) = -log(-log(u))
+//   m_j   = sum_c y_c S_cj                            the soft mask
+//   W'_j  = W_j * m_j                                 the masked weight
+// Backward, from dL/dW' (grad_masked) and the sparse regulariser -lam * ||W'||^2:
+//   gm_j  = (grad_masked_j - 2 lam W'_j) * W_j        dL/dm
+//   gy_c  = sum_j S_cj gm_j                           dL/dy
+//   dl_c  = (kappa / tau) * y_c * (gy_c - sum_k y_k gy_k)
+// One pass over the logits per call; the noise is regenerated from (seed, index), never stored.
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kGrain = 2048;  // groups per parallel chunk
+constexpr int kBlock = 64;      // groups per vectorised block
+
+inline uint64_t splitmix64(uint64_t seed, uint64_t index) {
+  uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Uniform in (0, 1) from 23 bits k of a hash as (k + 0.5) / 2^23: exact in float32, so never 0 or 1.
+inline float bits_to_uniform(uint64_t k) { return (static_cast<float>(k) + 0.5f) * (1.0f / 8388608.0f); }
+
+// The two uniforms of hash index h: the top 23 bits of splitmix64(seed, h) and the 23 bits below them.
+inline void uniform_pair(uint64_t seed, uint64_t h, float& first, float& second) {
+  const uint64_t z = splitmix64(seed, h);
+  first = bits_to_uniform(z >> 41);
+  second = bits_to_uniform((z >> 18) & 0x7FFFFF);
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// y [C][kBlock] of the groups g0 .. g0 + count - 1, the same arithmetic order as
+// sparse_peft.patterns.soft_mask_probs. Loops run over the groups of the block innermost, so they vectorise.
+template <int C, typename L>
+inline void block_probs(const L* logits, int64_t g0, int count, int64_t num_groups, uint64_t seed, float kappa,
+                        float inv_tau, float (*y)[kBlock]) {
+  float top[kBlock], total[kBlock];
+  const L* block = logits + g0 * C;
+  for (int b = 0; b < count; ++b)  // [count, C] -> y [C][count]: the loops below then read contiguously
+    for (int c = 0; c < C; ++c) y[c][b] = to_float(block[b * C + c]);
+  for (int b = 0; b < count; ++b) top[b] = -INFINITY;
+  for (int c = 0; c < C; c += 2) {  // C is even for every compiled layout
+    const uint64_t base = static_cast<uint64_t>(c / 2) * num_groups + g0;
+    for (int b = 0; b < count; ++b) {
+      float u0, u1;
+      uniform_pair(seed, base + b, u0, u1);
+      const float z0 = -std::log(-std::log(u0)) + kappa * y[c][b];
+      const float z1 = -std::log(-std::log(u1)) + kappa * y[c + 1][b];
+      y[c][b] = z0;
+      y[c + 1][b] = z1;
+      top[b] = std::max(top[b], std::max(z0, z1));
+    }
+  }
+  for (int b = 0; b < count; ++b) total[b] = 0.0f;
+  for (int c = 0; c < C; ++c) {
+    for (int b = 0; b < count; ++b) {
+      const float e = std::exp(std::max((y[c][b] - top[b]) * inv_tau, -80.0f));
+      y[c][b] = e;
+      total[b] += e;
+    }
+  }
+  for (int b = 0; b < count; ++b) total[b] = 1.0f / total[b];
+  for (int c = 0; c < C; ++c)
+    for (int b = 0; b < count; ++b) y[c][b] *= total[b];
+}
+
+template <int C, int M, typename L>
+double forward_impl(const float* weight, const L* logits, const float* patterns, int64_t num_groups, uint64_t seed,
+                    float kappa, float tau, float* masked, bool with_reg) {
+  const float inv_tau = 1.0f / tau;
+  return at::parallel_reduce(
+      0, num_groups, kGrain, 0.0,
+      [&](int64_t begin, int64_t end, double acc) {
+        float y[C][kBlock];
+        float sq[kBlock] = {};
+        for (int64_t g0 = begin; g0 < end; g0 += kBlock) {
+          const int count = static_cast<int>(std::min<int64_t>(kBlock, end - g0));
+          block_probs<C>(logits, g0, count, num_groups, seed, kappa, inv_tau, y);
+          for (int j = 0; j < M; ++j) {
+            for (int b = 0; b < count; ++b) {
+              float m = 0.0f;
+              for (int c = 0; c < C; ++c) m += y[c][b] * patterns[c * M + j];
+              const float w = weight[(g0 + b) * M + j] * m;
+              masked[(g0 + b) * M + j] = w;
+              sq[b] += w * w;
+            }
+          }
+        }
+        if (with_reg)
+          for (int b = 0; b < kBlock; ++b) acc += sq[b];
+        return acc;
+      },
+      [](double a, double b) { return a + b; });
+}
+
+template <int C, int M, typename L>
+void backward_impl(const float* grad_masked, const float* weight, const L* logits, const float* patterns,
+                   int64_t num_groups, uint64_t seed, float kappa, float tau, float lam, float* masked,
+                   L* grad_logits) {
+  const float inv_tau = 1.0f / tau;
+  const float scale = kappa * inv_tau;
+  at::parallel_for(0, num_groups, kGrain, [&](int64_t begin, int64_t end) {
+    float y[C][kBlock], gy[C][kBlock], gm[M][kBlock], dot[kBlock];
+    for (int64_t g0 = begin; g0 < end; g0 += kBlock) {
+      const int count = static_cast<int>(std::min<int64_t>(kBlock, end - g0));
+      block_probs<C>(logits, g0, count, num_groups, seed, kappa, inv_tau, y);
+      for (int j = 0; j < M; ++j) {
+        for (int b = 0; b < count; ++b) {
+          float m = 0.0f;
+          for (int c = 0; c < C; ++c) m += y[c][b] * patterns[c * M + j];
+          const int64_t i = (g0 + b) * M + j;
+          const float w = weight[i];
+          const float wm = w * m;
+          if (masked != nullptr) masked[i] = wm;
+          gm[j][b] = (grad_masked[i] - 2.0f * lam * wm) * w;
+        }
+      }
+      for (int b = 0; b < count; ++b) dot[b] = 0.0f;
+      for (int c = 0; c < C; ++c) {
+        for (int b = 0; b < count; ++b) {
+          float s = 0.0f;
+          for (int j = 0; j < M; ++j) s += patterns[c * M + j] * gm[j][b];
+          gy[c][b] = s;
+          dot[b] += s * y[c][b];
+        }
+      }
+      for (int c = 0; c < C; ++c)
+        for (int b = 0; b < count; ++b)
+          grad_logits[(g0 + b) * C + c] = static_cast<L>((gy[c][b] - dot[b]) * y[c][b] * scale);
+    }
+  });
+}
+
+void check(const torch::Tensor& weight, const torch::Tensor& logits, const torch::Tensor& patterns) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == torch::kFloat && weight.is_contiguous(),
+              "weight must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous() &&
+                  (logits.scalar_type() == torch::kFloat || logits.scalar_type() == torch::kBFloat16),
+              "logits must be a contiguous [G, C] float32 or bfloat16 CPU tensor");
+  TORCH_CHECK(patterns.scalar_type() == torch::kFloat && patterns.dim() == 2 && patterns.is_contiguous() &&
+                  patterns.size(0) == logits.size(1),
+              "patterns must be a contiguous [C, M] float32 tensor");
+  TORCH_CHECK(weight.numel() == logits.size(0) * patterns.size(1), "weight must hold G * M elements");
+}
+
+// Dispatch on (C, M): the N:M layouts with a compiled kernel.
+#define SPARSE_PEFT_DISPATCH(C_, M_, ...)                                  \
+  if (C_ == 6 && M_ == 4) { constexpr int C = 6, M = 4; __VA_ARGS__; }     \
+  else if (C_ == 4 && M_ == 4) { constexpr int C = 4, M = 4; __VA_ARGS__; } \
+  else if (C_ == 2 && M_ == 2) { constexpr int C = 2, M = 2; __VA_ARGS__; } \
+  else if (C_ == 70 && M_ == 8) { constexpr int C = 70, M = 8; __VA_ARGS__; } \
+  else TORCH_CHECK(false, "no fused kernel for ", C_, " candidates of ", M_, " weights")
+
+}  // namespace
+
+bool supports(int64_t num_candidates, int64_t m) {
+  return (num_candidates == 6 && m == 4) || (num_candidates == 4 && m == 4) || (num_candidates == 2 && m == 2) ||
+         (num_candidates == 70 && m == 8);
+}
+
+// Returns (W * soft_mask [out, in] float32, sum of squares of it (0 unless with_reg) as a float32 scalar).
+std::vector<torch::Tensor> forward(torch::Tensor weight, torch::Tensor logits, torch::Tensor patterns, int64_t seed,
+                                   double kappa, double tau, bool with_reg) {
+  check(weight, logits, patterns);
+  auto masked = torch::empty_like(weight);
+  const int64_t G = logits.size(0), C_ = patterns.size(0), M_ = patterns.size(1);
+  const uint64_t s = static_cast<uint64_t>(seed);
+  double reg = 0.0;
+  SPARSE_PEFT_DISPATCH(C_, M_, {
+    if (logits.scalar_type() == torch::kFloat) {
+      reg = forward_impl<C, M>(weight.data_ptr<float>(), logits.data_ptr<float>(), patterns.data_ptr<float>(), G, s,
+                               kappa, tau, masked.data_ptr<float>(), with_reg);
+    } else {
+      reg = forward_impl<C, M>(weight.data_ptr<float>(), logits.data_ptr<c10::BFloat16>(), patterns.data_ptr<float>(),
+                               G, s, kappa, tau, masked.data_ptr<float>(), with_reg);
+    }
+  });
+  return {masked, torch::full({}, reg, weight.options())};
+}
+
+// Returns (W * soft_mask [out, in] float32, or an empty tensor unless want_masked; dL/dlogits [G, C] in the logits'
+// dtype).
+std::vector<torch::Tensor> backward(torch::Tensor grad_masked, torch::Tensor weight, torch::Tensor logits,
+                                    torch::Tensor patterns, int64_t seed, double kappa, double tau, double lam,
+                                    bool want_masked) {
+  check(weight, logits, patterns);
+  TORCH_CHECK(grad_masked.scalar_type() == torch::kFloat && grad_masked.is_contiguous() &&
+                  grad_masked.numel() == weight.numel(),
+              "grad_masked must be a contiguous float32 tensor shaped like weight");
+  auto masked = want_masked ? torch::empty_like(weight) : torch::empty({0}, weight.options());
+  auto grad_logits = torch::empty_like(logits);
+  const int64_t G = logits.size(0), C_ = patterns.size(0), M_ = patterns.size(1);
+  const uint64_t s = static_cast<uint64_t>(seed);
+  float* out = want_masked ? masked.data_ptr<float>() : nullptr;
+  SPARSE_PEFT_DISPATCH(C_, M_, {
+    if (logits.scalar_type() == torch::kFloat) {
+      backward_impl<C, M>(grad_masked.data_ptr<float>(), weight.data_ptr<float>(), logits.data_ptr<float>(),
+                          patterns.data_ptr<float>(), G, s, kappa, tau, lam, out, grad_logits.data_ptr<float>());
+    } else {
+      backward_impl<C, M>(grad_masked.data_ptr<float>(), weight.data_ptr<float>(),
+                          logits.data_ptr<c10::BFloat16>(), patterns.data_ptr<float>(), G, s, kappa, tau, lam, out,
+                          grad_logits.data_ptr<c10::BFloat16>());
+    }
+  });
+  return {masked, grad_logits};
+}
+
+// The uniforms u [C, G] of a (seed, G, C): u[c, g] is the first (c even) or second (c odd) uniform of hash index
+// (c / 2) * G + g (for an odd C the last pair's second is unused). For tests and the PyTorch path.
+torch::Tensor uniforms(int64_t seed, int64_t num_groups, int64_t num_candidates) {
+  auto u = torch::empty({num_candidates, num_groups}, torch::kFloat);
+  float* p = u.data_ptr<float>();
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const int64_t pairs = (num_candidates + 1) / 2;
+  at::parallel_for(0, pairs * num_groups, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t h = begin; h < end; ++h) {
+      const int64_t c = 2 * (h / num_groups), g = h % num_groups;
+      float first, second;
+      uniform_pair(s, static_cast<uint64_t>(h), first, second);
+      p[c * num_groups + g] = first;
+      if (c + 1 < num_candidates) p[(c + 1) * num_groups + g] = second;
+    }
+  });
+  return u;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("supports", &supports);
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+  m.def("uniforms", &uniforms);
+}
