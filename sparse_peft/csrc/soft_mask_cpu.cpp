@@ -43,15 +43,20 @@ inline void uniform_pair(uint64_t seed, uint64_t h, float& first, float& second)
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
 
+// The loops below keep the groups of a block innermost (or, for the [groups, C] / [groups, M] tensors, the C or M
+// members of a group fully unrolled inside the loop over groups), so that the compiler vectorises every one of them.
+
 // y [C][kBlock] of the groups g0 .. g0 + count - 1, the same arithmetic order as
-// sparse_peft.patterns.soft_mask_probs. Loops run over the groups of the block innermost, so they vectorise.
+// sparse_peft.patterns.soft_mask_probs.
 template <int C, typename L>
 inline void block_probs(const L* logits, int64_t g0, int count, int64_t num_groups, uint64_t seed, float kappa,
                         float inv_tau, float (*y)[kBlock]) {
   float top[kBlock], total[kBlock];
   const L* block = logits + g0 * C;
-  for (int b = 0; b < count; ++b)  // [count, C] -> y [C][count]: the loops below then read contiguously
+  for (int b = 0; b < count; ++b) {
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c) y[c][b] = to_float(block[b * C + c]);
+  }
   for (int b = 0; b < count; ++b) top[b] = -INFINITY;
   for (int c = 0; c < C; c += 2) {  // C is even for every compiled layout
     const uint64_t base = static_cast<uint64_t>(c / 2) * num_groups + g0;
@@ -78,6 +83,18 @@ inline void block_probs(const L* logits, int64_t g0, int count, int64_t num_grou
     for (int b = 0; b < count; ++b) y[c][b] *= total[b];
 }
 
+// The soft mask m [M][kBlock] of a block from its probabilities y [C][kBlock]: m_j = sum_c y_c S_cj.
+template <int C, int M>
+inline void block_mask(const float (*y)[kBlock], const float* patterns, int count, float (*m)[kBlock]) {
+  for (int j = 0; j < M; ++j) {
+    for (int b = 0; b < count; ++b) m[j][b] = 0.0f;
+    for (int c = 0; c < C; ++c) {
+      const float s = patterns[c * M + j];
+      for (int b = 0; b < count; ++b) m[j][b] += s * y[c][b];
+    }
+  }
+}
+
 template <int C, int M, typename L>
 double forward_impl(const float* weight, const L* logits, const float* patterns, int64_t num_groups, uint64_t seed,
                     float kappa, float tau, float* masked, bool with_reg) {
@@ -85,23 +102,23 @@ double forward_impl(const float* weight, const L* logits, const float* patterns,
   return at::parallel_reduce(
       0, num_groups, kGrain, 0.0,
       [&](int64_t begin, int64_t end, double acc) {
-        float y[C][kBlock];
-        float sq[kBlock] = {};
+        float y[C][kBlock], m[M][kBlock];
         for (int64_t g0 = begin; g0 < end; g0 += kBlock) {
           const int count = static_cast<int>(std::min<int64_t>(kBlock, end - g0));
           block_probs<C>(logits, g0, count, num_groups, seed, kappa, inv_tau, y);
-          for (int j = 0; j < M; ++j) {
-            for (int b = 0; b < count; ++b) {
-              float m = 0.0f;
-              for (int c = 0; c < C; ++c) m += y[c][b] * patterns[c * M + j];
-              const float w = weight[(g0 + b) * M + j] * m;
-              masked[(g0 + b) * M + j] = w;
-              sq[b] += w * w;
-            }
+          block_mask<C, M>(y, patterns, count, m);
+          const float* w = weight + g0 * M;
+          float* out = masked + g0 * M;
+          for (int b = 0; b < count; ++b) {
+#pragma GCC unroll 8
+            for (int j = 0; j < M; ++j) out[b * M + j] = w[b * M + j] * m[j][b];
+          }
+          if (with_reg) {
+            float sq = 0.0f;
+            for (int i = 0; i < count * M; ++i) sq += out[i] * out[i];
+            acc += sq;
           }
         }
-        if (with_reg)
-          for (int b = 0; b < kBlock; ++b) acc += sq[b];
         return acc;
       },
       [](double a, double b) { return a + b; });
@@ -114,33 +131,35 @@ void backward_impl(const float* grad_masked, const float* weight, const L* logit
   const float inv_tau = 1.0f / tau;
   const float scale = kappa * inv_tau;
   at::parallel_for(0, num_groups, kGrain, [&](int64_t begin, int64_t end) {
-    float y[C][kBlock], gy[C][kBlock], gm[M][kBlock], dot[kBlock];
+    float y[C][kBlock], m[M][kBlock], gm[M][kBlock], gy[C][kBlock], dot[kBlock];
     for (int64_t g0 = begin; g0 < end; g0 += kBlock) {
       const int count = static_cast<int>(std::min<int64_t>(kBlock, end - g0));
       block_probs<C>(logits, g0, count, num_groups, seed, kappa, inv_tau, y);
-      for (int j = 0; j < M; ++j) {
-        for (int b = 0; b < count; ++b) {
-          float m = 0.0f;
-          for (int c = 0; c < C; ++c) m += y[c][b] * patterns[c * M + j];
-          const int64_t i = (g0 + b) * M + j;
-          const float w = weight[i];
-          const float wm = w * m;
-          if (masked != nullptr) masked[i] = wm;
-          gm[j][b] = (grad_masked[i] - 2.0f * lam * wm) * w;
+      block_mask<C, M>(y, patterns, count, m);
+      const float* w = weight + g0 * M;
+      const float* grad = grad_masked + g0 * M;
+      for (int b = 0; b < count; ++b) {
+#pragma GCC unroll 8
+        for (int j = 0; j < M; ++j) {
+          const float wm = w[b * M + j] * m[j][b];
+          if (masked != nullptr) masked[g0 * M + b * M + j] = wm;
+          gm[j][b] = (grad[b * M + j] - 2.0f * lam * wm) * w[b * M + j];
         }
       }
       for (int b = 0; b < count; ++b) dot[b] = 0.0f;
       for (int c = 0; c < C; ++c) {
-        for (int b = 0; b < count; ++b) {
-          float s = 0.0f;
-          for (int j = 0; j < M; ++j) s += patterns[c * M + j] * gm[j][b];
-          gy[c][b] = s;
-          dot[b] += s * y[c][b];
+        for (int b = 0; b < count; ++b) gy[c][b] = 0.0f;
+        for (int j = 0; j < M; ++j) {
+          const float s = patterns[c * M + j];
+          for (int b = 0; b < count; ++b) gy[c][b] += s * gm[j][b];
         }
+        for (int b = 0; b < count; ++b) dot[b] += gy[c][b] * y[c][b];
       }
-      for (int c = 0; c < C; ++c)
-        for (int b = 0; b < count; ++b)
-          grad_logits[(g0 + b) * C + c] = static_cast<L>((gy[c][b] - dot[b]) * y[c][b] * scale);
+      L* out = grad_logits + g0 * C;
+      for (int b = 0; b < count; ++b) {
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) out[b * C + c] = static_cast<L>((gy[c][b] - dot[b]) * y[c][b] * scale);
+      }
     }
   });
 }
@@ -157,19 +176,26 @@ void check(const torch::Tensor& weight, const torch::Tensor& logits, const torch
   TORCH_CHECK(weight.numel() == logits.size(0) * patterns.size(1), "weight must hold G * M elements");
 }
 
-// Dispatch on (C, M): the N:M layouts with a compiled kernel.
-#define SPARSE_PEFT_DISPATCH(C_, M_, ...)                                  \
-  if (C_ == 6 && M_ == 4) { constexpr int C = 6, M = 4; __VA_ARGS__; }     \
-  else if (C_ == 4 && M_ == 4) { constexpr int C = 4, M = 4; __VA_ARGS__; } \
-  else if (C_ == 2 && M_ == 2) { constexpr int C = 2, M = 2; __VA_ARGS__; } \
-  else if (C_ == 70 && M_ == 8) { constexpr int C = 70, M = 8; __VA_ARGS__; } \
-  else TORCH_CHECK(false, "no fused kernel for ", C_, " candidates of ", M_, " weights")
+// The N:M layouts with a compiled kernel, as (candidates C, group size M): 2:4, 1:4, 1:2, 4:8.
+#define SPARSE_PEFT_LAYOUTS(X) X(6, 4) X(4, 4) X(2, 2) X(70, 8)
+
+// Calls f(std::integral_constant<int, C>, std::integral_constant<int, M>) for a compiled layout; false otherwise.
+template <typename F>
+bool dispatch(int64_t num_candidates, int64_t m, F&& f) {
+#define SPARSE_PEFT_CASE(C_, M_)                                                   \
+  if (num_candidates == C_ && m == M_) {                                           \
+    f(std::integral_constant<int, C_>{}, std::integral_constant<int, M_>{});        \
+    return true;                                                                    \
+  }
+  SPARSE_PEFT_LAYOUTS(SPARSE_PEFT_CASE)
+#undef SPARSE_PEFT_CASE
+  return false;
+}
 
 }  // namespace
 
 bool supports(int64_t num_candidates, int64_t m) {
-  return (num_candidates == 6 && m == 4) || (num_candidates == 4 && m == 4) || (num_candidates == 2 && m == 2) ||
-         (num_candidates == 70 && m == 8);
+  return dispatch(num_candidates, m, [](auto, auto) {});
 }
 
 // Returns (W * soft_mask [out, in] float32, sum of squares of it (0 unless with_reg) as a float32 scalar).
@@ -180,7 +206,8 @@ std::vector<torch::Tensor> forward(torch::Tensor weight, torch::Tensor logits, t
   const int64_t G = logits.size(0), C_ = patterns.size(0), M_ = patterns.size(1);
   const uint64_t s = static_cast<uint64_t>(seed);
   double reg = 0.0;
-  SPARSE_PEFT_DISPATCH(C_, M_, {
+  const bool compiled = dispatch(C_, M_, [&](auto c_, auto m_) {
+    constexpr int C = decltype(c_)::value, M = decltype(m_)::value;
     if (logits.scalar_type() == torch::kFloat) {
       reg = forward_impl<C, M>(weight.data_ptr<float>(), logits.data_ptr<float>(), patterns.data_ptr<float>(), G, s,
                                kappa, tau, masked.data_ptr<float>(), with_reg);
@@ -189,6 +216,7 @@ std::vector<torch::Tensor> forward(torch::Tensor weight, torch::Tensor logits, t
                                G, s, kappa, tau, masked.data_ptr<float>(), with_reg);
     }
   });
+  TORCH_CHECK(compiled, "no fused kernel for ", C_, " candidates of ", M_, " weights");
   return {masked, torch::full({}, reg, weight.options())};
 }
 
@@ -206,7 +234,8 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_masked, torch::Tensor wei
   const int64_t G = logits.size(0), C_ = patterns.size(0), M_ = patterns.size(1);
   const uint64_t s = static_cast<uint64_t>(seed);
   float* out = want_masked ? masked.data_ptr<float>() : nullptr;
-  SPARSE_PEFT_DISPATCH(C_, M_, {
+  const bool compiled = dispatch(C_, M_, [&](auto c_, auto m_) {
+    constexpr int C = decltype(c_)::value, M = decltype(m_)::value;
     if (logits.scalar_type() == torch::kFloat) {
       backward_impl<C, M>(grad_masked.data_ptr<float>(), weight.data_ptr<float>(), logits.data_ptr<float>(),
                           patterns.data_ptr<float>(), G, s, kappa, tau, lam, out, grad_logits.data_ptr<float>());
@@ -216,6 +245,7 @@ std::vector<torch::Tensor> backward(torch::Tensor grad_masked, torch::Tensor wei
                           grad_logits.data_ptr<c10::BFloat16>());
     }
   });
+  TORCH_CHECK(compiled, "no fused kernel for ", C_, " candidates of ", M_, " weights");
   return {masked, grad_logits};
 }
 
