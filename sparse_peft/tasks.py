@@ -124,9 +124,9 @@ def load_task(name: str, max_words: int = DEFAULT_MAX_WORDS, held_out: float = 0
     agnews_columns = ["text", "label"]
     if name == "tinystories":
         return LMTask(name, *held_out_split(load_texts("tinystories", split="train"), held_out))
-    if name == "agnews_text":
-        return LMTask(name, load_texts(_asset("ag_news", "dev.tsv"), text_column="text"),
-                      load_texts(_asset("ag_news", "test.tsv"), text_column="text"))
+    if name == "agnews_text":  # header-less files: the columns are named here, as for the classification task
+        return LMTask(name, *(list(load_table(_asset("ag_news", f), column_names=agnews_columns)["text"])
+                              for f in ("dev.tsv", "test.tsv")))
     if name == "imdb_text":
         return LMTask(name, load_texts(_asset("imdb_small", "train.csv"), text_column="review"),
                       load_texts(_asset("imdb_small", "test.csv"), text_column="review"))
