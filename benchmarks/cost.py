@@ -15,9 +15,9 @@ text, with the same optimizer step (fused AdamW, betas 0.9/0.95, eps 1e-5, weigh
 * ``mask-ckpt``: ``mask`` with gradient checkpointing of the decoder blocks;
 * ``mask-adam8bit``: ``mask`` with torchao's ``AdamW8bit`` (8-bit blockwise moments; what ``Trainer`` uses for
   ``optim="adamw_torch_8bit"``), needs ``pip install torchao``;
-* ``mask-bf16``: ``mask-keep`` with ``MaskConfig(logits_dtype="bfloat16")`` and torchao's stochastically rounding
-  AdamW with bfloat16 moments (``sparse_peft.training.bf16_logits_optimizer``, what ``learn_mask`` uses for
-  bfloat16 logits), needs ``pip install torchao``;
+* ``mask-bf16``: ``mask-keep`` with ``MaskConfig(logits_dtype="bfloat16")`` and the stochastically rounding
+  :class:`~sparse_peft.optim.BF16AdamW` with bfloat16 moments (``sparse_peft.training.bf16_logits_optimizer``, what
+  ``learn_mask`` uses for bfloat16 logits);
 * ``mask-distill``: ``mask-keep`` trained on the KL from the dense model (``learn_mask(distill=True)``: a teacher
   forward of the same base with the adapter disabled in every step);
 * ``mask-distill-cached``: the same KL from the teacher's top-64 outputs computed once before timing
@@ -166,7 +166,7 @@ def tensor_bytes(tensors) -> int:
 
 
 def make_optimizer(method: str, params: list):
-    """AdamW with MaskLLM's settings; 8-bit moments (torchao) for ``mask-adam8bit``, torchao's bfloat16 AdamW with
+    """AdamW with MaskLLM's settings; 8-bit moments (torchao) for ``mask-adam8bit``, the bfloat16 AdamW with
     stochastic rounding for ``mask-bf16``, else torch's fused AdamW."""
     kwargs = dict(lr=5e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
     if method == "mask-bf16":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -450,9 +449,6 @@ def _check_training_options(args) -> None:
     if args.teacher_top_k is not None and (args.teacher_top_k < 1 or not args.distill):
         raise ValueError(f"--teacher-top-k {args.teacher_top_k}: pass a positive number of tokens, together with "
                          "--distill (it caches the dense model's outputs for distillation).")
-    if args.logits_dtype == "bfloat16" and importlib.util.find_spec("torchao") is None:
-        raise ValueError("--logits-dtype bfloat16 trains with torchao's AdamW (stochastic rounding): pip install "
-                          "torchao (or sparse-peft[lowmem]), or drop the flag.")
     if args.eval_steps is not None and args.eval_data is None:
         raise ValueError("--eval-steps needs --eval-data (held-out text: wikitext2, a file or a Hub dataset id).")
     if args.eval_data is not None:

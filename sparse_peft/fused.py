@@ -1,5 +1,7 @@
-"""The fused CPU kernel of the training soft mask: Gumbel noise, softmax, ``W * mask`` and the logits' gradient in one
-pass over the logits per call (``csrc/soft_mask_cpu.cpp``), built on first use with ``torch.utils.cpp_extension``.
+"""The fused CPU kernels, built on first use with ``torch.utils.cpp_extension`` into one extension: the training soft
+mask (``csrc/soft_mask_cpu.cpp``: Gumbel noise, softmax, ``W * mask`` and the logits' gradient in one pass over the
+logits per call) and the AdamW step of bfloat16 logits (``csrc/adamw_bf16_cpu.cpp``, used by
+:class:`sparse_peft.optim.BF16AdamW`).
 
 The plain PyTorch path makes about twenty passes over the ``[G, C]`` logits per training step (noise, two logs, the
 softmax, the mask product, their backward); the kernel makes one in forward and one in backward, regenerating the
@@ -33,7 +35,9 @@ logger = logging.getLogger(__name__)
 #: Environment variable: ``0`` turns the fused CPU kernel off (the PyTorch path runs).
 ENV = "SPARSE_PEFT_FUSED_CPU"
 
-_SOURCE = Path(__file__).parent / "csrc" / "soft_mask_cpu.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / name for name in ("soft_mask_cpu.cpp", "adamw_bf16_cpu.cpp", "bindings.cpp")]
+_HEADERS = [_CSRC / "splitmix64.h"]
 # -ffast-math at compile time only (libmvec's vector log/exp; linking without it keeps the process's denormal mode
 # unchanged); full-width vectors where the CPU has AVX512 (ignored elsewhere).
 _CFLAGS = ["-O3", "-ffast-math", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
@@ -50,7 +54,8 @@ def _machine_tag() -> str:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), flags)
     except OSError:
         pass
-    digest = hashlib.sha256(flags.encode() + _SOURCE.read_bytes() + " ".join(_CFLAGS).encode())
+    code = b"".join(path.read_bytes() for path in _SOURCES + _HEADERS)
+    digest = hashlib.sha256(flags.encode() + code + " ".join(_CFLAGS).encode())
     return digest.hexdigest()[:16]
 
 
@@ -59,8 +64,8 @@ def _build() -> Optional[ModuleType]:
 
     logger.info("sparse-peft: building the fused CPU soft-mask kernel (once per machine, about a minute)")
     try:
-        return load(name=f"sparse_peft_soft_mask_{_machine_tag()}", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
-                    extra_ldflags=_LDFLAGS, verbose=False)
+        return load(name=f"sparse_peft_cpu_{_machine_tag()}", sources=[str(path) for path in _SOURCES],
+                    extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the PyTorch path is exact, only slower
         logger.warning("sparse-peft: the fused CPU soft-mask kernel could not be built (%s: %s); training uses "
                        "the PyTorch path. Install a C++ compiler with OpenMP and `pip install ninja` to get it.",

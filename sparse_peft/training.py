@@ -14,6 +14,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .constants import LOGITS
 from .layer import set_soft_mask_memory
+from .optim import BF16AdamW
 from .schedule import MaskScheduleCallback, place_mask_callback
 from .teacher import TEACHER_COLUMNS, add_teacher_outputs, predicting_positions_mean, top_k_distillation_loss
 
@@ -72,23 +73,14 @@ def mask_training_arguments(
 def bf16_logits_optimizer(args: TrainingArguments) -> tuple[type, dict[str, Any]]:
     """``(optimizer class, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``: AdamW for bfloat16 logits.
 
-    torchao's AdamW with ``bf16_stochastic_round=True`` (``pip install torchao``, or ``sparse-peft[lowmem]``): the
-    update is computed in float32 and rounded to bfloat16 stochastically, so an update below half a bfloat16 step
-    (2^-8 of the logit) moves the logit in expectation instead of never; the moments are kept in the parameters'
-    dtype, so ``MaskConfig(logits_dtype="bfloat16")`` holds 12 bytes per masked 2:4 weight (logits, gradients, two
-    moments; 24 in float32). Betas, epsilon and learning rate come from ``args`` (weight decay per parameter group,
-    as ``Trainer`` sets it). :func:`learn_mask` uses it by itself for bfloat16 logits.
+    :class:`~sparse_peft.optim.BF16AdamW`: the update is computed in float32 and the logit rounded to bfloat16
+    stochastically, so an update below half a bfloat16 step (2^-8 of the logit) moves the logit in expectation
+    instead of never; the moments are bfloat16, so ``MaskConfig(logits_dtype="bfloat16")`` holds 12 bytes per masked
+    2:4 weight (logits, gradients, two moments; 24 in float32). Betas, epsilon and learning rate come from ``args``
+    (weight decay per parameter group, as ``Trainer`` sets it). :func:`learn_mask` uses it by itself for bfloat16
+    logits.
     """
-    try:
-        from torchao.optim import _AdamW
-    except ImportError:
-        raise ImportError(
-            "bfloat16 mask logits are trained with torchao's AdamW (stochastic rounding): pip install torchao "
-            "(or sparse-peft[lowmem]), or use MaskConfig(logits_dtype='float32')."
-        ) from None
-    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                  bf16_stochastic_round=True)
-    return _AdamW, kwargs
+    return BF16AdamW, dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
 
 def _has_bf16_logits(model) -> bool:

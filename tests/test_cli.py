@@ -189,20 +189,6 @@ def test_typos_fail_before_any_model_is_loaded_with_the_nearest_name(argv, messa
     assert not (tmp_path / "out").exists()
 
 
-def test_bfloat16_logits_without_torchao_fail_before_the_model_is_loaded(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "torchao" else find_spec(name, *a))
-    monkeypatch.chdir(tmp_path)
-    refuse_model_loading(monkeypatch)
-    argv = ["learn", "--model", str(AIDREAMS), "--prior", "none", "--logits-dtype", "bfloat16", "--output", "out"]
-    assert main(argv) == 2
-    assert "pip install torchao" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
 def test_a_failed_hub_dataset_lookup_names_the_id_and_the_offline_switch(monkeypatch):
     import datasets.config
     import huggingface_hub.constants

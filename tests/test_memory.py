@@ -1,5 +1,7 @@
 """What a mask layer keeps alive between forward and backward, measured with saved-tensor hooks."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -8,6 +10,7 @@ from peft import get_peft_model
 
 from sparse_peft import MaskConfig, MaskedLinear
 from sparse_peft.layer import set_soft_mask_memory
+from sparse_peft.optim import BF16AdamW
 from sparse_peft.patterns import draw_seed
 
 OUT, IN, TOKENS = 96, 64, 8
@@ -157,9 +160,8 @@ def test_trainer_8bit_adam_keeps_one_byte_per_moment_and_the_cost_benchmark_coun
 
 def test_bfloat16_logits_get_the_float32_gradient_rounded_and_train_with_stochastic_rounding(tmp_path):
     """``MaskConfig(logits_dtype="bfloat16")``: the layer's logit gradient is the float32 one (same logits, same
-    noise) rounded to bfloat16; ``learn_mask`` trains them with torchao's stochastically rounding AdamW, whose
-    moments are bfloat16 too (12 instead of 24 B per masked weight)."""
-    pytest.importorskip("torchao")
+    noise) rounded to bfloat16; ``learn_mask`` trains them with the stochastically rounding BF16AdamW, whose
+    moments are bfloat16 too (12 instead of 24 B per masked weight), without torchao."""
     from datasets import Dataset
 
     from conftest import tiny_llama
@@ -188,12 +190,12 @@ def test_bfloat16_logits_get_the_float32_gradient_rounded_and_train_with_stochas
     logits = model.base_model.model.model.layers[0].mlp.gate_proj.maskllm_logits["default"]
     before = logits.detach().clone()
     args = mask_training_arguments(str(tmp_path), 2, 2, disable_tqdm=True)
-    trainer = learn_mask(model, Dataset.from_dict({"input_ids": data, "labels": data}), args)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "torchao", None)  # `import torchao` raises ImportError: it is not needed
+        trainer = learn_mask(model, Dataset.from_dict({"input_ids": data, "labels": data}), args)
     assert logits.dtype == torch.bfloat16 and not torch.equal(logits, before)
-    from torchao.optim import _AdamW
-
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
-    assert isinstance(optimizer, _AdamW) and optimizer.bf16_stochastic_round
+    assert isinstance(optimizer, BF16AdamW)
     state = trainer.optimizer.state[logits]
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
 

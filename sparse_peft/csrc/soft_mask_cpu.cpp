@@ -15,6 +15,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/extension.h>
 
+#include "splitmix64.h"
+
 #include <cmath>
 #include <cstdint>
 
@@ -22,13 +24,6 @@ namespace {
 
 constexpr int64_t kGrain = 2048;  // groups per parallel chunk
 constexpr int kBlock = 64;      // groups per vectorised block
-
-inline uint64_t splitmix64(uint64_t seed, uint64_t index) {
-  uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 // Uniform in (0, 1) from 23 bits k of a hash as (k + 0.5) / 2^23: exact in float32, so never 0 or 1.
 inline float bits_to_uniform(uint64_t k) { return (static_cast<float>(k) + 0.5f) * (1.0f / 8388608.0f); }
@@ -266,11 +261,4 @@ torch::Tensor uniforms(int64_t seed, int64_t num_groups, int64_t num_candidates)
     }
   });
   return u;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("supports", &supports);
-  m.def("forward", &forward);
-  m.def("backward", &backward);
-  m.def("uniforms", &uniforms);
 }
