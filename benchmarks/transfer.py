@@ -531,7 +531,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     ax = axes[len(panels)]
-    for kind, style in (("transfer", "-"), ("scratch", ":")):
+    for kind, style in (("transfer", "-"), ("scratch", ":"), ("transfer+lowrank", "--")):
         for (task, objective), entry in panels.items():
             curve = entry["curves"].get(kind)
             if not curve:
@@ -545,7 +545,10 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set(title="task mask vs general mask (largest budget, first seed)", xlabel="masked linear layer (sorted by module name)",
            ylabel="weights where the masks agree (%)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
+    if ax.lines:
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no task mask rows", ha="center", va="center", transform=ax.transAxes)
     for extra in axes[len(panels) + 1:]:
         extra.axis("off")
     fig.tight_layout()
