@@ -32,7 +32,7 @@ __all__ = ["ENV", "cpu_kernel", "kernel_for", "kernel_uniforms"]
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable: ``0`` turns the fused CPU kernel off (the PyTorch path runs).
+#: Environment variable: ``0`` turns the fused CPU kernels off (the PyTorch paths run).
 ENV = "SPARSE_PEFT_FUSED_CPU"
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -62,13 +62,13 @@ def _machine_tag() -> str:
 def _build() -> Optional[ModuleType]:
     from torch.utils.cpp_extension import load
 
-    logger.info("sparse-peft: building the fused CPU soft-mask kernel (once per machine, about a minute)")
+    logger.info("sparse-peft: building the fused CPU kernels (once per machine, about a minute)")
     try:
         return load(name=f"sparse_peft_cpu_{_machine_tag()}", sources=[str(path) for path in _SOURCES],
                     extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, verbose=False)
     except Exception as error:  # no compiler, no ninja, no OpenMP: the PyTorch path is exact, only slower
-        logger.warning("sparse-peft: the fused CPU soft-mask kernel could not be built (%s: %s); training uses "
-                       "the PyTorch path. Install a C++ compiler with OpenMP and `pip install ninja` to get it.",
+        logger.warning("sparse-peft: the fused CPU kernels could not be built (%s: %s); training uses "
+                       "the PyTorch paths. Install a C++ compiler with OpenMP and `pip install ninja` to get them.",
                        type(error).__name__, str(error).strip().splitlines()[-1] if str(error).strip() else "")
         return None
 
