@@ -59,7 +59,7 @@ class BF16AdamW(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
+                state["step"] = int(state["step"]) + 1  # an int; torchao's and torch's checkpoints hold a tensor
                 self._update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], beta1, beta2,
                              group["eps"], group["weight_decay"], 1 - beta1 ** state["step"],
                              1 - beta2 ** state["step"])

@@ -104,6 +104,18 @@ def test_float32_parameters_get_torch_adamw_s_update(path):
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
+def test_state_saved_with_a_tensor_step_resumes(path):
+    """A checkpoint of torch's or torchao's AdamW keeps ``step`` as a tensor: loading it continues the count."""
+    p = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    optimizer = BF16AdamW([p], **HYPER)
+    optimizer.load_state_dict({"state": {0: {"step": torch.tensor(4.0), "exp_avg": torch.zeros_like(p),
+                                             "exp_avg_sq": torch.ones_like(p)}},
+                               "param_groups": optimizer.state_dict()["param_groups"]})
+    p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert optimizer.state[p]["step"] == 5 and p.double().mean() < 1  # moved (stochastically rounded)
+
+
 def test_bad_hyperparameters_are_refused():
     with pytest.raises(ValueError, match="betas in"):
         BF16AdamW([torch.nn.Parameter(torch.zeros(2))], betas=(0.9, 1.0))
