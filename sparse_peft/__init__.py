@@ -8,7 +8,8 @@ The modules, each importing only those above it in this list:
 * leaves: ``fused`` (the fused CPU kernels), ``constants`` (PEFT type, key prefixes, prior names),
   ``utils`` (atomic writes, the cache folder, ``[out, in]`` weight views), ``annealing`` (schedule values),
   ``download`` (Hub downloads), ``lowrank`` (low-rank updates of masked weights: the EoRA-style math);
-* ``patterns`` (N:M mask math), ``optim`` (AdamW for bfloat16 logits);
+* ``patterns`` (N:M mask math);
+* ``optim`` (AdamW for bfloat16 logits);
 * ``config`` (:class:`MaskConfig`), ``codec`` (the adapter file format), ``pruners`` (magnitude, Wanda, SparseGPT),
   ``teacher`` (the dense model's outputs cached for distillation, and the KL from them);
 * ``layer`` (:class:`MaskedLinear`), ``adapter_io`` (reading adapters, base checks), ``published`` (MaskLLM's

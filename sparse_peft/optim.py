@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .fused import cpu_kernel
+from .patterns import draw_seed
 
 __all__ = ["BF16AdamW"]
 
@@ -72,9 +73,8 @@ class BF16AdamW(torch.optim.Optimizer):
         if bf16 and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors):
             kernel = cpu_kernel()
             if kernel is not None:
-                seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
                 kernel.adamw_bf16(p, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, bias1, bias2,
-                                  seed)
+                                  draw_seed())
                 return
         x = p.float()
         g = grad.float()
