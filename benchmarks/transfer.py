@@ -198,12 +198,15 @@ class Benchmark:
 
     # -- models ------------------------------------------------------------------------------------------------
     def classifier(self, num_labels: int, seed: int) -> torch.nn.Module:
-        """A fresh ``AutoModelForSequenceClassification`` of the base model; its new head initialised from ``seed``."""
+        """A fresh ``AutoModelForSequenceClassification`` holding the loaded base model's weights; its new head
+        initialised from ``seed``. Built from the loaded model, not from its name: the shipped model's name is the
+        Hub id it was converted from, which need not be reachable."""
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            self.model.name_or_path, num_labels=num_labels, pad_token_id=self.tokenizer.pad_token_id,
-            dtype=self.model.dtype,
-        )
+        config = copy.deepcopy(self.model.config)
+        config.num_labels, config.pad_token_id = num_labels, self.tokenizer.pad_token_id
+        model = AutoModelForSequenceClassification.from_config(config, dtype=self.model.dtype)
+        model.base_model.load_state_dict(self.model.base_model.state_dict())
+        model.name_or_path = self.model.name_or_path
         return model.to(self.model.device)
 
     def head_name(self, classifier) -> str:

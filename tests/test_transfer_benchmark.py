@@ -103,3 +103,21 @@ def test_unknown_task_and_missing_general_fail_before_any_model_load(tmp_path, g
     with pytest.raises(FileNotFoundError):
         transfer.main([*SMALL, "--general", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_classifier_is_built_from_the_loaded_model_not_its_name():
+    """The shipped model is named by the Hub id it was converted from; the seq_cls rows must not fetch that name."""
+    import torch
+
+    transfer = load_benchmark("transfer")
+    model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
+    model.name_or_path = "no-such-user/no-such-model"  # a name that resolves nowhere
+    bench = transfer.Benchmark(transfer.parse_args([*SMALL, "--general", str(AIDREAMS)]), model, tokenizer,
+                               {"rows": []})
+    first, again, other = bench.classifier(3, seed=0), bench.classifier(3, seed=0), bench.classifier(3, seed=1)
+    decoder = model.base_model.state_dict()
+    assert first.base_model.state_dict().keys() == decoder.keys()
+    assert all(torch.equal(first.base_model.state_dict()[k], v) for k, v in decoder.items())
+    assert first.score.weight.shape == (3, model.config.hidden_size) and first.config.num_labels == 3
+    assert torch.equal(first.score.weight, again.score.weight)  # the head is the seed's
+    assert not torch.equal(first.score.weight, other.score.weight)
