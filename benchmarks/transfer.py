@@ -21,7 +21,9 @@ the largest budget, the first seed below it):
 * ``transfer``: a task mask learned from the general mask as prior;
 * ``transfer+lowrank``: the general mask kept frozen with a rank-``--lowrank-rank`` update under it
   (``MaskConfig(lora_rank=r, train_mask=False, init_lora_weights="eora")``: initialised from the task's calibration
-  text, then trained at ``--lora-lr``); it merges into exactly 2:4 weights.
+  text, then trained at ``--lora-lr``); it merges into exactly 2:4 weights. The training-free start does not
+  depend on the seed: the first row of a task and objective computes it, the others load it
+  (``eora-start-<task>-<objective>.safetensors``).
 
 A step holds about ``--batch-size`` x ``--seq-len`` task tokens (causal-LM windows; for classification as many
 examples as make that many tokens), so a row of budget B takes about B / (batch x seq_len) steps. Every learned mask
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -49,6 +52,8 @@ import time
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from transformers import AutoModelForSequenceClassification, DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer
 
 import sparse_peft
@@ -61,6 +66,7 @@ from sparse_peft.evaluation import (
     perplexity,
     sequence_classification_predictions,
 )
+from sparse_peft.layer import mask_layers
 from sparse_peft.oneshot import prune
 from sparse_peft.stats import mask_stats
 from sparse_peft.tasks import (
@@ -355,15 +361,25 @@ class Benchmark:
             schedule = {k: getattr(self.args, k) for k in ("prior_strength", "tau_start", "tau_end", "kappa_start",
                                                            "kappa_end")}
             if kind == "transfer+lowrank":
-                extra.update(lora_rank=self.args.lowrank_rank, train_mask=False, init_lora_weights="eora",
-                             calibration=self.calibration(spec))
+                start_file = self.lowrank_start_file(task, objective)
+                cached = self.has_lowrank_start(start_file, spec)  # the first seed's start: the same for every seed
+                extra.update(lora_rank=self.args.lowrank_rank, train_mask=False,
+                             init_lora_weights=True if cached else "eora",
+                             calibration=None if cached else self.calibration(spec))
             # from scratch = the paper's one-shot prior formula with its noise, although the prior is a saved folder
             noise = None if kind.startswith("transfer") else True
             config = sparse_peft.MaskConfig(prior=prior, prior_noise=noise, sparse_reg=self.args.sparse_reg,
                                             task_type=task_type, **schedule, **extra)
         start = time.perf_counter()
         peft_model = get_peft_model(base, config)
-        row["init_seconds"] = time.perf_counter() - start  # the prior (and a training-free update) computed
+        if kind == "transfer+lowrank":
+            if cached:
+                load_lowrank(peft_model, start_file)
+                config.init_lora_weights = "eora"  # what the loaded values are
+            else:
+                save_lowrank(peft_model, start_file, self.lowrank_start_settings(spec))
+            row["init_cached"] = cached
+        row["init_seconds"] = time.perf_counter() - start  # the prior (and a training-free update) computed / loaded
         distill = self.args.distill and objective == "lm" and kind != "lora"
         lr = self.args.lora_lr if kind in ("lora", "transfer+lowrank") else self.args.lr
         training_args = self.training_arguments(plan["steps"], plan["examples_per_step"], seed, lr)
@@ -387,6 +403,27 @@ class Benchmark:
         if objective != "seq_cls":
             self.model = peft_model.unload()
         self.add(row)
+
+    def lowrank_start_file(self, task: str, objective: str) -> str:
+        """Where the ``transfer+lowrank`` rows keep their training-free start (``init_lora_weights="eora"``). It
+        depends on the model, the general mask, the rank and the task's calibration tokens, not on the seed or the
+        budget: the first row computes it, the others load it (a file made from other inputs is recomputed)."""
+        return self.path(f"eora-start-{task}-{objective}.safetensors")
+
+    def lowrank_start_settings(self, spec) -> dict[str, str]:
+        """What a training-free start depends on (safetensors metadata, JSON values): the model, the general mask,
+        the rank and the SHA-256 of the task's calibration token ids."""
+        settings = {k: json.dumps(getattr(self.args, k)) for k in ("model", "gguf_file", "general_sha256",
+                                                                   "lowrank_rank")}
+        settings["calibration_sha256"] = hashlib.sha256(self.calibration(spec).numpy().tobytes()).hexdigest()
+        return settings
+
+    def has_lowrank_start(self, path: str, spec) -> bool:
+        """True if ``path`` holds a training-free start computed from what this row's would be (else recompute)."""
+        if not os.path.isfile(path):
+            return False
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() == self.lowrank_start_settings(spec)
 
     def save_mask(self, peft_model, name: str) -> dict:
         """Save the task mask delta-coded against the general mask (``adapters/<name>``) and, to measure it, raw;
@@ -446,6 +483,32 @@ def main(argv=None) -> dict:
     plot(result["rows"], os.path.join(args.output, "transfer.png"))
     print(markdown(result["rows"]))
     return result
+
+
+def save_lowrank(peft_model, path: str, metadata: dict[str, str]) -> None:
+    """Every mask layer's update of the active adapter, ``<layer>.A`` ``[r, in]`` and ``<layer>.B`` ``[out, r]``
+    (float32), to the safetensors file ``path`` (atomically) with ``metadata``."""
+    name = peft_model.active_adapter
+    tensors = {}
+    for layer_name, layer in mask_layers(peft_model, name).items():
+        lora_a, lora_b, _ = layer.lowrank(name)
+        tensors[f"{layer_name}.A"], tensors[f"{layer_name}.B"] = lora_a.detach().cpu(), lora_b.detach().cpu()
+    data = save(tensors, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_lowrank(peft_model, path: str) -> None:
+    """Set the active adapter's updates from a :func:`save_lowrank` file of the same layers and shapes."""
+    name = peft_model.active_adapter
+    tensors = load_file(path)
+    layers = mask_layers(peft_model, name)
+    if {f"{n}.{part}" for n in layers for part in "AB"} != set(tensors):
+        raise ValueError(f"{path} holds the updates of other layers; delete it to recompute the training-free start.")
+    with torch.no_grad():
+        for layer_name, layer in layers.items():
+            lora_a, lora_b, _ = layer.lowrank(name)
+            lora_a.copy_(tensors[f"{layer_name}.A"])
+            lora_b.copy_(tensors[f"{layer_name}.B"])
 
 
 def summary(rows: list[dict]) -> dict:

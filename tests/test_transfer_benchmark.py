@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file
 
 from conftest import AIDREAMS, load_benchmark
-from sparse_peft.data import load_model_and_tokenizer
+from sparse_peft import MaskConfig
+from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer
+from sparse_peft.layer import mask_layers
 from sparse_peft.evaluation import perplexity
 from sparse_peft.oneshot import prune
 from sparse_peft.tasks import load_task
@@ -67,6 +72,25 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
     held_out = load_task("tinystories").held_out
     assert dense["value"] == perplexity(model, tokenizer, held_out, window=32, max_windows=1, show_progress=False)["ppl"]
 
+    # The training-free start is computed by the first seed and loaded by the second; it is EoRA's for the task.
+    lowrank = [r for r in first["rows"] if r["row"] == "transfer+lowrank"]
+    assert [(r["task"], r["seed"], r["init_cached"]) for r in lowrank] == [
+        ("tinystories", 0, False), ("tinystories", 1, True), ("sst2", 0, False), ("sst2", 1, True)]
+    config = MaskConfig(prior=general, lora_rank=16, train_mask=False, init_lora_weights="eora",
+                        calibration=calibration_from_texts(load_task("tinystories").train, tokenizer, 2, 16))
+    reference = mask_layers(get_peft_model(model, config), "default")
+    start = load_file(tmp_path / "t" / "eora-start-tinystories-lm.safetensors")
+    assert set(start) == {f"{name}.{part}" for name in reference for part in "AB"}
+    for name, layer in reference.items():
+        lora_a, lora_b, _ = layer.lowrank("default")
+        assert torch.equal(start[f"{name}.A"], lora_a) and torch.equal(start[f"{name}.B"], lora_b)
+    fresh = get_peft_model(load_model_and_tokenizer(str(AIDREAMS))[0],
+                           MaskConfig(prior=general, lora_rank=16, train_mask=False))  # B = 0
+    transfer.load_lowrank(fresh, tmp_path / "t" / "eora-start-tinystories-lm.safetensors")
+    for name, layer in mask_layers(fresh, "default").items():
+        lora_a, lora_b, _ = layer.lowrank("default")
+        assert torch.equal(start[f"{name}.A"], lora_a) and torch.equal(start[f"{name}.B"], lora_b)
+
     saved = json.loads((tmp_path / "t" / "transfer.json").read_text())
     assert saved["rows"] == first["rows"]
     table = (tmp_path / "t" / "transfer.md").read_text()
@@ -107,8 +131,6 @@ def test_unknown_task_and_missing_general_fail_before_any_model_load(tmp_path, g
 
 def test_classifier_is_built_from_the_loaded_model_not_its_name():
     """The shipped model is named by the Hub id it was converted from; the seq_cls rows must not fetch that name."""
-    import torch
-
     transfer = load_benchmark("transfer")
     model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
     model.name_or_path = "no-such-user/no-such-model"  # a name that resolves nowhere
