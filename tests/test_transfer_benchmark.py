@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from conftest import AIDREAMS, load_benchmark
 from sparse_peft import MaskConfig
 from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer
-from sparse_peft.layer import mask_layers
 from sparse_peft.evaluation import perplexity
+from sparse_peft.layer import mask_layers
 from sparse_peft.oneshot import prune
 from sparse_peft.tasks import load_task
 
@@ -143,3 +143,22 @@ def test_classifier_is_built_from_the_loaded_model_not_its_name():
     assert first.score.weight.shape == (3, model.config.hidden_size) and first.config.num_labels == 3
     assert torch.equal(first.score.weight, again.score.weight)  # the head is the seed's
     assert not torch.equal(first.score.weight, other.score.weight)
+
+
+def test_a_training_free_start_from_other_inputs_is_not_reused(tmp_path, general):
+    transfer = load_benchmark("transfer")
+    model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
+    args = transfer.parse_args([*SMALL, "--general", general, "--output", str(tmp_path)])
+    args.general_sha256 = "a" * 64
+    bench = transfer.Benchmark(args, model, tokenizer, {"rows": []})
+    spec, path = load_task("tinystories"), str(tmp_path / "start.safetensors")
+    peft_model = get_peft_model(model, MaskConfig(prior=general, lora_rank=4, train_mask=False))
+    assert not bench.has_lowrank_start(path, spec)  # no file
+    transfer.save_lowrank(peft_model, path, bench.lowrank_start_settings(spec))
+    assert bench.has_lowrank_start(path, spec)
+    for name, value in (("general_sha256", "b" * 64), ("lowrank_rank", 8), ("calibration_len", 8)):
+        changed = transfer.Benchmark(transfer.parse_args([*SMALL, "--general", general]), model, tokenizer,
+                                     {"rows": []})
+        changed.args.general_sha256 = args.general_sha256
+        setattr(changed.args, name, value)
+        assert not changed.has_lowrank_start(path, spec), name  # another general mask, rank or calibration
