@@ -52,7 +52,7 @@ import time
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from transformers import AutoModelForSequenceClassification, DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer
 
@@ -79,6 +79,7 @@ from sparse_peft.tasks import (
     label_word_examples,
     load_task,
 )
+from sparse_peft.teacher import model_fingerprint
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
 from sparse_peft.utils import atomic_write, check_resumed_settings, comma_list
 
@@ -183,6 +184,7 @@ class Benchmark:
         self.tokenised: dict[tuple, object] = {}
         self.needed: dict[str, int] = {}
         self.calibrations: dict[str, torch.Tensor] = {}
+        self.model_fingerprint = model_fingerprint(model)  # the base weights a training-free start was made from
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -411,10 +413,11 @@ class Benchmark:
         return self.path(f"eora-start-{task}-{objective}.safetensors")
 
     def lowrank_start_settings(self, spec) -> dict[str, str]:
-        """What a training-free start depends on (safetensors metadata, JSON values): the model, the general mask,
-        the rank and the SHA-256 of the task's calibration token ids."""
-        settings = {k: json.dumps(getattr(self.args, k)) for k in ("model", "gguf_file", "general_sha256",
-                                                                   "lowrank_rank")}
+        """What a training-free start depends on (safetensors metadata, JSON values): the base model's weights
+        (:func:`~sparse_peft.teacher.model_fingerprint`), the general mask, the rank and the SHA-256 of the task's
+        calibration token ids."""
+        settings = {k: json.dumps(getattr(self.args, k)) for k in ("general_sha256", "lowrank_rank")}
+        settings["model_fingerprint"] = self.model_fingerprint
         settings["calibration_sha256"] = hashlib.sha256(self.calibration(spec).numpy().tobytes()).hexdigest()
         return settings
 
@@ -422,8 +425,13 @@ class Benchmark:
         """True if ``path`` holds a training-free start computed from what this row's would be (else recompute)."""
         if not os.path.isfile(path):
             return False
-        with safe_open(path, framework="pt") as f:
-            return f.metadata() == self.lowrank_start_settings(spec)
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata()
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({err}); delete it to recompute the "
+                             f"training-free start.") from err
+        return metadata == self.lowrank_start_settings(spec)
 
     def save_mask(self, peft_model, name: str) -> dict:
         """Save the task mask delta-coded against the general mask (``adapters/<name>``) and, to measure it, raw;

@@ -162,3 +162,17 @@ def test_a_training_free_start_from_other_inputs_is_not_reused(tmp_path, general
         changed.args.general_sha256 = args.general_sha256
         setattr(changed.args, name, value)
         assert not changed.has_lowrank_start(path, spec), name  # another general mask, rank or calibration
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)  # other base weights
+    assert not transfer.Benchmark(args, model, tokenizer, {"rows": []}).has_lowrank_start(path, spec)
+
+
+def test_a_damaged_training_free_start_is_refused_with_the_fix(tmp_path, general):
+    transfer = load_benchmark("transfer")
+    model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
+    bench = transfer.Benchmark(transfer.parse_args([*SMALL, "--general", general, "--output", str(tmp_path)]), model,
+                               tokenizer, {"rows": []})
+    path = tmp_path / "start.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1")  # a header cut short
+    with pytest.raises(ValueError, match=r"start\.safetensors is not a readable safetensors file.*delete it"):
+        bench.has_lowrank_start(str(path), load_task("tinystories"))
