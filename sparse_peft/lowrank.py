@@ -12,12 +12,15 @@ Both initialisations minimise the layer's output error on calibration inputs ``X
 
 * dense residual: ``T = W - W * mask``, the compression error (EoRA's projection).
 * under the mask: only kept weights can change, so ``T`` is the best full-rank change of the kept weights alone,
-  the per-row least-squares fit ``min ||(W - (W + D) * mask) X^T||`` (SparseGPT's update solved exactly per row,
-  :func:`masked_least_squares_update`); its rank-r approximation ``B A`` then acts through the mask, and ``B`` is
-  refitted exactly for that (:func:`refit_masked_b`), since the mask drops the approximation's off-mask part.
+  the per-row least-squares fit ``min ||(W - (W + D) * mask) X^T||`` (SparseGPT's update, solved per row to a
+  relative residual, :func:`masked_least_squares_update`); its rank-r approximation ``B A`` then acts through the
+  mask, and ``B`` is refitted exactly for that (:func:`refit_masked_b`), since the mask drops the approximation's
+  off-mask part.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -71,38 +74,50 @@ def lowrank_factors(
 
 
 def masked_least_squares_update(
-    weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, rows_per_chunk: int = 64
+    weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, rtol: float = 1e-2,
+    max_iter: int = 1000,
 ) -> torch.Tensor:
     """The change ``D`` of the kept weights that best restores the dense output: ``min ||(W - (W + D) * mask) X^T||``.
 
-    Row by row (rows are independent), with ``S`` the kept and ``P`` the pruned inputs of the row:
-    ``D_S = H_SS^-1 H_SP W_P`` (damped ``H``), ``D_P = 0``. Every row of an N:M mask keeps the same number of
-    weights, so rows are solved in batches of ``rows_per_chunk`` (memory ``rows_per_chunk * k^2`` float32, ``k``
-    the kept weights per row).
+    Row by row (rows are independent), with ``S`` the kept and ``P`` the pruned inputs of the row, the normal
+    equations ``H_SS d_S = H_SP w_P`` (damped ``H``), ``D_P = 0``, solved for all rows at once by conjugate gradients
+    with the Jacobi preconditioner ``diag(H)``: one ``[out, in] x [in, in]`` float32 GEMM per iteration, until every
+    row's residual is at most ``rtol`` times its right-hand side (on SmolLM2-135M's layers, the rank-16 update made
+    from ``D`` at ``rtol=1e-2`` has the output error of the one made from the exact solve: benchmarks/README.md).
 
     Args:
-        weight: ``[out, in]``; mask: 0/1 ``[out, in]`` with the same number of ones in every row;
-        hessian: ``[in, in]`` ``X^T X``.
+        weight: ``[out, in]``; mask: 0/1 ``[out, in]``;
+        hessian: ``[in, in]`` ``X^T X``; rtol: relative residual per row; max_iter: iterations at most (a warning
+            names the largest residual left if some row has not reached ``rtol`` by then).
 
     Returns:
         ``D [out, in]`` float32, zero where ``mask`` is 0.
     """
-    keep = mask.bool()
-    counts = keep.sum(dim=1)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError("masked_least_squares_update needs the same number of kept weights in every row (N:M).")
-    h = _damped(hessian, damp).float()  # damped, H_SS is well conditioned: float32 solves, 2x faster than float64
-    w = weight.float()
-    rhs_full = (w * ~keep) @ h  # row i: H @ (w_i on P), i.e. H_:,P W_P (H symmetric)
-    kept = keep.nonzero()[:, 1].view(weight.shape[0], -1)  # [out, k] kept columns per row, ascending
+    h = _damped(hessian, damp).float()  # damped, H_SS is well conditioned: float32 is enough
+    keep, w = mask.float(), weight.float()
+    residual = ((w * (1 - keep)) @ h) * keep  # row i: (H_SP w_P) on S, the residual of D = 0
+    rhs_norm = residual.norm(dim=1)
+    inverse_diagonal = keep / h.diagonal()[None, :]  # Jacobi preconditioner, zero off the mask
     update = torch.zeros_like(w)
-    for start in range(0, weight.shape[0], rows_per_chunk):
-        idx = kept[start : start + rows_per_chunk]  # [c, k]
-        h_ss = h[idx[:, :, None], idx[:, None, :]]  # [c, k, k]
-        rhs = rhs_full[start : start + rows_per_chunk].gather(1, idx)  # [c, k]
-        chol = torch.linalg.cholesky(h_ss)
-        delta = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
-        update[start : start + rows_per_chunk].scatter_(1, idx, delta)
+    z = residual * inverse_diagonal
+    direction = z.clone()
+    rz = (residual * z).sum(dim=1, keepdim=True)
+    tiny = torch.finfo(torch.float32).tiny
+    for _ in range(max_iter):
+        if bool((residual.norm(dim=1) <= rtol * rhs_norm).all()):
+            return update
+        h_direction = (direction @ h) * keep
+        alpha = rz / (direction * h_direction).sum(dim=1, keepdim=True).clamp(min=tiny)
+        update.add_(alpha * direction)
+        residual.sub_(alpha * h_direction)
+        z = residual * inverse_diagonal
+        rz_next = (residual * z).sum(dim=1, keepdim=True)
+        direction = z + (rz_next / rz.clamp(min=tiny)) * direction
+        rz = rz_next
+    left = float((residual.norm(dim=1) / rhs_norm.clamp(min=tiny)).max())
+    if left > rtol:
+        warnings.warn(f"masked_least_squares_update: {max_iter} iterations left a relative residual of {left:.2g} "
+                      f"(rtol {rtol:g}); raise max_iter or damp.", stacklevel=2)
     return update
 
 
@@ -112,20 +127,21 @@ def refit_masked_b(
 ) -> torch.Tensor:
     """The ``B [out, r]`` that minimises ``||(T - (B A) * mask) X^T||_F`` for fixed ``A [r, in]``, row by row.
 
-    Row ``i`` sees ``A_i = A * mask_i`` (columns of pruned inputs zeroed): ``b_i = (t_i H A_i^T)(A_i H A_i^T)^-1``,
-    with ``H`` damped like everywhere here. Memory: ``rows_per_chunk * r * in`` float64.
+    Row ``i`` sees ``A_i = A * mask_i`` (columns of pruned inputs zeroed): ``b_i = (A_i H A_i^T)^-1 A_i H t_i``, with
+    ``H`` damped like everywhere here; float32 products, float64 ``r x r`` solves. Memory: ``rows_per_chunk * r * in``
+    float32.
     """
-    h = _damped(hessian, damp)
-    a, t, keep = a.double(), target.double(), mask.double()
+    h = _damped(hessian, damp).float()
+    a, keep = a.float(), mask.float()
+    h_t = target.float() @ h  # [out, in], row i: H t_i
     rank = a.shape[0]
-    ridge = 1e-10 * torch.eye(rank, dtype=h.dtype, device=h.device)
-    b = torch.empty(t.shape[0], rank, dtype=h.dtype, device=h.device)
-    for start in range(0, t.shape[0], rows_per_chunk):
+    ridge = 1e-10 * torch.eye(rank, dtype=torch.float64, device=h.device)
+    b = torch.empty(target.shape[0], rank, dtype=torch.float64, device=h.device)
+    for start in range(0, target.shape[0], rows_per_chunk):
         a_rows = a[None] * keep[start : start + rows_per_chunk, None, :]  # [c, r, in]
-        a_h = a_rows @ h  # [c, r, in]
-        gram = a_h @ a_rows.transpose(1, 2)  # [c, r, r]
-        rhs = (a_h @ t[start : start + rows_per_chunk, :, None]).squeeze(-1)  # [c, r]
-        b[start : start + rows_per_chunk] = torch.linalg.solve(gram + ridge, rhs)
+        gram = (a_rows @ h) @ a_rows.transpose(1, 2)  # [c, r, r]
+        rhs = (a_rows @ h_t[start : start + rows_per_chunk, :, None]).squeeze(-1)  # [c, r]
+        b[start : start + rows_per_chunk] = torch.linalg.solve(gram.double() + ridge, rhs.double())
     return b.float()
 
 

@@ -6,8 +6,9 @@ then down in a Llama block) gets its input covariance ``H = X^T X`` from a pass 
 before it already carry their updates, and its ``B``, ``A`` from :func:`~sparse_peft.lowrank.calibrated_factors`
 of its weight, hard mask and ``H``. The updated block then gives the next block's inputs. So every update corrects
 the error that reaches its layer from the already-corrected layers before it, not the error of the mask-only model.
-Cost: one block pass per input group and one more per block (about four forwards of the model for a Llama), plus
-the least-squares solves; memory: one block's ``H`` at a time and the calibration activations of one block.
+Cost: per input group one pass of the block that stops where the next group's input begins, and one full pass per
+block (about three and a half forwards of the model for a Llama), plus the least-squares solves; memory: one
+group's ``H`` at a time and the calibration activations of one block.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import torch.nn as nn
 
 from .layer import MaskedLinear, mask_layers
 from .lowrank import calibrated_factors
-from .pruners import call_block, capture_block_inputs, find_blocks, run_block, targets_per_block
+from .pruners import (
+    StopForward,
+    call_block,
+    capture_block_inputs,
+    find_blocks,
+    run_block,
+    targets_per_block,
+)
 
 __all__ = ["init_lowrank_from_calibration"]
 
@@ -69,30 +77,37 @@ def _next_input_group(
     block: nn.Module, remaining: dict[str, MaskedLinear], inputs: list
 ) -> tuple[list[str], dict[str, torch.Tensor]]:
     """One pass of ``block`` over ``inputs``: the first-called of the ``remaining`` layers and those that read the
-    very same input tensor in that call (e.g. q/k/v), and their ``H = X^T X`` (float32 ``[in, in]``) over all
-    calibration batches."""
-    order: list[str] = []
-    first_input: dict[str, torch.Tensor] = {}  # each layer's first-batch input, kept alive to compare by identity
-    sums: dict[str, torch.Tensor] = {}
+    very same input tensor in that call (e.g. q/k/v), and their ``H = X^T X`` (float32 ``[in, in]``, one tensor
+    shared by the group) over all calibration batches. Each batch's pass stops at the first remaining layer that
+    reads another input: the rest of the block is not needed for this group."""
+    group: list[str] = []
+    hessian: list[torch.Tensor] = []
+    seen: list[torch.Tensor] = []  # this batch's group input, kept alive to compare by identity
 
     def record(name: str, args: tuple) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1]).double()
-        if name not in sums:
-            order.append(name)
-            first_input[name] = args[0]
-            sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-        sums[name].addmm_(x.T, x)
+        x = args[0]
+        if not seen:  # the group's input in this batch
+            seen.append(x)
+            flat = x.reshape(-1, x.shape[-1]).float()
+            if not hessian:
+                hessian.append(torch.zeros(flat.shape[1], flat.shape[1], device=flat.device))
+            hessian[0].addmm_(flat.T, flat)
+        elif x is not seen[0]:
+            raise StopForward  # the next group's layer: nothing after it is needed
+        if name not in group:
+            group.append(name)
 
     with contextlib.ExitStack() as hooks:
         for name, layer in remaining.items():
-            handle = layer.register_forward_hook(lambda module, args, output, name=name: record(name, args))
+            handle = layer.register_forward_pre_hook(lambda module, args, name=name: record(name, args))
             hooks.callback(handle.remove)
         for batch in inputs:
-            call_block(block, batch)
-    if not order:
+            seen.clear()
+            with contextlib.suppress(StopForward):
+                call_block(block, batch)
+    if not group:
         raise RuntimeError(f"The block's forward did not call the mask layers {sorted(remaining)}.")
-    group = [name for name in order if first_input[name] is first_input[order[0]]]
-    return group, {name: sums[name].float() for name in group}
+    return group, {name: hessian[0] for name in group}
 
 
 @contextlib.contextmanager

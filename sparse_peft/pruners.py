@@ -185,8 +185,9 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _StopForward(Exception):
-    """Raised by the first block's pre-hook to end the model's forward once the block inputs are captured."""
+class StopForward(Exception):
+    """Raised by a forward hook to end a model's or a block's forward once it has recorded what it needs (the first
+    block's inputs, a layer group's input covariance)."""
 
 
 @dataclass
@@ -274,13 +275,13 @@ def capture_block_inputs(
         kwargs = dict(kwargs)
         hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
         captured.append(_BlockInput(hidden, rest, kwargs))
-        raise _StopForward
+        raise StopForward
 
     device = _input_device(model)
     handle = first_block.register_forward_pre_hook(record, with_kwargs=True)
     try:
         for batch in calibration.split(batch_size):
-            with contextlib.suppress(_StopForward):
+            with contextlib.suppress(StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
     finally:
         handle.remove()

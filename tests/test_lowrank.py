@@ -11,7 +11,13 @@ from peft import PeftModel, get_peft_model
 from conftest import tiny_gpt2, tiny_llama
 from sparse_peft import MaskConfig, MaskedLinear
 from sparse_peft.layer import mask_layers
-from sparse_peft.lowrank import calibrated_factors, lowrank_factors, masked_least_squares_update, output_error
+from sparse_peft.lowrank import (
+    calibrated_factors,
+    lowrank_factors,
+    masked_least_squares_update,
+    output_error,
+    refit_masked_b,
+)
 from sparse_peft.patterns import draw_seed, is_n_m_sparse, topn_mask
 
 
@@ -40,13 +46,46 @@ def test_dense_residual_factors_are_the_eckart_young_optimum():
 
 def test_masked_least_squares_update_matches_per_row_lstsq():
     weight, x, mask = layer_problem()
-    update = masked_least_squares_update(weight, mask, x.T @ x, damp=0.0, rows_per_chunk=5)
+    update = masked_least_squares_update(weight, mask, x.T @ x, damp=0.0, rtol=1e-6)
     assert torch.all(update[mask == 0] == 0)
     for row in range(weight.shape[0]):
         kept = mask[row].bool()
         target = x[:, ~kept].double() @ weight[row, ~kept].double()
         reference = torch.linalg.lstsq(x[:, kept].double(), target[:, None]).solution.squeeze(1)
         torch.testing.assert_close(update[row, kept].double(), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rtol", [1e-1, 1e-2, 1e-3])
+def test_masked_least_squares_update_stops_at_the_relative_residual(rtol):
+    """Every row's normal-equation residual ``||H_SS d_S - H_SP w_P||`` is at most ``rtol`` of its right-hand side,
+    and a looser tolerance is a worse fit: the solver stops where it says, not before nor much later."""
+    weight, x, mask = layer_problem(out=40, inn=64, tokens=400)
+    h = (x.T @ x).double()
+    update = masked_least_squares_update(weight, mask, x.T @ x, damp=0.0, rtol=rtol).double()
+    worst = 0.0
+    for row in range(weight.shape[0]):
+        kept = mask[row].bool()
+        rhs = h[kept][:, ~kept] @ weight[row, ~kept].double()
+        worst = max(worst, float((h[kept][:, kept] @ update[row, kept] - rhs).norm() / rhs.norm()))
+    assert worst <= rtol * (1 + 1e-3)
+    assert worst > rtol / 100  # not solved far past the tolerance it was given
+
+
+def test_masked_least_squares_update_warns_when_it_runs_out_of_iterations():
+    weight, x, mask = layer_problem()
+    with pytest.warns(UserWarning, match="2 iterations left a relative residual.*raise max_iter"):
+        masked_least_squares_update(weight, mask, x.T @ x, damp=0.0, rtol=1e-8, max_iter=2)
+
+
+def test_refit_masked_b_matches_per_row_lstsq():
+    weight, x, mask = layer_problem()
+    target = weight - weight * mask
+    a = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(2))
+    b = refit_masked_b(target, mask, a, x.T @ x, damp=0.0, rows_per_chunk=5)
+    for row in range(weight.shape[0]):
+        design = x.double() @ (a.double() * mask[row].double()).T  # [tokens, r]: what row i's b_i multiplies
+        reference = torch.linalg.lstsq(design, (x.double() @ target[row].double())[:, None]).solution.squeeze(1)
+        torch.testing.assert_close(b[row].double(), reference, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("placement", ["under_mask", "dense_residual"])
@@ -61,7 +100,8 @@ def test_calibrated_factors_reduce_the_layer_output_error(placement):
         assert output_error(weight, effective, x.T @ x) == pytest.approx(errors[-1], rel=1e-6)
     assert none > errors[0] > errors[1]
     if placement == "under_mask":  # no rank-r update beats the best full-rank change of the kept weights
-        full = explicit_error(weight, (weight + masked_least_squares_update(weight, mask, x.T @ x, 0.0)) * mask, x)
+        best = masked_least_squares_update(weight, mask, x.T @ x, 0.0, rtol=1e-6)
+        full = explicit_error(weight, (weight + best) * mask, x)
         assert errors[1] >= full * (1 - 1e-6)
 
 
