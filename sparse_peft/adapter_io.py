@@ -34,7 +34,7 @@ from .codec import (
     split_records,
     weight_fingerprint,
 )
-from .constants import BASE_SOURCE_ATTR, PEFT_KEY_PREFIX, SHIPPED_BASE_SOURCE, mask_peft_type, shipped_base_note
+from .constants import BASE_SOURCE_ATTR, PEFT_KEY_PREFIX, PEFT_TYPE_VALUE, SHIPPED_BASE_SOURCE, shipped_base_note
 from .download import downloaded_commit, hub_download
 
 
@@ -120,7 +120,7 @@ def load_mask_adapter(name_or_path: str | os.PathLike, revision: str | None = No
     source = os.fspath(name_or_path)
     with open(resolve_file(source, CONFIG_NAME, revision)) as f:
         config = json.load(f)
-    if config.get("peft_type") != mask_peft_type().value:
+    if config.get("peft_type") != PEFT_TYPE_VALUE:
         raise ValueError(
             f"{source!r} is a {config.get('peft_type')!r} adapter, not a sparse_peft mask adapter."
         )

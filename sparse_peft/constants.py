@@ -1,19 +1,18 @@
 """Names of the mask method that every layer of the package shares: PEFT type, parameter prefix, key prefixes, priors.
 
-PEFT 0.21's ``register_peft_method`` only accepts names that are already members of the ``PeftType`` enum, and
-a plugin cannot add one through a public API. :func:`mask_peft_type` adds our member in the one place below.
+Imports nothing heavy (no torch, no PEFT): the command line's options are built from it.
 
-The type's value is what PEFT writes as ``"peft_type"`` in ``adapter_config.json`` and what it shows when a
-process that has not imported sparse_peft tries to load such an adapter: PEFT raises
+The PEFT type's value (:data:`PEFT_TYPE_VALUE`) is what PEFT writes as ``"peft_type"`` in ``adapter_config.json``
+and what it shows when a process that has not imported sparse_peft tries to load such an adapter: PEFT raises
 ``KeyError: 'MASKLLM (IMPORT SPARSE_PEFT)'``. That is why the name carries the fix.
 """
 
 from __future__ import annotations
 
-from peft.utils.peft_types import PeftType
-
 #: The PEFT method name (lower case, as ``register_peft_method`` wants it); ``PeftType`` value is its upper case.
 METHOD_NAME = "maskllm (import sparse_peft)"
+#: The value of the method's ``PeftType`` member (:func:`sparse_peft.config.mask_peft_type`) in adapter configs.
+PEFT_TYPE_VALUE = METHOD_NAME.upper()
 #: Prefix of every parameter name of the method (``...q_proj.maskllm_logits.<adapter>``). Distinctive, so that
 #: adapter names and base-model module names do not collide with it.
 PREFIX = "maskllm_"
@@ -30,26 +29,19 @@ FSDP_PREFIX = "_fsdp_wrapped_module."
 ONE_SHOT_PRIORS = ("magnitude", "wanda", "sparsegpt")
 #: The one-shot pruners that need calibration inputs.
 CALIBRATED_PRIORS = ("wanda", "sparsegpt")
+#: What the command line's ``--prior`` takes by name; anything else is a mask adapter (or MaskLLM masks) by path or
+#: Hub id.
+PRIOR_NAMES = ("none", "shipped", *ONE_SHOT_PRIORS)
 
-
-def mask_peft_type() -> PeftType:
-    """Return the ``PeftType`` member of the mask method, adding it to the enum on first use.
-
-    ``enum`` has no public way to extend a finished class, so the member is built the way ``EnumType`` builds
-    string members and entered in the three tables that lookups use (by name, by value, iteration order).
-    """
-    value = METHOD_NAME.upper()
-    if value in PeftType.__members__:
-        return PeftType[value]
-    member = str.__new__(PeftType, value)
-    member._name_ = value
-    member._value_ = value
-    member.__objclass__ = PeftType
-    type.__setattr__(PeftType, value, member)  # EnumType.__setattr__ refuses; this is `getattr(PeftType, value)`
-    PeftType._member_map_[value] = member
-    PeftType._value2member_map_[value] = member
-    PeftType._member_names_.append(value)
-    return member
+# -- command-line defaults shared by the option parser (sparse_peft.cli) and the commands (sparse_peft.commands) --
+#: Trainer's folder (checkpoints, report_to logs) inside a ``learn`` output folder; removed again if left empty.
+TRAINER_DIR = "trainer"
+#: The demo's task (:func:`~sparse_peft.tasks.load_task`: a causal-LM domain of the shipped data).
+DEMO_TASK = "tinystories"
+#: The demo's task adapter by default: a rank-16 update under the frozen general mask, at this learning rate.
+DEMO_LORA_RANK, DEMO_LORA_LR = 16, 2e-3
+#: AdamW learning rate of ``learn`` and of the demo's mask-only task mask.
+DEFAULT_LR = 5e-4
 
 
 def plain_name(module_name: str) -> str:

@@ -34,7 +34,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from .adapter_io import load_mask_adapter
-from .constants import ONE_SHOT_PRIORS, SHIPPED_BASE_SOURCE, mask_peft_type
+from .constants import ONE_SHOT_PRIORS, PEFT_TYPE_VALUE, SHIPPED_BASE_SOURCE
 from .stats import LayerMaskStats, format_stats, mask_stats
 from .utils import atomic_write
 
@@ -222,7 +222,7 @@ def repoint_general_mask(
         raise FileNotFoundError(f"{folder!r} has no {CONFIG_NAME}: it is not a saved mask adapter folder.")
     with open(config_path) as f:
         config = json.load(f)
-    if config.get("peft_type") != mask_peft_type().value:
+    if config.get("peft_type") != PEFT_TYPE_VALUE:
         raise ValueError(f"{folder!r} is a {config.get('peft_type')!r} adapter, not a sparse_peft mask adapter.")
     if not (config.get("save_delta") and config.get("prior_sha256")):
         raise ValueError(

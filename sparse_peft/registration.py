@@ -1,7 +1,8 @@
-"""Registration of the mask method with PEFT (``import sparse_peft`` runs :func:`register`).
+"""Registration of the mask method with PEFT (``import sparse_peft`` has :func:`register` run once PEFT is imported:
+:mod:`~sparse_peft.registration_hook`).
 
 Registering makes PEFT build :class:`~sparse_peft.MaskModel` for a :class:`~sparse_peft.MaskConfig` and load
-``adapter_config.json`` files of our PEFT type (:func:`~sparse_peft.constants.mask_peft_type`), and installs
+``adapter_config.json`` files of our PEFT type (:func:`~sparse_peft.config.mask_peft_type`), and installs
 :func:`install_atomic_adapter_writes`, :func:`install_safetensors_only_saves` and :func:`install_mask_displays`.
 """
 
@@ -15,8 +16,8 @@ import safetensors.torch
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
-from .config import MaskConfig
-from .constants import METHOD_NAME, PREFIX, mask_peft_type
+from .config import MaskConfig, mask_peft_type
+from .constants import METHOD_NAME, PREFIX
 from .model import MaskModel
 from .utils import atomic_write
 

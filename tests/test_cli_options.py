@@ -134,16 +134,16 @@ def test_mask_stats_of_plain_masks_sort_numbers_by_value():
 
 
 def test_prior_defaults_to_the_shipped_general_mask_only_for_the_shipped_model(monkeypatch):
-    import sparse_peft.cli as cli
+    import sparse_peft.commands as commands
 
-    monkeypatch.setattr(cli, "shipped_general_mask", lambda: "/the/general/mask")
+    monkeypatch.setattr(commands, "shipped_general_mask", lambda: "/the/general/mask")
     learn = subparsers(build_parser())["learn"]
-    assert cli._resolve_prior(learn.parse_args(["--output", "o"])) == "/the/general/mask"
-    assert cli._resolve_prior(learn.parse_args(["--prior", "shipped", "--output", "o"])) == "/the/general/mask"
-    assert cli._resolve_prior(learn.parse_args(["--model", str(AIDREAMS), "--output", "o"])) == "sparsegpt"
-    assert cli._resolve_prior(learn.parse_args(["--prior", "none", "--output", "o"])) is None
+    assert commands._resolve_prior(learn.parse_args(["--output", "o"])) == "/the/general/mask"
+    assert commands._resolve_prior(learn.parse_args(["--prior", "shipped", "--output", "o"])) == "/the/general/mask"
+    assert commands._resolve_prior(learn.parse_args(["--model", str(AIDREAMS), "--output", "o"])) == "sparsegpt"
+    assert commands._resolve_prior(learn.parse_args(["--prior", "none", "--output", "o"])) is None
     with pytest.raises(ValueError, match="--prior sparsegpt to learn a general mask"):
-        cli._resolve_prior(learn.parse_args(["--model", str(AIDREAMS), "--prior", "shipped", "--output", "o"]))
+        commands._resolve_prior(learn.parse_args(["--model", str(AIDREAMS), "--prior", "shipped", "--output", "o"]))
 
 
 def test_missing_shipped_general_mask_names_the_fix(monkeypatch, tmp_path):

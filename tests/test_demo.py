@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sparse_peft.cli as cli
+import sparse_peft.commands as commands
 import sparse_peft.data as data
 from sparse_peft.adapter_io import adapter_size
 from sparse_peft.cli import main, run
@@ -152,10 +153,10 @@ def test_demo_bad_general_fails_before_any_model_is_loaded(extra, message, tmp_p
 def test_demo_general_defaults_to_the_shipped_general_mask_only_for_the_shipped_model(monkeypatch):
     monkeypatch.setattr(data, "shipped_general_mask", lambda: "/the/general/mask")
     demo = subparsers(cli.build_parser())["demo"]
-    assert cli._resolve_general(demo.parse_args([])) == "/the/general/mask"
+    assert commands._resolve_general(demo.parse_args([])) == "/the/general/mask"
     with pytest.raises(ValueError, match=r"--general is needed with --model m --gguf-file f\.gguf.*sparse-peft learn "
                                          r"--model m --gguf-file f\.gguf --prior sparsegpt"):
-        cli._resolve_general(demo.parse_args(["--model", "m", "--gguf-file", "f.gguf"]))
+        commands._resolve_general(demo.parse_args(["--model", "m", "--gguf-file", "f.gguf"]))
 
 
 def test_demo_lora_rank_0_learns_a_mask_only_task_mask_stored_smaller_than_the_general_mask(demo, tmp_path):
