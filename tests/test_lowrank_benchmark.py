@@ -42,3 +42,20 @@ def test_rows_merge_checks_reference_and_resume(tmp_path):
     again = lowrank.main([*SMALL, "--general", general, "--output", out, "--resume"])
     assert again["rows"] == result["rows"]
     assert (tmp_path / "out" / "lowrank.md").read_text().count("\n") == len(rows) + 2
+
+
+def test_lowrank_solve_compares_cg_with_the_cholesky_reference(tmp_path):
+    model, _ = load_model_and_tokenizer(str(AIDREAMS))
+    general = str(tmp_path / "general")
+    prune(model, "magnitude", show_progress=False).save_pretrained(general)
+    solve = load_benchmark("lowrank_solve")
+    result = solve.main(["--model", str(AIDREAMS), "--general", general, "--blocks", "1", "--rank", "2",
+                         "--rtols", "0.1,1e-6", "--num-samples", "4", "--calibration-len", "32",
+                         "--output", str(tmp_path / "out")])
+    assert len(result["rows"]) == 7  # q, k, v, o, gate, up, down of block 0
+    for row in result["rows"]:
+        exact, tight = row["cholesky"]["relative_error"], row["cg rtol=1e-06"]["relative_error"]
+        assert 0 < exact < 1  # the rank-2 update lowers the mask's output error
+        assert abs(tight - exact) <= 1e-3 * exact  # solved to 1e-6, CG gives the Cholesky answer
+    table = (tmp_path / "out" / "lowrank_solve.md").read_text()
+    assert table.count("\n") == 2 + 3 and "| cholesky | " in table
