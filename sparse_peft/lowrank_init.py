@@ -90,7 +90,7 @@ def _next_input_group(
             seen.append(x)
             flat = x.reshape(-1, x.shape[-1]).float()
             if not hessian:
-                hessian.append(torch.zeros(flat.shape[1], flat.shape[1], device=flat.device))
+                hessian.append(torch.zeros(flat.shape[1], flat.shape[1], dtype=flat.dtype, device=flat.device))
             hessian[0].addmm_(flat.T, flat)
         elif x is not seen[0]:
             raise StopForward  # the next group's layer: nothing after it is needed
