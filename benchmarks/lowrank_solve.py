@@ -24,6 +24,7 @@ from peft import PeftModel
 from sparse_peft.data import calibration_from_texts, default_general_mask, load_model_and_tokenizer, load_texts
 from sparse_peft.layer import mask_layers
 from sparse_peft.lowrank import calibrated_factors, masked_least_squares_update, output_error
+from sparse_peft.pruners import find_blocks, targets_per_block
 from sparse_peft.utils import atomic_write, comma_list
 
 
@@ -64,7 +65,11 @@ def cholesky_update(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Ten
 
 def layer_hessians(model, calibration: torch.Tensor, blocks: int) -> dict[str, tuple]:
     """``{name: (W, mask, H)}`` of the mask layers in the first ``blocks`` blocks, ``H`` from the mask-only model."""
-    layers = {n: l for n, l in mask_layers(model).items() if int(n.split("layers.")[1].split(".")[0]) < blocks}
+    module_names = {module: name for name, module in model.named_modules()}
+    named = {module_names[layer]: layer for layer in mask_layers(model).values()}
+    prefix, found = find_blocks(model, list(named))
+    first = {id(layer) for block in targets_per_block(prefix, len(found), named)[:blocks] for layer in block.values()}
+    layers = {n: layer for n, layer in mask_layers(model).items() if id(layer) in first}
     sums, handles = {}, []
 
     def record(name, x):
