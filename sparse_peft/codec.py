@@ -187,9 +187,10 @@ def weight_fingerprint(weight: torch.Tensor) -> torch.Tensor:
 
 
 def fingerprints_match(saved: torch.Tensor, current: torch.Tensor) -> bool:
-    """Whether two fingerprints come from the same base weights (tolerates fp32 vs bf16/fp16 copies)."""
+    """Whether two fingerprints come from the same base weights (tolerates fp32 vs bf16/fp16 copies), compared on
+    the CPU: PEFT may load an adapter's tensors onto another device than the model's."""
     return saved.shape == current.shape and torch.allclose(
-        current.float(), saved.float(), rtol=_FINGERPRINT_RTOL, atol=_FINGERPRINT_ATOL
+        current.float().cpu(), saved.float().cpu(), rtol=_FINGERPRINT_RTOL, atol=_FINGERPRINT_ATOL
     )
 
 
