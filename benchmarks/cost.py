@@ -3,6 +3,7 @@
     python benchmarks/cost.py                      # shipped SmolLM2-135M, batch 4 x 128 tokens, CPU, a few minutes
     python benchmarks/cost.py --device cuda --batch 8 --seq-len 512 --steps 10
     python benchmarks/cost.py --autocast bfloat16  # as Trainer(bf16=True): bf16 matmuls, fp32 weights and logits
+    python benchmarks/cost.py --model <folder with config.json> --random-weights   # the shapes alone, no checkpoint
 
 Every method runs in its own process (so peak memory is its own) on the same model and the same fixed batch of
 text, with the same optimizer step (fused AdamW, betas 0.9/0.95, eps 1e-5, weight decay 0.1, grad-norm clipping at
@@ -61,6 +62,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -77,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="Hub id or folder; default: the shipped SmolLM2-135M-Instruct; "
                         "'tiny': a 2-layer random Llama (a smoke run in seconds)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build --model (a folder or Hub id holding at least config.json) from its config with "
+                        "random weights and train on random token ids: step times depend only on the shapes, so a "
+                        "machine that cannot hold the checkpoint can still be timed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype of the base weights (mask logits stay float32)")
@@ -103,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("batch", "seq_len", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.random_weights and args.model in (None, "tiny"):
+        parser.error("--random-weights needs --model: a folder or Hub id with the config.json to build")
     args.methods = methods
     return args
 
@@ -118,6 +126,14 @@ def load_model(args):
                              num_key_value_heads=2, vocab_size=128, max_position_embeddings=args.seq_len)
         model = LlamaForCausalLM(config).to(dtype)
         batch = torch.randint(0, 128, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    elif args.random_weights:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        batch = torch.randint(0, config.vocab_size, (args.batch, args.seq_len),
+                              generator=torch.Generator().manual_seed(0))
     else:
         from sparse_peft.data import load_model_and_tokenizer, load_texts
 
@@ -360,8 +376,9 @@ def run_child(method: str, argv: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def report(results: dict[str, dict], args) -> tuple[dict, str]:
-    """Print the results as a Markdown table and the ratios to the targets; returns ``(ratios, table)``."""
+def report(results: dict[str, dict], args, show: bool = True) -> tuple[dict, str]:
+    """The results as a Markdown table and the ratios to the targets, printed if ``show``; returns
+    ``(ratios, table)``."""
     memory = "peak alloc (MiB)" if args.device.startswith("cuda") else "peak RSS (MiB)"
     precision = "fp32" if args.autocast == "none" else f"{args.autocast} autocast"
     header = (f"| batch | precision | method | step (s) | optimizer (s) | per-weight (s) | CPU time / step (s) "
@@ -382,7 +399,6 @@ def report(results: dict[str, dict], args) -> tuple[dict, str]:
             f"| {floor} | {fraction} | {ratio('full')} | {ratio('lora')} |"
         )
     table = "\n".join(lines)
-    print("\n" + table)
     ratios = {}
     for mask in (m for m in results if m.startswith("mask")):
         for base in ("full", "lora"):
@@ -393,7 +409,9 @@ def report(results: dict[str, dict], args) -> tuple[dict, str]:
         if distill in results and "mask-keep" in results:
             ratios[f"{distill}/mask-keep step time"] = (results[distill]["step_time_s"]
                                                         / results["mask-keep"]["step_time_s"])
-    if ratios:
+    if show:
+        print("\n" + table)
+    if show and ratios:
         print("\nratios (targets: mask/full <= 1.1, mask/lora <= 1.5, cached distillation / LM loss <= 1.05; "
               "on a busy machine trust CPU time):")
         for name, value in ratios.items():
@@ -426,6 +444,7 @@ def main(argv=None) -> None:
     for method in args.methods:
         print(f"measuring {method} ...", flush=True)
         results[method] = run_child(method, child_argv)
+        write(results, None, args)  # a run stopped early keeps every method measured so far
     floor = None
     if args.gemm_repeats > 0:
         print("measuring the GEMM floor ...", flush=True)
@@ -433,7 +452,13 @@ def main(argv=None) -> None:
         for method, result in results.items():
             result["gemm_floor_s"] = floor["floor_s"][method]
             result["gemm_fraction"] = floor["floor_s"][method] / result["step_time_s"]
-    ratios, table = report(results, args)
+    write(results, floor, args, final=True)
+
+
+def write(results: dict[str, dict], floor: Optional[dict], args, final: bool = False) -> None:
+    """Write ``--json`` and its Markdown table (atomically) with the methods measured so far; print the table and
+    the ratios when ``final``."""
+    ratios, table = report(results, args, final)
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor() or cpuinfo_field("model name"),
@@ -447,11 +472,12 @@ def main(argv=None) -> None:
     }
     settings = {k: v for k, v in vars(args).items() if k != "only"}
     payload = json.dumps({"settings": settings, "machine": machine, "results": results, "gemm": floor,
-                          "ratios": ratios}, indent=2)
+                          "ratios": ratios, "complete": final}, indent=2)
     atomic_write(args.json, lambda f: f.write(payload.encode()))
     markdown = str(Path(args.json).with_suffix(".md"))
     atomic_write(markdown, lambda f: f.write((table + "\n").encode()))
-    print(f"\nwrote {args.json} and {markdown}")
+    if final:
+        print(f"\nwrote {args.json} and {markdown}")
 
 
 if __name__ == "__main__":

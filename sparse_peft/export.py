@@ -14,17 +14,21 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
+from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
 from .layer import MaskedLinear
 from .patterns import is_n_m_sparse
+
+__all__ = ["Backend", "default_backend", "semi_structured_class", "semi_structured_plan", "to_semi_structured"]
 
 Backend = Literal["cusparselt", "cutlass"]
 _MIN_CAPABILITY = (8, 0)
 
 
-def _backend_class(backend: Backend) -> type:
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
-
+def semi_structured_class(backend: Optional[Backend] = None) -> type:
+    """The ``torch.sparse`` semi-structured tensor class of ``backend`` (default: :func:`default_backend`); its
+    ``from_dense(w)`` converts one 2:4 weight."""
+    backend = default_backend() if backend is None else backend
     return SparseSemiStructuredTensorCUSPARSELT if backend == "cusparselt" else SparseSemiStructuredTensorCUTLASS
 
 
@@ -52,7 +56,7 @@ def semi_structured_plan(model: nn.Module, backend: Optional[Backend] = None) ->
     backend = default_backend() if backend is None else backend
     if backend not in ("cusparselt", "cutlass"):
         raise ValueError(f"backend must be 'cusparselt' or 'cutlass', got {backend!r}.")
-    constraints = _backend_class(backend)._DTYPE_SHAPE_CONSTRAINTS
+    constraints = semi_structured_class(backend)._DTYPE_SHAPE_CONSTRAINTS
     plan = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -109,7 +113,7 @@ def to_semi_structured(model: nn.Module, backend: Optional[Backend] = None) -> n
             stacklevel=2,
         )
         return model
-    sparse_class = _backend_class(default_backend() if backend is None else backend)
+    sparse_class = semi_structured_class(backend)
     for name in convertible:
         module = model.get_submodule(name)
         module.weight = nn.Parameter(sparse_class.from_dense(module.weight.detach()), requires_grad=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from conftest import LLAMA_TARGETS, tiny_llama
+from conftest import LLAMA_TARGETS, REPO_ROOT, load_benchmark, tiny_llama
 from sparse_peft import MaskConfig
 from sparse_peft.export import semi_structured_plan, to_semi_structured
 
@@ -80,3 +80,19 @@ def test_on_a_sparse_tensor_core_gpu_weights_become_semi_structured(tokens):
     assert len(converted) == 2 * len(LLAMA_TARGETS)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=tokens).logits, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_the_kernel_benchmark_refuses_a_machine_without_sparse_tensor_cores_and_parses_shapes(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))  # it times with cost.py's model loader
+    bench = load_benchmark("sparse_kernels")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench.parse_args([])
+    assert "need a CUDA GPU with compute capability >= 8.0" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert bench.parse_args(["--shapes", "4096x11008,576x576"]).shapes == [(4096, 11008), (576, 576)]
+    for bad in ("4096", "4096xbig", "0x64"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--shapes", bad])
+        assert "--shapes takes [out]x[in] pairs" in capsys.readouterr().err
