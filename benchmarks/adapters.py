@@ -4,11 +4,14 @@
 
 Loads the base model once (``--model``; default: the shipped SmolLM2-135M-Instruct), then the general mask
 (``--general``; default: the shipped general mask) and every ``--adapters`` folder for inference, all as adapters
-of one ``PeftModel`` (``PeftModel.from_pretrained`` / ``load_adapter``). After each load it records:
+of one ``PeftModel`` (``PeftModel.from_pretrained`` / ``load_adapter``). A forward of the base comes first, so the
+weights of a memory-mapped checkpoint are resident before the first reading. After each load it records:
 
 * the process's resident memory (``/proc/self/statm``; peak RSS from ``getrusage`` where there is no ``/proc``)
   and its growth, next to the bytes the adapter's own tensors hold (uint8 pattern indices: 0.25 byte per masked
-  weight for 2:4), so memory can be seen to grow by the adapters only;
+  weight for 2:4), so memory can be seen to grow by the adapters only; and the same after ``gc.collect()`` and
+  glibc's ``malloc_trim(0)`` (where glibc is the C library), which hands the freed decoding temporaries back to the
+  system: ``rss`` counts what the allocator keeps for reuse, ``rss_trimmed`` what the process holds;
 * the adapter's weights file: bytes and bits per masked weight (a task adapter is delta-coded against the general
   mask; its file does not include the general mask).
 
@@ -21,6 +24,9 @@ Nothing is asserted: ``tests/test_adapters_benchmark.py`` checks the numbers on 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import json
 import os
 import platform
@@ -28,6 +34,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 from peft import PeftModel
@@ -66,6 +73,19 @@ def rss_bytes() -> tuple[int, str]:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "peak"
 
 
+def trimmed_rss_bytes() -> Optional[int]:
+    """The current RSS after ``gc.collect()`` and glibc's ``malloc_trim(0)``; None without glibc or ``/proc``."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim(0)
+    rss, kind = rss_bytes()
+    return rss if kind == "current" else None
+
+
 def adapter_tensor_bytes(model: PeftModel, name: str) -> int:
     """Bytes of the tensors that belong to adapter ``name`` alone (its mask state in every layer)."""
     return sum(t.numel() * t.element_size() for key, t in model.state_dict(keep_vars=True).items()
@@ -82,8 +102,11 @@ def main(argv=None) -> dict:
     if ids.shape[1] < need:
         raise ValueError(f"--text has {ids.shape[1]} tokens; the batch needs {need}: lower --batch-size/--seq-len")
     batch = ids[:, :need].reshape(args.batch_size, args.seq_len)
+    with torch.no_grad():  # page in every base weight (a checkpoint loads memory-mapped) before the first reading
+        model(input_ids=batch)
     rss, kind = rss_bytes()
-    loads = [{"adapter": "base model", "source": args.model or "shipped", "rss": rss}]
+    loads = [{"adapter": "base model", "source": args.model or "shipped", "rss": rss,
+              "rss_trimmed": trimmed_rss_bytes()}]
     peft_model = None
     for name, source in sources.items():
         if peft_model is None:
@@ -91,8 +114,11 @@ def main(argv=None) -> dict:
         else:
             peft_model.load_adapter(source, adapter_name=name)
         rss, _ = rss_bytes()
+        trimmed = trimmed_rss_bytes()
         size = sizes[name]
+        growth = None if trimmed is None or loads[-1]["rss_trimmed"] is None else trimmed - loads[-1]["rss_trimmed"]
         loads.append({"adapter": name, "source": source, "rss": rss, "rss_growth": rss - loads[-1]["rss"],
+                      "rss_trimmed": trimmed, "rss_trimmed_growth": growth,
                       "tensor_bytes": adapter_tensor_bytes(peft_model, name), "file_bytes": size["bytes"],
                       "bits_per_weight": size["bits_per_weight"], "masked_weights": size["masked_weights"]})
     peft_model.eval()
@@ -121,13 +147,19 @@ def main(argv=None) -> dict:
 
 def markdown(result: dict) -> str:
     mib = 2**20
-    lines = [f"| loaded | RSS ({result['rss_kind']}, MiB) | RSS growth (MiB) | adapter tensors (MiB) "
-             "| file (KiB) | file bits / masked weight |", "|---|---|---|---|---|---|"]
+    def mebibytes(value: Optional[int]) -> str:
+        return "-" if value is None else f"{value / mib:.1f}"
+
+    lines = [f"| loaded | RSS ({result['rss_kind']}, MiB) | RSS growth (MiB) | RSS after malloc_trim (MiB) "
+             "| its growth (MiB) | adapter tensors (MiB) | file (KiB) | file bits / masked weight |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in result["loads"]:
         if "tensor_bytes" not in row:
-            lines.append(f"| {row['adapter']} | {row['rss'] / mib:.1f} | - | - | - | - |")
+            lines.append(f"| {row['adapter']} | {row['rss'] / mib:.1f} | - | {mebibytes(row['rss_trimmed'])} "
+                         "| - | - | - | - |")
             continue
         lines.append(f"| {row['adapter']} | {row['rss'] / mib:.1f} | {row['rss_growth'] / mib:.1f} "
+                     f"| {mebibytes(row['rss_trimmed'])} | {mebibytes(row['rss_trimmed_growth'])} "
                      f"| {row['tensor_bytes'] / mib:.1f} | {row['file_bytes'] / 1024:.0f} "
                      f"| {row['bits_per_weight']:.3f} |")
     lines += ["", "| adapter | set_adapter + first forward (ms) | cached forward (ms) |", "|---|---|---|"]

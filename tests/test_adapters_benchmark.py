@@ -39,12 +39,17 @@ def test_memory_sizes_and_switching_of_adapters_on_one_base(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))  # the file holds what was returned
     loads = {row["adapter"]: row for row in result["loads"]}
     assert list(loads) == ["base model", "general", "task0", "task1"]
+    previous = loads["base model"]
     for name, source in (("general", general), ("task0", tasks[0]), ("task1", tasks[1])):
         row = loads[name]
         # an inference adapter holds one uint8 pattern index per group of 4 weights: exactly 0.25 byte per weight
         assert row["tensor_bytes"] * 4 == row["masked_weights"]
         assert row["file_bytes"] == os.path.getsize(os.path.join(source, "adapter_model.safetensors"))
         assert row["rss"] > 0 and row["bits_per_weight"] == 8 * row["file_bytes"] / row["masked_weights"]
+        # Linux + glibc here: the trimmed reading exists, and trimming never leaves more resident than before
+        assert 0 < row["rss_trimmed"] <= row["rss"]
+        assert row["rss_trimmed_growth"] == row["rss_trimmed"] - previous["rss_trimmed"]
+        previous = row
     for task in tasks:  # the task files are differences to the general mask, whose file they do not include
         assert json.loads((tmp_path / task / "adapter_config.json").read_text())["save_delta"] is True
     assert [row["adapter"] for row in result["switching"]] == ["general", "task0", "task1"]
