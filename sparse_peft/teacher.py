@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, concatenate_datasets, load_from_disk
+from tqdm.auto import tqdm
 
 from .constants import PREFIX
 from .utils import atomic_folder, cache_dir
@@ -146,6 +147,7 @@ def add_teacher_outputs(
     top_k: int = 64,
     batch_size: int = 8,
     cache: Optional[str | os.PathLike] = None,
+    show_progress: bool = True,
 ) -> Dataset:
     """``dataset`` with the dense model's top-``k`` next-token distribution of every example as
     :data:`TEACHER_COLUMNS`, computed once and cached on disk.
@@ -160,6 +162,7 @@ def add_teacher_outputs(
         batch_size: examples per teacher forward.
         cache: the cache folder (default ``teacher/`` under :func:`~sparse_peft.utils.cache_dir`); each entry is a
             sub-folder named by the content hash of the base weights, the examples and ``top_k``.
+        show_progress: a progress bar over the teacher's batches while an entry is computed.
 
     Returns:
         A new ``Dataset`` (memory-mapped from the cache) with the original columns and the three teacher columns.
@@ -183,7 +186,7 @@ def add_teacher_outputs(
     if not folder.is_dir():
         try:
             with atomic_folder(folder) as scratch:
-                _teacher_columns(model, dataset, top_k, batch_size).save_to_disk(scratch)
+                _teacher_columns(model, dataset, top_k, batch_size, show_progress).save_to_disk(scratch)
         except OSError:
             if not folder.is_dir():  # not another process that finished the same entry first
                 raise
@@ -197,7 +200,9 @@ def add_teacher_outputs(
     return concatenate_datasets([dataset, teacher], axis=1)
 
 
-def _teacher_columns(model: torch.nn.Module, dataset: Dataset, top_k: int, batch_size: int) -> Dataset:
+def _teacher_columns(
+    model: torch.nn.Module, dataset: Dataset, top_k: int, batch_size: int, show_progress: bool
+) -> Dataset:
     """The three teacher columns of ``dataset`` (``[len(dataset)]`` rows) from batched no-grad forwards."""
     device = next(model.parameters()).device
     disable = getattr(model, "disable_adapter", None)
@@ -206,7 +211,8 @@ def _teacher_columns(model: torch.nn.Module, dataset: Dataset, top_k: int, batch
     columns: dict[str, list] = {column: [] for column in TEACHER_COLUMNS}
     inputs = dataset.with_format("torch", columns=[c for c in _INPUT_COLUMNS if c in dataset.column_names])
     try:
-        for start in range(0, len(dataset), batch_size):
+        for start in tqdm(range(0, len(dataset), batch_size), desc=f"teacher top-{top_k}", unit="batch",
+                          disable=not show_progress):
             batch = {name: value.to(device) for name, value in inputs[start : start + batch_size].items()}
             with torch.no_grad(), (disable() if disable is not None else nullcontext()):
                 logits = model(**batch).logits

@@ -210,7 +210,7 @@ def learn_mask(
     _warn_if_text_repeats(train_dataset, args, distill)
     if teacher_top_k is not None:
         train_dataset = add_teacher_outputs(model, train_dataset, teacher_top_k, args.per_device_eval_batch_size,
-                                            teacher_cache)
+                                            teacher_cache, show_progress=not args.disable_tqdm)
     if recompute_soft_mask is not None:
         set_soft_mask_memory(model, recompute_soft_mask)
     trainer_class = DenseDistillationTrainer if distill else Trainer

@@ -153,3 +153,12 @@ def test_learn_mask_with_a_teacher_cache_learns_and_needs_distill(tmp_path):
         learn_mask(model, data, args, distill=True, teacher_top_k=16, teacher_cache=str(tmp_path / "teacher"))
     assert len(os.listdir(tmp_path / "teacher")) == 1
     assert kl_from_dense(model) < 0.8 * before, (before, kl_from_dense(model))
+
+
+def test_the_teacher_pass_shows_a_progress_bar_unless_asked_not_to(tmp_path, capfd):
+    model = tiny_llama()
+    add_teacher_outputs(model, windows(), top_k=4, batch_size=2, cache=tmp_path / "shown")
+    shown = capfd.readouterr().err
+    assert "teacher top-4" in shown and "3/3" in shown  # 6 windows, 2 per batch
+    add_teacher_outputs(model, windows(), top_k=4, batch_size=2, cache=tmp_path / "quiet", show_progress=False)
+    assert "teacher top-4" not in capfd.readouterr().err
