@@ -148,6 +148,7 @@ def add_teacher_outputs(
     batch_size: int = 8,
     cache: Optional[str | os.PathLike] = None,
     show_progress: bool = True,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> Dataset:
     """``dataset`` with the dense model's top-``k`` next-token distribution of every example as
     :data:`TEACHER_COLUMNS`, computed once and cached on disk.
@@ -163,6 +164,10 @@ def add_teacher_outputs(
         cache: the cache folder (default ``teacher/`` under :func:`~sparse_peft.utils.cache_dir`); each entry is a
             sub-folder named by the content hash of the base weights, the examples and ``top_k``.
         show_progress: a progress bar over the teacher's batches while an entry is computed.
+        autocast_dtype: run the teacher under ``torch.autocast`` in this dtype (``torch.bfloat16`` /
+            ``torch.float16``), as a per-step teacher forward does under ``Trainer(bf16=True)`` / ``fp16=True``:
+            half-precision matmuls, much faster where they are native. ``None``: the model's own dtype. Part of the
+            cache key.
 
     Returns:
         A new ``Dataset`` (memory-mapped from the cache) with the original columns and the three teacher columns.
@@ -179,14 +184,16 @@ def add_teacher_outputs(
             "because Trainer's collator would pad the teacher columns differently from input_ids. Cut the text "
             "into equal windows (sparse_peft.training.text_windows), or distil without a teacher cache."
         )
+    precision = "" if autocast_dtype is None else f":autocast-{str(autocast_dtype).removeprefix('torch.')}"
     key = hashlib.blake2b(
-        f"{_FORMAT}:{model_fingerprint(model)}:{_dataset_fingerprint(dataset)}:{top_k}".encode(), digest_size=16
+        f"{_FORMAT}:{model_fingerprint(model)}:{_dataset_fingerprint(dataset)}:{top_k}{precision}".encode(),
+        digest_size=16,
     ).hexdigest()
     folder = Path(cache if cache is not None else cache_dir() / "teacher") / key
     if not folder.is_dir():
         try:
             with atomic_folder(folder) as scratch:
-                _teacher_columns(model, dataset, top_k, batch_size, show_progress).save_to_disk(scratch)
+                _teacher_columns(model, dataset, top_k, batch_size, show_progress, autocast_dtype).save_to_disk(scratch)
         except OSError:
             if not folder.is_dir():  # not another process that finished the same entry first
                 raise
@@ -201,7 +208,12 @@ def add_teacher_outputs(
 
 
 def _teacher_columns(
-    model: torch.nn.Module, dataset: Dataset, top_k: int, batch_size: int, show_progress: bool
+    model: torch.nn.Module,
+    dataset: Dataset,
+    top_k: int,
+    batch_size: int,
+    show_progress: bool,
+    autocast_dtype: Optional[torch.dtype],
 ) -> Dataset:
     """The three teacher columns of ``dataset`` (``[len(dataset)]`` rows) from batched no-grad forwards."""
     device = next(model.parameters()).device
@@ -214,7 +226,11 @@ def _teacher_columns(
         for start in tqdm(range(0, len(dataset), batch_size), desc=f"teacher top-{top_k}", unit="batch",
                           disable=not show_progress):
             batch = {name: value.to(device) for name, value in inputs[start : start + batch_size].items()}
-            with torch.no_grad(), (disable() if disable is not None else nullcontext()):
+            with (
+                torch.no_grad(),
+                disable() if disable is not None else nullcontext(),
+                torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+            ):
                 logits = model(**batch).logits
             for column, value in zip(TEACHER_COLUMNS, teacher_top_k(logits, top_k)):
                 columns[column].extend(value.cpu().numpy())

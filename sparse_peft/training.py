@@ -83,6 +83,11 @@ def bf16_logits_optimizer(args: TrainingArguments) -> tuple[type, dict[str, Any]
     return BF16AdamW, dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
 
+def _autocast_dtype(args: TrainingArguments) -> Optional[torch.dtype]:
+    """The dtype ``Trainer`` autocasts its forwards to under ``args`` (``bf16`` / ``fp16``), else None."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+
+
 def _has_bf16_logits(model) -> bool:
     """True if any trainable mask logits of ``model`` are bfloat16."""
     return any(
@@ -185,7 +190,8 @@ def learn_mask(
     per step instead of two: faster steps), True keeps only the noise seed (least memory).
     ``distill=True`` trains on the KL divergence from the dense model (:class:`DenseDistillationTrainer`) instead of
     the LM loss of the labels; with ``teacher_top_k`` the dense model's top-k next-token distribution of every
-    training example is computed once and cached on disk (:func:`~sparse_peft.teacher.add_teacher_outputs`, folder
+    training example is computed once (in the precision of the training forwards: under autocast with
+    ``args.bf16`` / ``args.fp16``) and cached on disk (:func:`~sparse_peft.teacher.add_teacher_outputs`, folder
     ``teacher_cache``, default under ``$SPARSE_PEFT_CACHE``; the teacher pass takes
     ``args.per_device_eval_batch_size`` windows at a time), and the steps run no teacher forward: the loss is the KL
     over the teacher's top k tokens and the rest (:func:`~sparse_peft.teacher.top_k_distillation_loss`).
@@ -210,7 +216,8 @@ def learn_mask(
     _warn_if_text_repeats(train_dataset, args, distill)
     if teacher_top_k is not None:
         train_dataset = add_teacher_outputs(model, train_dataset, teacher_top_k, args.per_device_eval_batch_size,
-                                            teacher_cache, show_progress=not args.disable_tqdm)
+                                            teacher_cache, show_progress=not args.disable_tqdm,
+                                            autocast_dtype=_autocast_dtype(args))
     if recompute_soft_mask is not None:
         set_soft_mask_memory(model, recompute_soft_mask)
     trainer_class = DenseDistillationTrainer if distill else Trainer

@@ -162,3 +162,18 @@ def test_the_teacher_pass_shows_a_progress_bar_unless_asked_not_to(tmp_path, cap
     assert "teacher top-4" in shown and "3/3" in shown  # 6 windows, 2 per batch
     add_teacher_outputs(model, windows(), top_k=4, batch_size=2, cache=tmp_path / "quiet", show_progress=False)
     assert "teacher top-4" not in capfd.readouterr().err
+
+
+def test_a_teacher_under_autocast_is_the_autocast_forward_and_has_its_own_cache_entry(tmp_path):
+    model, dataset = tiny_llama(), windows()
+    exact = add_teacher_outputs(model, dataset, top_k=4, cache=tmp_path, show_progress=False)
+    fast = add_teacher_outputs(model, dataset, top_k=4, cache=tmp_path, show_progress=False,
+                               autocast_dtype=torch.bfloat16)
+    assert len(list(tmp_path.iterdir())) == 2  # the precision is part of the key
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=torch.tensor(dataset["input_ids"])).logits
+    ids, logprobs, rest = teacher_top_k(logits, 4)
+    stored = fast.with_format("torch")[:]
+    assert torch.equal(stored[TEACHER_COLUMNS[0]], ids)
+    assert torch.equal(stored[TEACHER_COLUMNS[1]], logprobs) and torch.equal(stored[TEACHER_COLUMNS[2]], rest)
+    assert not torch.equal(exact.with_format("torch")[:][TEACHER_COLUMNS[1]], logprobs)  # bf16 matmuls differ
