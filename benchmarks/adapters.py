@@ -147,6 +147,7 @@ def main(argv=None) -> dict:
 
 def markdown(result: dict) -> str:
     mib = 2**20
+
     def mebibytes(value: Optional[int]) -> str:
         return "-" if value is None else f"{value / mib:.1f}"
 

@@ -83,7 +83,7 @@ def layer_hessians(model, calibration: torch.Tensor, blocks: int) -> dict[str, t
             model(input_ids=batch, use_cache=False)
     for handle in handles:
         handle.remove()
-    return {n: (l.base_weight(), l.hard_mask("default").float(), sums[n]) for n, l in layers.items()}
+    return {n: (layer.base_weight(), layer.hard_mask("default").float(), sums[n]) for n, layer in layers.items()}
 
 
 def main(argv=None) -> dict:

@@ -1,6 +1,6 @@
 """Inference speed of a merged 2:4 model with PyTorch's semi-structured sparse kernels, against the same weights dense.
 
-    python benchmarks/sparse_kernels.py --json results/kernels-cuda.json        # on a CUDA GPU, compute capability >= 8.0
+    python benchmarks/sparse_kernels.py --json results/kernels-cuda.json     # a CUDA GPU of compute capability >= 8.0
     python benchmarks/sparse_kernels.py --model <config folder> --random-weights --shapes 4096x4096,11008x4096
 
 The model gets a 2:4 mask adapter (``--adapter``, default the magnitude 2:4 mask: the kernels' speed depends on the

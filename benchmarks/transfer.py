@@ -113,7 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="task tokens of the learned rows (comma list)")
     p.add_argument("--seeds", type=comma_list(int), default="0,1,2",
                    help="seeds of the learned rows at the largest budget; smaller budgets run the first one")
-    p.add_argument("--rows", type=comma_list(str), default=",".join(ROW_KINDS), help=f"row kinds: {', '.join(ROW_KINDS)}")
+    p.add_argument("--rows", type=comma_list(str), default=",".join(ROW_KINDS),
+                   help=f"row kinds: {', '.join(ROW_KINDS)}")
     p.add_argument("--objective", choices=(*OBJECTIVES, "both"), default="both", help="objective(s) of classification")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per causal-LM window; longest classification input")
     p.add_argument("--batch-size", type=int, default=8, help="sequences of --seq-len tokens per step")
@@ -141,7 +142,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default="runs/transfer")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --output, run the missing ones")
     args = p.parse_args(argv)
-    for name, values, known in (("--tasks", args.tasks, LM_TASKS + CLASSIFICATION_TASKS), ("--rows", args.rows, ROW_KINDS)):
+    for name, values, known in (("--tasks", args.tasks, LM_TASKS + CLASSIFICATION_TASKS),
+                                ("--rows", args.rows, ROW_KINDS)):
         unknown = [v for v in values if v not in known]
         if unknown or not values:
             p.error(f"{name}: unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
@@ -616,8 +618,8 @@ def plot(rows: list[dict], path: str) -> None:
             if row is not None:
                 ax.plot([100 * a for a in row["agreement"].values()], linestyle=style, marker=".", linewidth=0.8,
                         label=f"{task} {objective}, {NAMES[kind]}")
-    ax.set(title="task mask vs general mask (largest budget, first seed)", xlabel="masked linear layer (sorted by module name)",
-           ylabel="weights where the masks agree (%)")
+    ax.set(title="task mask vs general mask (largest budget, first seed)",
+           xlabel="masked linear layer (sorted by module name)", ylabel="weights where the masks agree (%)")
     ax.grid(True, alpha=0.3)
     if ax.lines:
         ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)

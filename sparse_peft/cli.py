@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank of the update trained under the frozen general mask as the task adapter; 0: a "
                         "mask-only task mask (the general mask's logits trained instead)")
     p.add_argument("--output", default="runs/demo",
-                   help=f"folder for the SparseGPT mask (sparsegpt/), the task adapter (task-{DEMO_TASK}/) and demo.json")
+                   help=f"folder for the SparseGPT mask (sparsegpt/), the task adapter (task-{DEMO_TASK}/) and "
+                   "demo.json")
     p.set_defaults(num_samples=16, calibration_len=256)
 
     p = add_parser("push")

@@ -84,7 +84,8 @@ def umask_mode(mode: int) -> int:
 
 
 def fan_in_fan_out(layer: nn.Module) -> bool:
-    """Whether ``layer`` stores its weight ``[in, out]`` (GPT-2's ``Conv1D``) rather than ``[out, in]`` (``nn.Linear``)."""
+    """Whether ``layer`` stores its weight ``[in, out]`` (GPT-2's ``Conv1D``) rather than ``[out, in]``
+    (``nn.Linear``)."""
     return isinstance(layer, Conv1D)
 
 

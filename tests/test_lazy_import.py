@@ -13,7 +13,8 @@ HEAVY = ("torch", "peft", "transformers", "datasets")
 #: Whether PEFT knows the mask tuner, read through PEFT alone (importing a sparse_peft module would register it).
 REGISTERED = (
     "from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING\n"
-    "assert 'MaskModel' in {getattr(t, '__name__', '') for t in PEFT_TYPE_TO_TUNER_MAPPING.values()}, 'not registered'\n"
+    "names = {getattr(t, '__name__', '') for t in PEFT_TYPE_TO_TUNER_MAPPING.values()}\n"
+    "assert 'MaskModel' in names, 'not registered'\n"
 )
 
 

@@ -57,7 +57,8 @@ def test_docs_recipe_pushes_a_general_and_a_task_mask_and_a_fresh_process_pulls_
         assert main(shlex.split(line)[1:]) == 0, line
         if line.startswith("sparse-peft learn"):  # the task mask refers to the local general mask
             saved = json.loads((tmp_path / "task" / "adapter_config.json").read_text())
-            assert saved["save_delta"] and saved["prior"] == str(tmp_path / "general") and saved["prior_revision"] is None
+            assert saved["save_delta"] and saved["prior"] == str(tmp_path / "general")
+            assert saved["prior_revision"] is None
             weights = (tmp_path / "task" / "adapter_model.safetensors").read_bytes()
 
     general_repo, task_repo = "your-name/smollm2-135m-2of4", "your-name/smollm2-135m-2of4-task"

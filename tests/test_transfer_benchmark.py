@@ -70,7 +70,8 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
     model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
     dense = next(r for r in first["rows"] if r["task"] == "tinystories" and r["row"] == "dense")
     held_out = load_task("tinystories").held_out
-    assert dense["value"] == perplexity(model, tokenizer, held_out, window=32, max_windows=1, show_progress=False)["ppl"]
+    expected = perplexity(model, tokenizer, held_out, window=32, max_windows=1, show_progress=False)["ppl"]
+    assert dense["value"] == expected
 
     # The training-free start is computed by the first seed and loaded by the second; it is EoRA's for the task.
     lowrank = [r for r in first["rows"] if r["row"] == "transfer+lowrank"]
