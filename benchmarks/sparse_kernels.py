@@ -34,6 +34,7 @@ from peft import PeftModel, get_peft_model
 
 from cost import TARGETS, load_model
 from sparse_peft import MaskConfig
+from sparse_peft.adapter_io import adapter_size
 from sparse_peft.export import default_backend, semi_structured_class, semi_structured_plan, to_semi_structured
 from sparse_peft.patterns import topn_mask
 from sparse_peft.utils import atomic_write, comma_list
@@ -119,6 +120,8 @@ def merged_model(args):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.adapter is not None:
+        adapter_size(args.adapter)  # a missing or unreadable adapter fails before the model loads
     backend = args.backend or default_backend()
     sparse_class = semi_structured_class(backend)
     model, batch = merged_model(args)

@@ -96,3 +96,10 @@ def test_the_kernel_benchmark_refuses_a_machine_without_sparse_tensor_cores_and_
         with pytest.raises(SystemExit):
             bench.parse_args(["--shapes", bad])
         assert "--shapes takes [out]x[in] pairs" in capsys.readouterr().err
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(bench, "load_model", refuse)
+    with pytest.raises(FileNotFoundError, match="No mask adapter at"):
+        bench.main(["--adapter", str(REPO_ROOT / "runs" / "no-such-adapter")])
