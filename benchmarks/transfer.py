@@ -23,7 +23,10 @@ the largest budget, the first seed below it):
   (``MaskConfig(lora_rank=r, train_mask=False, init_lora_weights="eora")``: initialised from the task's calibration
   text, then trained at ``--lora-lr``); it merges into exactly 2:4 weights. The training-free start does not
   depend on the seed: the first row of a task and objective computes it, the others load it
-  (``eora-start-<task>-<objective>.safetensors``).
+  (``eora-start-<task>-<objective>.safetensors``);
+* ``scratch+lowrank``: the same recipe on the task's SparseGPT mask instead of the general mask (from scratch,
+  mask only: SparseGPT's mask kept frozen, its weight update not used; its start in
+  ``eora-start-<task>-<objective>-scratch.safetensors``).
 
 A step holds about ``--batch-size`` x ``--seq-len`` task tokens (causal-LM windows; for classification as many
 examples as make that many tokens), so a row of budget B takes about B / (batch x seq_len) steps. Every learned mask
@@ -84,9 +87,10 @@ from sparse_peft.training import learn_mask, mask_training_arguments, text_windo
 from sparse_peft.utils import atomic_write, check_resumed_settings, comma_list
 
 ROW_KINDS = ("dense", "lora", "general", "sparsegpt", "sparsegpt+update", "scratch", "transfer",
-             "transfer+lowrank")
-LEARNED_ROWS = ("lora", "scratch", "transfer", "transfer+lowrank")
-MASK_ROWS = ("scratch", "transfer", "transfer+lowrank")
+             "transfer+lowrank", "scratch+lowrank")
+LEARNED_ROWS = ("lora", "scratch", "transfer", "transfer+lowrank", "scratch+lowrank")
+MASK_ROWS = ("scratch", "transfer", "transfer+lowrank", "scratch+lowrank")
+LOWRANK_ROWS = ("transfer+lowrank", "scratch+lowrank")
 FIXED_ROWS = ("dense", "general", "sparsegpt", "sparsegpt+update")
 OBJECTIVES = ("label_words", "seq_cls")
 #: Settings all rows of one table share: a ``--resume`` run must use the values the table was measured with.
@@ -97,7 +101,8 @@ SHARED_SETTINGS = ("model", "gguf_file", "general", "general_sha256", "seq_len",
 NAMES = {"dense": "dense", "lora": "dense + LoRA", "general": "general mask", "sparsegpt": "SparseGPT 2:4 mask only",
          "sparsegpt+update": "SparseGPT 2:4 + weight update", "scratch": "task mask from SparseGPT prior",
          "transfer": "task mask from general mask",
-         "transfer+lowrank": "general mask + rank-r update under it"}
+         "transfer+lowrank": "general mask + rank-r update under it",
+         "scratch+lowrank": "SparseGPT mask + rank-r update under it"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -121,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate of the mask logits (and trained heads)")
     p.add_argument("--lora-lr", type=float, default=2e-4)
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lowrank-rank", type=int, default=16, help="rank of the transfer+lowrank rows' update")
+    p.add_argument("--lowrank-rank", type=int, default=16, help="rank of the +lowrank rows' update")
     p.add_argument("--sparse-reg", type=float, default=0.0, help="regulariser lambda (0 for small batches)")
     defaults = sparse_peft.MaskConfig()
     for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end"):
@@ -364,19 +369,19 @@ class Benchmark:
             prior = self.args.general if kind.startswith("transfer") else self.prior(task, spec)
             schedule = {k: getattr(self.args, k) for k in ("prior_strength", "tau_start", "tau_end", "kappa_start",
                                                            "kappa_end")}
-            if kind == "transfer+lowrank":
-                start_file = self.lowrank_start_file(task, objective)
+            if kind in LOWRANK_ROWS:
+                start_file = self.lowrank_start_file(task, objective, kind)
                 cached = self.has_lowrank_start(start_file, spec)  # the first seed's start: the same for every seed
                 extra.update(lora_rank=self.args.lowrank_rank, train_mask=False,
                              init_lora_weights=True if cached else "eora",
                              calibration=None if cached else self.calibration(spec))
             # from scratch = the paper's one-shot prior formula with its noise, although the prior is a saved folder
-            noise = None if kind.startswith("transfer") else True
+            noise = None if kind.startswith("transfer") or kind in LOWRANK_ROWS else True
             config = sparse_peft.MaskConfig(prior=prior, prior_noise=noise, sparse_reg=self.args.sparse_reg,
                                             task_type=task_type, **schedule, **extra)
         start = time.perf_counter()
         peft_model = get_peft_model(base, config)
-        if kind == "transfer+lowrank":
+        if kind in LOWRANK_ROWS:
             if cached:
                 load_lowrank(peft_model, start_file)
                 config.init_lora_weights = "eora"  # what the loaded values are
@@ -385,7 +390,7 @@ class Benchmark:
             row["init_cached"] = cached
         row["init_seconds"] = time.perf_counter() - start  # the prior (and a training-free update) computed / loaded
         distill = self.args.distill and objective == "lm" and kind != "lora"
-        lr = self.args.lora_lr if kind in ("lora", "transfer+lowrank") else self.args.lr
+        lr = self.args.lora_lr if kind in ("lora", *LOWRANK_ROWS) else self.args.lr
         training_args = self.training_arguments(plan["steps"], plan["examples_per_step"], seed, lr)
         start = time.perf_counter()
         if kind == "lora":
@@ -408,11 +413,13 @@ class Benchmark:
             self.model = peft_model.unload()
         self.add(row)
 
-    def lowrank_start_file(self, task: str, objective: str) -> str:
-        """Where the ``transfer+lowrank`` rows keep their training-free start (``init_lora_weights="eora"``). It
-        depends on the model, the general mask, the rank and the task's calibration tokens, not on the seed or the
-        budget: the first row computes it, the others load it (a file made from other inputs is recomputed)."""
-        return self.path(f"eora-start-{task}-{objective}.safetensors")
+    def lowrank_start_file(self, task: str, objective: str, kind: str = "transfer+lowrank") -> str:
+        """Where the ``kind`` rows (:data:`LOWRANK_ROWS`) keep their training-free start
+        (``init_lora_weights="eora"``). It depends on the model, the mask (general or the task's SparseGPT one), the
+        rank and the task's calibration tokens, not on the seed or the budget: the first row computes it, the others
+        load it (a file made from other inputs is recomputed)."""
+        suffix = "" if kind == "transfer+lowrank" else "-scratch"
+        return self.path(f"eora-start-{task}-{objective}{suffix}.safetensors")
 
     def lowrank_start_settings(self, spec) -> dict[str, str]:
         """What a training-free start depends on (safetensors metadata, JSON values): the base model's weights
@@ -583,7 +590,8 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(lines_of, columns, figsize=(5.6 * columns, 5.2 * lines_of), squeeze=False)
     axes = axes.ravel()
     colors = {"dense": "green", "general": "tab:purple", "sparsegpt": "red", "sparsegpt+update": "darkorange",
-              "lora": "tab:gray", "scratch": "tab:red", "transfer": "tab:blue", "transfer+lowrank": "tab:cyan"}
+              "lora": "tab:gray", "scratch": "tab:red", "transfer": "tab:blue", "transfer+lowrank": "tab:cyan",
+              "scratch+lowrank": "tab:olive"}
     units = {"ppl": "held-out perplexity (lower is better)", "accuracy": "accuracy (higher is better)"}
     for ax, ((task, objective), entry) in zip(axes, panels.items()):
         for kind, curve in entry["curves"].items():
@@ -607,7 +615,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     ax = axes[len(panels)]
-    for kind, style in (("transfer", "-"), ("scratch", ":"), ("transfer+lowrank", "--")):
+    for kind, style in (("transfer", "-"), ("scratch", ":"), ("transfer+lowrank", "--"), ("scratch+lowrank", "-.")):
         for (task, objective), entry in panels.items():
             curve = entry["curves"].get(kind)
             if not curve:

@@ -42,19 +42,18 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
     keys = [(r["task"], r["objective"], r["row"], r["budget"], r["seed"]) for r in first["rows"]]
     fixed = [("tinystories", "lm", k, None, None) for k in ("dense", "general", "sparsegpt", "sparsegpt+update")]
     fixed += [("sst2", "seq_cls", k, 64, 0) for k in ("dense", "general", "sparsegpt", "sparsegpt+update")]
-    masks = ("scratch", "transfer", "transfer+lowrank")
+    masks = ("scratch", "transfer", "transfer+lowrank", "scratch+lowrank")
     learned_rows = [("tinystories", "lm", k, 64, s) for k in masks for s in (0, 1)]
     learned_rows += [("sst2", "seq_cls", k, 64, s) for k in ("lora", *masks) for s in (0, 1)]
     assert sorted(keys, key=str) == sorted(fixed + learned_rows, key=str)
-    assert len(learned) == 12  # the mask rows; LoRA trains with a plain Trainer
+    assert len(learned) == 16  # the mask rows; LoRA trains with a plain Trainer
     for row in first["rows"]:
         assert row["value"] == row["value"] and 0 <= row["value"] < float("inf")  # finite
         assert row["metric"] == ("ppl" if row["task"] == "tinystories" else "accuracy")
     for row in first["rows"]:
-        if row["row"] in ("lora", "scratch", "transfer", "transfer+lowrank"):
+        if row["row"] in ("lora", *masks):
             assert row["steps"] >= 1 and row["tokens"] >= 64 and row["seconds"] > 0
-    masks = [r for r in first["rows"] if r["row"] in ("scratch", "transfer", "transfer+lowrank")]
-    for row in masks:
+    for row in [r for r in first["rows"] if r["row"] in masks]:
         assert row["bits_raw"] > 0 and row["bits_delta"] > 0 and 0 < row["mean_agreement"] <= 1
         config = json.loads((tmp_path / "t" / "adapters" / row["adapter"].rsplit("/", 1)[-1] /
                              "adapter_config.json").read_text())
@@ -65,6 +64,9 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
             assert row["bits_delta"] < row["bits_raw"]
         if row["row"] == "transfer+lowrank":  # its mask is the general mask; the file holds the update
             assert row["mean_agreement"] == 1 and config["lora_rank"] == 16 and not config["train_mask"]
+        if row["row"] == "scratch+lowrank":  # the task's SparseGPT mask (not the general one), frozen, + the update
+            assert config["lora_rank"] == 16 and not config["train_mask"] and config["prior_noise"] is None
+            assert row["mean_agreement"] < 1
 
     # The dense row is the library's perplexity on the held-out TinyStories documents.
     model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
@@ -74,9 +76,11 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
     assert dense["value"] == expected
 
     # The training-free start is computed by the first seed and loaded by the second; it is EoRA's for the task.
-    lowrank = [r for r in first["rows"] if r["row"] == "transfer+lowrank"]
-    assert [(r["task"], r["seed"], r["init_cached"]) for r in lowrank] == [
-        ("tinystories", 0, False), ("tinystories", 1, True), ("sst2", 0, False), ("sst2", 1, True)]
+    for kind in ("transfer+lowrank", "scratch+lowrank"):
+        lowrank = [r for r in first["rows"] if r["row"] == kind]
+        assert [(r["task"], r["seed"], r["init_cached"]) for r in lowrank] == [
+            ("tinystories", 0, False), ("tinystories", 1, True), ("sst2", 0, False), ("sst2", 1, True)]
+    assert (tmp_path / "t" / "eora-start-tinystories-lm-scratch.safetensors").is_file()
     config = MaskConfig(prior=general, lora_rank=16, train_mask=False, init_lora_weights="eora",
                         calibration=calibration_from_texts(load_task("tinystories").train, tokenizer, 2, 16))
     reference = mask_layers(get_peft_model(model, config), "default")
