@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 from peft import PeftModel
 
 from conftest import AIDREAMS, load_benchmark
@@ -59,3 +62,29 @@ def test_lowrank_solve_compares_cg_with_the_cholesky_reference(tmp_path):
         assert abs(tight - exact) <= 1e-3 * exact  # solved to 1e-6, CG gives the Cholesky answer
     table = (tmp_path / "out" / "lowrank_solve.md").read_text()
     assert table.count("\n") == 2 + 3 and "| cholesky | " in table
+
+
+def test_layerwise_rows_and_reference(tmp_path):
+    model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
+    general = str(tmp_path / "general")
+    prune(model, "magnitude", show_progress=False).save_pretrained(general)
+    layerwise = load_benchmark("lowrank_layerwise")
+    with pytest.raises(ValueError, match="'rank-mpl' is not 'mask' or <full|rank>"):
+        layerwise.main(["--model", str(AIDREAMS), "--rows", "mask,rank-mpl"])  # fails before the model loads
+    rows = "mask,full-all,full-all-x0,rank-mlp-x0.5"
+    result = layerwise.main(["--model", str(AIDREAMS), "--general", general, "--rows", rows, "--rank", "2",
+                             "--num-samples", "4", "--calibration-len", "32", "--held-out-docs", "50", "--window",
+                             "32", "--eval-windows", "2", "--output", str(tmp_path / "out")])
+    got = {r["row"]: r for r in result["rows"]}
+    assert list(got) == rows.split(",")
+    assert (got["rank-mlp-x0.5"]["update"], got["rank-mlp-x0.5"]["layers"], got["rank-mlp-x0.5"]["scale"]) == (
+        "rank", "mlp", 0.5)
+    masked = PeftModel.from_pretrained(load_model_and_tokenizer(str(AIDREAMS))[0], general).eval()
+    reference = perplexity(masked, tokenizer, load_texts("wikitext2", split="test"), window=32, max_windows=2,
+                           show_progress=False)["ppl"]
+    assert got["mask"]["wikitext2_ppl"] == reference
+    assert got["full-all-x0"]["wikitext2_ppl"] == reference  # a zero-scaled update is the mask alone
+    assert got["full-all"]["wikitext2_ppl"] != reference
+    saved = json.loads((tmp_path / "out" / "layerwise.json").read_text())
+    assert saved["rows"] == result["rows"]
+    assert (tmp_path / "out" / "layerwise.md").read_text().count("\n") == 2 + 4
