@@ -97,7 +97,7 @@ OBJECTIVES = ("label_words", "seq_cls")
 SHARED_SETTINGS = ("model", "gguf_file", "general", "general_sha256", "seq_len", "batch_size", "lr", "lora_lr",
                    "lora_r", "lowrank_rank", "sparse_reg", "prior_strength", "tau_start", "tau_end",
                    "kappa_start", "kappa_end", "distill", "bf16", "window", "eval_windows", "eval_examples",
-                   "num_samples", "calibration_len", "max_words", "held_out")
+                   "num_samples", "calibration_len", "max_words", "held_out", "lowrank_init")
 NAMES = {"dense": "dense", "lora": "dense + LoRA", "general": "general mask", "sparsegpt": "SparseGPT 2:4 mask only",
          "sparsegpt+update": "SparseGPT 2:4 + weight update", "scratch": "task mask from SparseGPT prior",
          "transfer": "task mask from general mask",
@@ -127,6 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-lr", type=float, default=2e-4)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lowrank-rank", type=int, default=16, help="rank of the +lowrank rows' update")
+    p.add_argument("--lowrank-init", choices=("eora", "zeros"), default="eora",
+                   help="start of the +lowrank rows' update: eora (training-free, from the task's calibration text) or "
+                        "zeros (B = 0, LoRA's start: the mask alone)")
     p.add_argument("--sparse-reg", type=float, default=0.0, help="regulariser lambda (0 for small batches)")
     defaults = sparse_peft.MaskConfig()
     for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end"):
@@ -173,6 +176,7 @@ def resumed_rows(args, json_path: str) -> list[dict]:
         raise ValueError(f"{json_path} exists: pass --resume to add to it, or another --output.")
     with open(json_path) as f:
         saved = json.load(f)
+    saved["settings"].setdefault("lowrank_init", "eora")  # tables from before the option: all eora
     check_resumed_settings(saved["settings"], args, SHARED_SETTINGS, json_path)
     return saved["rows"]
 
@@ -361,6 +365,7 @@ class Benchmark:
         task_type = "SEQ_CLS" if objective == "seq_cls" else "CAUSAL_LM"
         extra = {"modules_to_save": [self.head_name(base)]} if objective == "seq_cls" else {}
         torch.manual_seed(seed)  # the initial logits' noise / LoRA's A matrices
+        eora = kind in LOWRANK_ROWS and self.args.lowrank_init == "eora"
         if kind == "lora":
             targets = DEFAULT_TARGET_MODULES.get(base.config.model_type, "all-linear")
             config = LoraConfig(r=self.args.lora_r, lora_alpha=2 * self.args.lora_r, lora_dropout=0.0,
@@ -369,19 +374,20 @@ class Benchmark:
             prior = self.args.general if kind.startswith("transfer") else self.prior(task, spec)
             schedule = {k: getattr(self.args, k) for k in ("prior_strength", "tau_start", "tau_end", "kappa_start",
                                                            "kappa_end")}
-            if kind in LOWRANK_ROWS:
+            if eora:
                 start_file = self.lowrank_start_file(task, objective, kind)
                 cached = self.has_lowrank_start(start_file, spec)  # the first seed's start: the same for every seed
+            if kind in LOWRANK_ROWS:
                 extra.update(lora_rank=self.args.lowrank_rank, train_mask=False,
-                             init_lora_weights=True if cached else "eora",
-                             calibration=None if cached else self.calibration(spec))
+                             init_lora_weights=True if not eora or cached else "eora",
+                             calibration=self.calibration(spec) if eora and not cached else None)
             # from scratch = the paper's one-shot prior formula with its noise, although the prior is a saved folder
             noise = None if kind.startswith("transfer") or kind in LOWRANK_ROWS else True
             config = sparse_peft.MaskConfig(prior=prior, prior_noise=noise, sparse_reg=self.args.sparse_reg,
                                             task_type=task_type, **schedule, **extra)
         start = time.perf_counter()
         peft_model = get_peft_model(base, config)
-        if kind in LOWRANK_ROWS:
+        if eora:
             if cached:
                 load_lowrank(peft_model, start_file)
                 config.init_lora_weights = "eora"  # what the loaded values are

@@ -181,3 +181,27 @@ def test_a_damaged_training_free_start_is_refused_with_the_fix(tmp_path, general
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1")  # a header cut short
     with pytest.raises(ValueError, match=r"start\.safetensors is not a readable safetensors file.*delete it"):
         bench.has_lowrank_start(str(path), load_task("tinystories"))
+
+
+def test_lowrank_rows_from_zeros_and_tables_from_before_the_option(tmp_path, general):
+    """``--lowrank-init zeros``: the +lowrank rows start at B = 0 (no training-free start is computed or saved); a
+    table written before the option existed resumes as an eora table and refuses a zeros run."""
+    transfer = load_benchmark("transfer")
+    out = tmp_path / "z"
+    args = [*SMALL, "--general", general, "--output", str(out), "--tasks", "tinystories", "--budgets", "32",
+            "--seeds", "0", "--rows", "transfer+lowrank,scratch+lowrank"]
+    result = transfer.main([*args, "--lowrank-init", "zeros"])
+    assert [r["row"] for r in result["rows"]] == ["transfer+lowrank", "scratch+lowrank"]
+    assert not list(out.glob("eora-start-*"))
+    for row in result["rows"]:
+        assert "init_cached" not in row
+        config = json.loads((out / "adapters" / row["adapter"].rsplit("/", 1)[-1] / "adapter_config.json").read_text())
+        assert config["init_lora_weights"] is True and config["lora_rank"] == 16 and not config["train_mask"]
+
+    saved = json.loads((out / "transfer.json").read_text())
+    del saved["settings"]["lowrank_init"]  # as written before --lowrank-init
+    (out / "transfer.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="--lowrank-init 'eora' there, 'zeros' now"):
+        transfer.main([*args, "--lowrank-init", "zeros", "--resume"])
+    again = transfer.main([*args, "--resume"])  # eora, as that table says: only the rows are kept, none rerun
+    assert again["rows"] == saved["rows"]
