@@ -21,9 +21,9 @@ the largest budget, the first seed below it):
 * ``transfer``: a task mask learned from the general mask as prior;
 * ``transfer+lowrank``: the general mask kept frozen with a rank-``--lowrank-rank`` update under it
   (``MaskConfig(lora_rank=r, train_mask=False, init_lora_weights="eora")``: initialised from the task's calibration
-  text, then trained at ``--lora-lr``); it merges into exactly 2:4 weights. The training-free start does not
-  depend on the seed: the first row of a task and objective computes it, the others load it
-  (``eora-start-<task>-<objective>.safetensors``);
+  text, then trained at ``--lora-lr``; ``start_value``: the metric of that start); it merges into exactly 2:4
+  weights. The training-free start does not depend on the seed: the first row of a task and objective computes it,
+  the others load it (``eora-start-<task>-<objective>.safetensors``);
 * ``scratch+lowrank``: the same recipe on the task's SparseGPT mask instead of the general mask (from scratch,
   mask only: SparseGPT's mask kept frozen, its weight update not used; its start in
   ``eora-start-<task>-<objective>-scratch.safetensors``).
@@ -395,6 +395,8 @@ class Benchmark:
                 save_lowrank(peft_model, start_file, self.lowrank_start_settings(spec))
             row["init_cached"] = cached
         row["init_seconds"] = time.perf_counter() - start  # the prior (and a training-free update) computed / loaded
+        if kind in LOWRANK_ROWS:  # the start itself (the training-free update, or B = 0), before any training
+            row["start_value"] = self.evaluate(peft_model.eval(), spec, objective)
         distill = self.args.distill and objective == "lm" and kind != "lora"
         lr = self.args.lora_lr if kind in ("lora", *LOWRANK_ROWS) else self.args.lr
         training_args = self.training_arguments(plan["steps"], plan["examples_per_step"], seed, lr)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from conftest import AIDREAMS, load_benchmark
@@ -193,6 +193,10 @@ def test_lowrank_rows_from_zeros_and_tables_from_before_the_option(tmp_path, gen
     result = transfer.main([*args, "--lowrank-init", "zeros"])
     assert [r["row"] for r in result["rows"]] == ["transfer+lowrank", "scratch+lowrank"]
     assert not list(out.glob("eora-start-*"))
+    model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
+    general_alone = perplexity(PeftModel.from_pretrained(model, general).eval(), tokenizer,
+                               load_task("tinystories").held_out, window=32, max_windows=1, show_progress=False)["ppl"]
+    assert result["rows"][0]["start_value"] == general_alone  # B = 0: the start is the general mask alone
     for row in result["rows"]:
         assert "init_cached" not in row
         config = json.loads((out / "adapters" / row["adapter"].rsplit("/", 1)[-1] / "adapter_config.json").read_text())
