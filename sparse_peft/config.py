@@ -179,8 +179,12 @@ class MaskConfig(MaskOptions, PeftConfig):
 
     @property
     def adds_prior_noise(self) -> bool:
-        """Whether the initial logits get the prior formula's random part (``prior_noise``, resolved)."""
-        return not self.prior_is_adapter if self.prior_noise is None else self.prior_noise
+        """Whether the initial logits get the prior formula's random part (``prior_noise``, resolved): by default
+        for a one-shot prior whose mask trains, never for a mask adapter or a frozen mask (``train_mask=False``
+        keeps the prior's own mask, not a perturbed one)."""
+        if self.prior_noise is not None:
+            return self.prior_noise
+        return not self.prior_is_adapter and self.train_mask
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able fields: sets (PEFT makes ``target_modules`` one) as sorted lists, so that a saved

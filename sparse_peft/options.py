@@ -44,8 +44,9 @@ class MaskOptions:
         default=None,
         metadata={
             "help": "Whether the prior formula adds the paper's random part (at alpha 3 ~5% of groups start off the "
-            "prior). None: yes for a one-shot pruner, no for a mask-adapter prior, so that a task mask starts exactly "
-            "at its general mask. True for an adapter that holds a one-shot mask to learn from (benchmarks/quality.py)."
+            "prior). None: yes for a one-shot pruner whose mask trains; no for a mask-adapter prior, so that a task "
+            "mask starts exactly at its general mask, and no with train_mask=False, which keeps the prior's own mask. "
+            "True for an adapter that holds a one-shot mask to learn from (benchmarks/quality.py)."
         },
     )
     logit_init_std: float = field(default=0.01, metadata={"help": "Std of the random initial logits."})

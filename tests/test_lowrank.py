@@ -144,6 +144,24 @@ def test_eora_init_on_a_model_reduces_every_layers_output_error(placement):
         assert explicit_error(weight, effective, x) < explicit_error(weight, weight * mask, x), name
 
 
+def test_a_frozen_one_shot_mask_is_the_pruners_own():
+    """``train_mask=False`` with a one-shot prior keeps exactly the pruner's mask: the prior formula's random part
+    (on by default for a one-shot prior whose mask trains) would freeze a perturbed mask instead."""
+    from sparse_peft.oneshot import prune
+
+    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    pruned = {name: layer.hard_mask("default").clone()
+              for name, layer in mask_layers(prune(tiny_llama(), "sparsegpt", calibration,
+                                                   show_progress=False)).items()}
+    for kwargs, same in ((dict(train_mask=False, lora_rank=2), True), (dict(train_mask=False, lora_rank=2,
+                                                                            prior_noise=True), False),
+                         (dict(), False)):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), MaskConfig(prior="sparsegpt", calibration=calibration, **kwargs))
+        masks = {name: layer.hard_mask("default") for name, layer in mask_layers(model).items()}
+        assert all(torch.equal(masks[name], mask) for name, mask in pruned.items()) is same, kwargs
+
+
 def test_eora_init_groups_layers_by_their_shared_input(monkeypatch):
     """Llama: q/k/v, o, gate/up and down are fitted in that order, each group from one pass of its block."""
     from sparse_peft import lowrank_init
