@@ -153,9 +153,10 @@ def test_a_frozen_one_shot_mask_is_the_pruners_own():
     pruned = {name: layer.hard_mask("default").clone()
               for name, layer in mask_layers(prune(tiny_llama(), "sparsegpt", calibration,
                                                    show_progress=False)).items()}
-    for kwargs, same in ((dict(train_mask=False, lora_rank=2), True), (dict(train_mask=False, lora_rank=2,
-                                                                            prior_noise=True), False),
-                         (dict(), False)):
+    cases = [(dict(train_mask=False, lora_rank=2), True),  # frozen: exactly SparseGPT's mask
+             (dict(train_mask=False, lora_rank=2, prior_noise=True), False),  # asked for: perturbed
+             (dict(), False)]  # a mask that trains starts from the paper's noisy formula
+    for kwargs, same in cases:
         torch.manual_seed(0)
         model = get_peft_model(tiny_llama(), MaskConfig(prior="sparsegpt", calibration=calibration, **kwargs))
         masks = {name: layer.hard_mask("default") for name, layer in mask_layers(model).items()}
