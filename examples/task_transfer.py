@@ -10,8 +10,9 @@ Tasks (shipped data, or any file / Hub dataset with the same columns):
 For each task it compares the dense model, the general mask alone, the task mask learned from the general mask
 (``MaskConfig(prior=<general>)``, the transfer; by default the shipped general mask) and a task mask learned "from
 scratch" (by default from SparseGPT 2:4 calibrated on the task's own text), all with the same budget. All adapters
-live on one base model (``load_adapter`` / ``set_adapter``). Writes ``transfer.md``, ``transfer.json`` and ``transfer.png`` (per-layer
-agreement of each task mask with the general mask, and the metric bars) into ``--output``.
+live on one base model (``load_adapter`` / ``set_adapter``). Writes ``transfer.md``, ``transfer.json`` and
+``transfer.png`` (per-layer agreement of each task mask with the general mask, and the metric bars) into
+``--output``.
 
     python examples/task_transfer.py        # from the shipped general mask, on the shipped model
     python examples/general_mask.py --output runs/general && python examples/task_transfer.py --general runs/general
