@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--output", default="runs/layerwise")
     args = p.parse_args(argv)
+    if args.held_out_docs < 1:
+        p.error(f"--held-out-docs must be at least 1 (the C4 documents scored, never calibrated on), got "
+                f"{args.held_out_docs}.")
     for row in args.rows:
         parse_row(row)  # a typo fails before the model loads
     return args
@@ -118,12 +121,13 @@ def main(argv=None) -> dict:
     updates: dict[str, dict[str, torch.Tensor]] = {"full": {}, "rank": {}}
     kinds = {parse_row(row)[0] for row in args.rows}
     for name, layer in layers.items():
+        if kinds == {"none"}:
+            break
         weight, mask = original[name].float(), layer.hard_mask("default").float()
-        if kinds & {"full", "rank"}:
-            target = calibrated_target(weight, mask, hessians[name], "under_mask")
-            updates["full"][name] = target
-        if "rank" in kinds:
-            b, a = calibrated_factors(weight, mask, hessians[name], args.rank, "under_mask", target=target)
+        updates["full"][name] = calibrated_target(weight, mask, hessians[name], "under_mask")
+        if "rank" in kinds:  # the rank-r update is fitted from the full-rank one
+            b, a = calibrated_factors(weight, mask, hessians[name], args.rank, "under_mask",
+                                      target=updates["full"][name])
             updates["rank"][name] = b @ a
     result = {"settings": {**vars(args), "general": general}, "fit_seconds": time.perf_counter() - start,
               "rows": []}

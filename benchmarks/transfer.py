@@ -195,6 +195,9 @@ class Benchmark:
         self.tokenised: dict[tuple, object] = {}
         self.needed: dict[str, int] = {}
         self.calibrations: dict[str, torch.Tensor] = {}
+        # (task, objective, kind) -> metric of a +lowrank row's start: the same for every seed (a loaded training-free
+        # start, or B = 0) except with seq_cls, whose new head is drawn per seed
+        self.start_values: dict[tuple, float] = {}
         self.model_fingerprint = model_fingerprint(model)  # the base weights a training-free start was made from
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
@@ -396,7 +399,10 @@ class Benchmark:
             row["init_cached"] = cached
         row["init_seconds"] = time.perf_counter() - start  # the prior (and a training-free update) computed / loaded
         if kind in LOWRANK_ROWS:  # the start itself (the training-free update, or B = 0), before any training
-            row["start_value"] = self.evaluate(peft_model.eval(), spec, objective)
+            key = (task, objective, kind)
+            if key not in self.start_values or objective == "seq_cls":
+                self.start_values[key] = self.evaluate(peft_model.eval(), spec, objective)
+            row["start_value"] = self.start_values[key]
         distill = self.args.distill and objective == "lm" and kind != "lora"
         lr = self.args.lora_lr if kind in ("lora", *LOWRANK_ROWS) else self.args.lr
         training_args = self.training_arguments(plan["steps"], plan["examples_per_step"], seed, lr)
@@ -421,7 +427,7 @@ class Benchmark:
             self.model = peft_model.unload()
         self.add(row)
 
-    def lowrank_start_file(self, task: str, objective: str, kind: str = "transfer+lowrank") -> str:
+    def lowrank_start_file(self, task: str, objective: str, kind: str) -> str:
         """Where the ``kind`` rows (:data:`LOWRANK_ROWS`) keep their training-free start
         (``init_lora_weights="eora"``). It depends on the model, the mask (general or the task's SparseGPT one), the
         rank and the task's calibration tokens, not on the seed or the budget: the first row computes it, the others
@@ -481,7 +487,7 @@ class Benchmark:
                 for budget in sorted(self.args.budgets):
                     for seed in self.args.seeds if budget == top else self.args.seeds[:1]:
                         self.learned_row(kind, task, spec, objective, budget, seed)
-        for cache in (self.fixed_models, self.tokenised, self.calibrations):
+        for cache in (self.fixed_models, self.tokenised, self.calibrations, self.start_values):
             cache.clear()
 
 

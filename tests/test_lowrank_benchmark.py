@@ -71,6 +71,8 @@ def test_layerwise_rows_and_reference(tmp_path):
     layerwise = load_benchmark("lowrank_layerwise")
     with pytest.raises(ValueError, match="'rank-mpl' is not 'mask' or <full|rank>"):
         layerwise.main(["--model", str(AIDREAMS), "--rows", "mask,rank-mpl"])  # fails before the model loads
+    with pytest.raises(SystemExit):  # argparse's usage error: no C4 document left to score
+        layerwise.main(["--model", str(AIDREAMS), "--held-out-docs", "0"])
     rows = "mask,full-all,full-all-x0,rank-mlp-x0.5"
     result = layerwise.main(["--model", str(AIDREAMS), "--general", general, "--rows", rows, "--rank", "2",
                              "--num-samples", "4", "--calibration-len", "32", "--held-out-docs", "50", "--window",

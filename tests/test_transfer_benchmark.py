@@ -81,6 +81,9 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
         assert [(r["task"], r["seed"], r["init_cached"]) for r in lowrank] == [
             ("tinystories", 0, False), ("tinystories", 1, True), ("sst2", 0, False), ("sst2", 1, True)]
     assert (tmp_path / "t" / "eora-start-tinystories-lm-scratch.safetensors").is_file()
+    for kind in ("transfer+lowrank", "scratch+lowrank"):  # an lm start does not depend on the seed
+        starts = {r["seed"]: r["start_value"] for r in first["rows"] if (r["task"], r["row"]) == ("tinystories", kind)}
+        assert starts[0] == starts[1] and 0 < starts[0] < float("inf")
     config = MaskConfig(prior=general, lora_rank=16, train_mask=False, init_lora_weights="eora",
                         calibration=calibration_from_texts(load_task("tinystories").train, tokenizer, 2, 16))
     reference = mask_layers(get_peft_model(model, config), "default")
