@@ -21,9 +21,10 @@ the largest budget, the first seed below it):
 * ``transfer``: a task mask learned from the general mask as prior;
 * ``transfer+lowrank``: the general mask kept frozen with a rank-``--lowrank-rank`` update under it
   (``MaskConfig(lora_rank=r, train_mask=False, init_lora_weights="eora")``: initialised from the task's calibration
-  text, then trained at ``--lora-lr``; ``start_value``: the metric of that start); it merges into exactly 2:4
-  weights. The training-free start does not depend on the seed: the first row of a task and objective computes it,
-  the others load it (``eora-start-<task>-<objective>.safetensors``);
+  text, every ``B`` times ``--eora-scale`` (``auto``: the factor chosen on that text, recorded as ``eora_scale``),
+  then trained at ``--lora-lr``; ``start_value``: the metric of that start); it merges into exactly 2:4 weights.
+  The training-free start does not depend on the seed: the first row of a task and objective computes it, the
+  others load it (``eora-start-<task>-<objective>.safetensors``, the fit before the factor);
 * ``scratch+lowrank``: the same recipe on the task's SparseGPT mask instead of the general mask (from scratch,
   mask only: SparseGPT's mask kept frozen, its weight update not used; its start in
   ``eora-start-<task>-<objective>-scratch.safetensors``).
@@ -70,7 +71,9 @@ from sparse_peft.evaluation import (
     sequence_classification_predictions,
 )
 from sparse_peft.layer import mask_layers
+from sparse_peft.lowrank_init import AUTO_SCALES, scale_update_to_calibration
 from sparse_peft.oneshot import prune
+from sparse_peft.options import auto_or_number
 from sparse_peft.stats import mask_stats
 from sparse_peft.tasks import (
     CLASSIFICATION_TASKS,
@@ -97,7 +100,7 @@ OBJECTIVES = ("label_words", "seq_cls")
 SHARED_SETTINGS = ("model", "gguf_file", "general", "general_sha256", "seq_len", "batch_size", "lr", "lora_lr",
                    "lora_r", "lowrank_rank", "sparse_reg", "prior_strength", "tau_start", "tau_end",
                    "kappa_start", "kappa_end", "distill", "bf16", "window", "eval_windows", "eval_examples",
-                   "num_samples", "calibration_len", "max_words", "held_out", "lowrank_init")
+                   "num_samples", "calibration_len", "max_words", "held_out", "lowrank_init", "eora_scale")
 NAMES = {"dense": "dense", "lora": "dense + LoRA", "general": "general mask", "sparsegpt": "SparseGPT 2:4 mask only",
          "sparsegpt+update": "SparseGPT 2:4 + weight update", "scratch": "task mask from SparseGPT prior",
          "transfer": "task mask from general mask",
@@ -130,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lowrank-init", choices=("eora", "zeros"), default="eora",
                    help="start of the +lowrank rows' update: eora (training-free, from the task's calibration text) or "
                         "zeros (B = 0, LoRA's start: the mask alone)")
+    p.add_argument("--eora-scale", type=auto_or_number, default="auto",
+                   help="MaskConfig.eora_scale of the eora start: auto (the factor of every B chosen on the task's "
+                        "calibration text; default) or a number (1: the fit as computed)")
     p.add_argument("--sparse-reg", type=float, default=0.0, help="regulariser lambda (0 for small batches)")
     defaults = sparse_peft.MaskConfig()
     for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end"):
@@ -177,6 +183,7 @@ def resumed_rows(args, json_path: str) -> list[dict]:
     with open(json_path) as f:
         saved = json.load(f)
     saved["settings"].setdefault("lowrank_init", "eora")  # tables from before the option: all eora
+    saved["settings"].setdefault("eora_scale", 1.0)  # ... and the start as fitted
     check_resumed_settings(saved["settings"], args, SHARED_SETTINGS, json_path)
     return saved["rows"]
 
@@ -198,6 +205,7 @@ class Benchmark:
         # (task, objective, kind) -> metric of a +lowrank row's start: the same for every seed (a loaded training-free
         # start, or B = 0) except with seq_cls, whose new head is drawn per seed
         self.start_values: dict[tuple, float] = {}
+        self.start_scales: dict[tuple, float] = {}  # (task, objective, kind) -> eora_scale chosen (ditto)
         self.model_fingerprint = model_fingerprint(model)  # the base weights a training-free start was made from
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
@@ -381,7 +389,8 @@ class Benchmark:
                 start_file = self.lowrank_start_file(task, objective, kind)
                 cached = self.has_lowrank_start(start_file, spec)  # the first seed's start: the same for every seed
             if kind in LOWRANK_ROWS:
-                extra.update(lora_rank=self.args.lowrank_rank, train_mask=False,
+                # the start is cached as fitted (factor 1), the row's factor applied after
+                extra.update(lora_rank=self.args.lowrank_rank, train_mask=False, eora_scale=1.0,
                              init_lora_weights=True if not eora or cached else "eora",
                              calibration=self.calibration(spec) if eora and not cached else None)
             # from scratch = the paper's one-shot prior formula with its noise, although the prior is a saved folder
@@ -396,6 +405,13 @@ class Benchmark:
                 config.init_lora_weights = "eora"  # what the loaded values are
             else:
                 save_lowrank(peft_model, start_file, self.lowrank_start_settings(spec))
+            key = (task, objective, kind)  # the factor, like the start, is the same for every seed but seq_cls's
+            if key in self.start_scales and objective != "seq_cls":
+                scales = (self.start_scales[key],)
+            else:
+                scales = AUTO_SCALES if self.args.eora_scale == "auto" else (self.args.eora_scale,)
+            config.eora_scale = row["eora_scale"] = self.start_scales[key] = scale_update_to_calibration(
+                peft_model, peft_model.active_adapter, self.calibration(spec), scales)
             row["init_cached"] = cached
         row["init_seconds"] = time.perf_counter() - start  # the prior (and a training-free update) computed / loaded
         if kind in LOWRANK_ROWS:  # the start itself (the training-free update, or B = 0), before any training
@@ -487,7 +503,7 @@ class Benchmark:
                 for budget in sorted(self.args.budgets):
                     for seed in self.args.seeds if budget == top else self.args.seeds[:1]:
                         self.learned_row(kind, task, spec, objective, budget, seed)
-        for cache in (self.fixed_models, self.tokenised, self.calibrations, self.start_values):
+        for cache in (self.fixed_models, self.tokenised, self.calibrations, self.start_values, self.start_scales):
             cache.clear()
 
 

@@ -15,7 +15,7 @@ from dataclasses import MISSING, fields
 from typing import Any, Optional, Sequence
 
 from .constants import DEFAULT_LR, DEMO_LORA_LR, DEMO_LORA_RANK, DEMO_TASK, ONE_SHOT_PRIORS, PRIOR_NAMES, TRAINER_DIR
-from .options import MaskOptions
+from .options import MaskOptions, auto_or_number
 
 logger = logging.getLogger("sparse_peft")
 _CONFIG_FIELDS = {f.name: f for f in fields(MaskOptions)}
@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arg(p, "init_lora_weights", action="store", type=str, choices=("zeros", "eora"), default="zeros",
                    help="start of the low-rank update: zeros (B = 0: the mask alone) or eora (training-free, from "
                         "--calibration text; docs/lowrank.md)")
+    add_config_arg(p, "eora_scale", type=auto_or_number)
     p.add_argument("--freeze-mask", action="store_true",
                    help="keep the prior's hard mask and train only the low-rank update (needs --lora-rank; "
                         "MaskConfig(train_mask=False))")

@@ -450,7 +450,8 @@ def cmd_learn(args) -> dict:
         kappa_start=args.kappa_start, kappa_end=args.kappa_end, sparse_reg=args.sparse_reg,
         save_logits=args.save_logits, task_type="CAUSAL_LM", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_placement=args.lora_placement, train_mask=not args.freeze_mask,
-        init_lora_weights="eora" if args.init_lora_weights == "eora" else True, logits_dtype=args.logits_dtype,
+        init_lora_weights="eora" if args.init_lora_weights == "eora" else True, eora_scale=args.eora_scale,
+        logits_dtype=args.logits_dtype,
     )
     _check_model(args)
     _check_prior(prior)

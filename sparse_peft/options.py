@@ -6,10 +6,25 @@ loading a model library; :class:`~sparse_peft.MaskConfig` (``MaskOptions`` + PEF
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-__all__ = ["MaskOptions"]
+__all__ = ["MaskOptions", "auto_or_number"]
+
+
+def auto_or_number(text: str) -> Union[str, float]:
+    """Parse a command-line value of ``eora_scale`` (an argparse ``type``): ``"auto"`` as is, else a number >= 0;
+    ``argparse.ArgumentTypeError`` naming the value otherwise."""
+    if text == "auto":
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        number = -1.0
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a number >= 0, got {text!r}")
+    return number
 
 
 @dataclass
@@ -111,6 +126,15 @@ class MaskOptions:
             "help": "True: B = 0 and A Kaiming-uniform (PEFT's LoRA default; the adapter starts as the mask alone). "
             "'eora': training-free, from `calibration`: the rank-r update that best restores each layer's dense "
             "output on the calibration inputs, in the eigenspace of their covariance (see sparse_peft.lowrank)."
+        },
+    )
+    eora_scale: Union[float, str] = field(
+        default="auto",
+        metadata={
+            "help": "Factor on every B of the init_lora_weights='eora' update. 'auto' (default): of 0, 0.25, 0.5, "
+            "0.75 and 1, the one that brings the model's last hidden states on the calibration inputs closest to "
+            "the dense model's (the layer-wise fit, applied whole, can overshoot on a mask learned end to end); "
+            "or a number >= 0 (1: the fit as computed)."
         },
     )
     lora_save_dtype: str = field(

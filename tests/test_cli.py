@@ -237,10 +237,11 @@ def test_learn_a_low_rank_update_on_a_frozen_mask(tmp_path, text_file):
     prior, learned = tmp_path / "magnitude", tmp_path / "lowrank"
     run(["prune", "--model", str(AIDREAMS), "--method", "magnitude", "--output", str(prior)])
     run(["learn", *common(text_file), "--prior", str(prior), "--data", text_file, "--steps", "2", "--batch-size", "2",
-         "--seq-len", "32", "--lora-rank", "2", "--init-lora-weights", "eora", "--freeze-mask",
-         "--output", str(learned)])
+         "--seq-len", "32", "--lora-rank", "2", "--init-lora-weights", "eora", "--eora-scale", "0.5",
+         "--freeze-mask", "--output", str(learned)])
     config = json.loads((learned / "adapter_config.json").read_text())
     assert (config["lora_rank"], config["train_mask"], config["init_lora_weights"]) == (2, False, "eora")
+    assert config["eora_scale"] == 0.5
     saved = load_file(learned / "adapter_model.safetensors")
     assert sum(".maskllm_lora_B" in k for k in saved) == 4 * 7
     general, task = load_mask_adapter(str(prior)), load_mask_adapter(str(learned))

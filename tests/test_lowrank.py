@@ -11,6 +11,7 @@ from peft import PeftModel, get_peft_model
 from conftest import tiny_gpt2, tiny_llama
 from sparse_peft import MaskConfig, MaskedLinear
 from sparse_peft.layer import mask_layers
+from sparse_peft.lowrank_init import AUTO_SCALES
 from sparse_peft.lowrank import (
     calibrated_factors,
     lowrank_factors,
@@ -129,7 +130,7 @@ def test_eora_init_on_a_model_reduces_every_layers_output_error(placement):
     corrected), and on those inputs its output error is below that of the same mask without the update."""
     calibration = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
     config = MaskConfig(prior="magnitude", lora_rank=4, lora_placement=placement, init_lora_weights="eora",
-                        calibration=calibration)
+                        calibration=calibration, eora_scale=1.0)
     model = get_peft_model(tiny_llama(), config)
     inputs = layer_inputs(model, calibration)
     assert len(inputs) == 14
@@ -142,6 +143,38 @@ def test_eora_init_on_a_model_reduces_every_layers_output_error(placement):
         else:
             effective = weight * mask + scale * lora_b @ lora_a
         assert explicit_error(weight, effective, x) < explicit_error(weight, weight * mask, x), name
+
+
+def eora_updates(scale, calibration):
+    torch.manual_seed(0)  # the same initial logits, so the same hard mask and fit
+    config = MaskConfig(prior="magnitude", lora_rank=4, init_lora_weights="eora", calibration=calibration,
+                        eora_scale=scale)
+    model = get_peft_model(tiny_llama(), config)
+    return model, {name: layer.lowrank("default")[1].detach().clone() for name, layer in mask_layers(model).items()}
+
+
+def test_eora_scale_multiplies_the_fit_and_auto_picks_the_factor_closest_to_dense():
+    """``eora_scale=0.5`` is half the fit's ``B``; ``"auto"`` is the factor of ``AUTO_SCALES`` whose last hidden
+    states on the calibration tokens are nearest the dense model's, recomputed here through PEFT's
+    ``disable_adapter``."""
+    calibration = torch.randint(0, 128, (12, 24), generator=torch.Generator().manual_seed(3))
+    model, fitted = eora_updates(1.0, calibration)
+    half = eora_updates(0.5, calibration)[1]
+    assert half.keys() == fitted.keys() and all(torch.equal(b, fitted[name] * 0.5) for name, b in half.items())
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        dense = model(input_ids=calibration, output_hidden_states=True).hidden_states[-1]
+    errors = {}
+    for factor in AUTO_SCALES:
+        with torch.no_grad():
+            for name, layer in mask_layers(model).items():
+                layer.lowrank("default")[1].copy_(fitted[name] * factor)
+            hidden = model(input_ids=calibration, output_hidden_states=True).hidden_states[-1]
+        errors[factor] = (hidden - dense).double().square().sum().item()
+    assert len({round(e, 6) for e in errors.values()}) == len(AUTO_SCALES)  # the choice is not a tie
+    best = min(errors, key=errors.get)
+    auto = eora_updates("auto", calibration)[1]
+    assert all(torch.equal(b, fitted[name] * best) for name, b in auto.items()), (best, errors)
 
 
 def test_a_frozen_one_shot_mask_is_the_pruners_own():
@@ -202,6 +235,8 @@ def test_eora_without_calibration_is_refused_before_anything_changes():
         (dict(train_mask=False), "lora_rank > 0"),
         (dict(lora_rank=4, lora_alpha=0), "lora_alpha"),
         (dict(init_lora_weights="eora"), "lora_rank > 0"),
+        (dict(lora_rank=4, eora_scale="best"), "eora_scale"),
+        (dict(lora_rank=4, eora_scale=-0.5), "eora_scale"),
     ],
 )
 def test_bad_lowrank_options_name_the_field(kwargs, match):

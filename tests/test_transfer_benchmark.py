@@ -14,6 +14,7 @@ from sparse_peft import MaskConfig
 from sparse_peft.data import calibration_from_texts, load_model_and_tokenizer
 from sparse_peft.evaluation import perplexity
 from sparse_peft.layer import mask_layers
+from sparse_peft.lowrank_init import AUTO_SCALES
 from sparse_peft.oneshot import prune
 from sparse_peft.tasks import load_task
 
@@ -62,6 +63,8 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
         assert config["prior_noise"] is (True if row["row"] == "scratch" else None)
         if row["row"] == "transfer":
             assert row["bits_delta"] < row["bits_raw"]
+        if row["row"].endswith("+lowrank"):  # the start's factor, chosen on the calibration text, is recorded
+            assert row["eora_scale"] in AUTO_SCALES and config["eora_scale"] == row["eora_scale"]
         if row["row"] == "transfer+lowrank":  # its mask is the general mask; the file holds the update
             assert row["mean_agreement"] == 1 and config["lora_rank"] == 16 and not config["train_mask"]
         if row["row"] == "scratch+lowrank":  # the task's SparseGPT mask (not the general one), frozen, + the update
@@ -84,7 +87,7 @@ def test_rows_sizes_reference_and_resume(tmp_path, general, monkeypatch):
     for kind in ("transfer+lowrank", "scratch+lowrank"):  # an lm start does not depend on the seed
         starts = {r["seed"]: r["start_value"] for r in first["rows"] if (r["task"], r["row"]) == ("tinystories", kind)}
         assert starts[0] == starts[1] and 0 < starts[0] < float("inf")
-    config = MaskConfig(prior=general, lora_rank=16, train_mask=False, init_lora_weights="eora",
+    config = MaskConfig(prior=general, lora_rank=16, train_mask=False, init_lora_weights="eora", eora_scale=1.0,
                         calibration=calibration_from_texts(load_task("tinystories").train, tokenizer, 2, 16))
     reference = mask_layers(get_peft_model(model, config), "default")
     start = load_file(tmp_path / "t" / "eora-start-tinystories-lm.safetensors")
