@@ -3,7 +3,8 @@
 Rows (``--rows``), all on the general mask (``--general``, default the shipped one) and the same base:
 
 * ``mask``: the general mask alone;
-* ``eora-under-r<R>``: training-free update under the mask (``init_lora_weights='eora'``, rank R per ``--ranks``);
+* ``eora-under-r<R>``: training-free update under the mask (``init_lora_weights='eora'``, rank R per ``--ranks``,
+  every ``B`` times ``--eora-scale``; ``auto``: the factor chosen on the calibration text, recorded per row);
 * ``eora-residual-r<R>``: training-free dense residual update (EoRA's projection of the compression error);
 * ``trained-under-r<R>``: rank R (``--train-rank``) under the frozen general mask (``train_mask=False``), started
   from zero (``--trained-init zeros``) or from the training-free update (``eora``: the ``eora-under-r<R>`` row's
@@ -38,13 +39,14 @@ from sparse_peft.config import DEFAULT_TARGET_MODULES
 from sparse_peft.data import calibration_from_texts, default_general_mask, load_model_and_tokenizer, load_texts
 from sparse_peft.evaluation import label_word_predictions, metric_scores, perplexity
 from sparse_peft.layer import mask_layers
+from sparse_peft.options import auto_or_number
 from sparse_peft.patterns import is_n_m_sparse
 from sparse_peft.tasks import load_task
 from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
 from sparse_peft.utils import atomic_write, check_resumed_settings, comma_list, weight_out_in
 
 SHARED_SETTINGS = ("model", "gguf_file", "general", "calibration", "num_samples", "calibration_len", "train_data",
-                   "batch_size", "seq_len", "lr", "window", "eval_windows", "eval_examples")
+                   "batch_size", "seq_len", "lr", "window", "eval_windows", "eval_examples", "eora_scale")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-rank", type=int, default=16, help="rank of eora-residual, trained-under, naive-lora")
     p.add_argument("--trained-init", choices=("zeros", "eora"), default="zeros",
                    help="start of the trained-under row: B = 0, or the training-free update")
+    p.add_argument("--eora-scale", type=auto_or_number, default="auto",
+                   help="MaskConfig.eora_scale of the training-free updates (auto: chosen on the calibration text)")
     p.add_argument("--calibration", default="c4")
     p.add_argument("--num-samples", type=int, default=32, help="calibration sequences of the training-free init")
     p.add_argument("--calibration-len", type=int, default=256)
@@ -109,6 +113,7 @@ class Benchmark:
                 raise ValueError(f"{self.json_path} exists: pass --resume to add to it, or another --output.")
             with open(self.json_path) as f:
                 saved = json.load(f)
+            saved["settings"].setdefault("eora_scale", 1.0)  # tables from before the option: the fit as computed
             check_resumed_settings(saved["settings"], args, SHARED_SETTINGS, self.json_path)
             self.result["rows"] = saved["rows"]
         self._calibration = None
@@ -184,8 +189,11 @@ class Benchmark:
                     placement = "dense_residual" if "residual" in name else "under_mask"
                     config.update(lora_rank=rank, lora_placement=placement, train_mask=False)
                     if not (trained and self.args.trained_init == "zeros"):
-                        config.update(init_lora_weights="eora", calibration=self.calibration)
+                        config.update(init_lora_weights="eora", calibration=self.calibration,
+                                      eora_scale=self.args.eora_scale)
                 model = get_peft_model(copy.deepcopy(self.model), sparse_peft.MaskConfig(**config))
+                if config.get("init_lora_weights") == "eora":
+                    row["eora_scale"] = model.peft_config["default"].eora_scale  # the factor applied
             row["init_seconds"] = time.perf_counter() - start
             if trained:
                 row["distill"] = self.args.distill

@@ -173,8 +173,9 @@ def test_eora_scale_multiplies_the_fit_and_auto_picks_the_factor_closest_to_dens
         errors[factor] = (hidden - dense).double().square().sum().item()
     assert len({round(e, 6) for e in errors.values()}) == len(AUTO_SCALES)  # the choice is not a tie
     best = min(errors, key=errors.get)
-    auto = eora_updates("auto", calibration)[1]
+    auto_model, auto = eora_updates("auto", calibration)
     assert all(torch.equal(b, fitted[name] * best) for name, b in auto.items()), (best, errors)
+    assert auto_model.peft_config["default"].eora_scale == best  # saved with the adapter: the factor applied
 
 
 def test_a_frozen_one_shot_mask_is_the_pruners_own():

@@ -10,6 +10,7 @@ from peft import PeftModel
 from conftest import AIDREAMS, load_benchmark
 from sparse_peft.data import load_model_and_tokenizer, load_texts
 from sparse_peft.evaluation import perplexity
+from sparse_peft.lowrank_init import AUTO_SCALES
 from sparse_peft.oneshot import prune
 
 SMALL = ["--model", str(AIDREAMS), "--device", "cpu", "--ranks", "2,4", "--train-rank", "2", "--num-samples", "4",
@@ -35,6 +36,9 @@ def test_rows_merge_checks_reference_and_resume(tmp_path):
     assert rows["mask"]["bits_per_weight"] < rows["eora-under-r2"]["bits_per_weight"] < rows["eora-under-r4"][
         "bits_per_weight"]
     assert rows["trained-under-r2"]["tokens"] == 2 * 2 * 32
+    for name in ("eora-under-r2", "eora-under-r4", "eora-residual-r2"):  # the factor the start was applied with
+        assert rows[name]["eora_scale"] in AUTO_SCALES, name
+    assert "eora_scale" not in rows["trained-under-r2"]  # started from zero
 
     # The mask row is the library's perplexity of the general mask adapter.
     texts = load_texts("wikitext2", split="test")
