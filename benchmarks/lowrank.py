@@ -256,7 +256,8 @@ def markdown(rows: list[dict]) -> str:
         bits = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else ""
         zeros = f"{100 * r['merged_zero_fraction']:.1f}%" if "merged_zero_fraction" in r else ""
         exact = {True: "yes", False: "**no**"}.get(r.get("merged_exactly_2of4"), "")
-        lines.append(f"| {r['row']} | {r['rank'] or ''} | {ppl:.2f} | {vs} | {gap} | {acc} | {bits} | {zeros} | "
+        name = r["row"] + (f" (eora_scale {r['eora_scale']:g})" if "eora_scale" in r else "")
+        lines.append(f"| {name} | {r['rank'] or ''} | {ppl:.2f} | {vs} | {gap} | {acc} | {bits} | {zeros} | "
                      f"{exact} | {r.get('tokens', '')} | {r.get('seconds', 0):.0f} |")
     return "\n".join(lines)
 
