@@ -39,6 +39,7 @@ from sparse_peft.config import DEFAULT_TARGET_MODULES
 from sparse_peft.data import calibration_from_texts, default_general_mask, load_model_and_tokenizer, load_texts
 from sparse_peft.evaluation import label_word_predictions, metric_scores, perplexity
 from sparse_peft.layer import mask_layers
+from sparse_peft.lowrank_init import scale_update_to_calibration
 from sparse_peft.options import auto_or_number
 from sparse_peft.patterns import is_n_m_sparse
 from sparse_peft.tasks import load_task
@@ -189,11 +190,12 @@ class Benchmark:
                     placement = "dense_residual" if "residual" in name else "under_mask"
                     config.update(lora_rank=rank, lora_placement=placement, train_mask=False)
                     if not (trained and self.args.trained_init == "zeros"):
-                        config.update(init_lora_weights="eora", calibration=self.calibration,
-                                      eora_scale=self.args.eora_scale)
+                        # the fit as computed, then the row's factor, which is recorded
+                        config.update(init_lora_weights="eora", calibration=self.calibration, eora_scale=1.0)
                 model = get_peft_model(copy.deepcopy(self.model), sparse_peft.MaskConfig(**config))
                 if config.get("init_lora_weights") == "eora":
-                    row["eora_scale"] = model.peft_config["default"].eora_scale  # the factor applied
+                    model.peft_config["default"].eora_scale = row["eora_scale"] = scale_update_to_calibration(
+                        model, "default", self.calibration, self.args.eora_scale)
             row["init_seconds"] = time.perf_counter() - start
             if trained:
                 row["distill"] = self.args.distill

@@ -71,7 +71,7 @@ from sparse_peft.evaluation import (
     sequence_classification_predictions,
 )
 from sparse_peft.layer import mask_layers
-from sparse_peft.lowrank_init import AUTO_SCALES, scale_update_to_calibration
+from sparse_peft.lowrank_init import scale_update_to_calibration
 from sparse_peft.oneshot import prune
 from sparse_peft.options import auto_or_number
 from sparse_peft.stats import mask_stats
@@ -408,10 +408,8 @@ class Benchmark:
             else:
                 save_lowrank(peft_model, start_file, self.lowrank_start_settings(spec))
             key = (task, objective, kind)  # the factor, like the start, is the same for every seed but seq_cls's
-            if key in self.start_scales and objective != "seq_cls":
-                scales = (self.start_scales[key],)
-            else:
-                scales = AUTO_SCALES if self.args.eora_scale == "auto" else (self.args.eora_scale,)
+            cached_scale = key in self.start_scales and objective != "seq_cls"
+            scales = self.start_scales[key] if cached_scale else self.args.eora_scale
             config.eora_scale = row["eora_scale"] = self.start_scales[key] = scale_update_to_calibration(
                 peft_model, peft_model.active_adapter, self.calibration(spec), scales)
             row["init_cached"] = cached

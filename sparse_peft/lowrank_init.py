@@ -87,23 +87,27 @@ def init_lowrank_from_calibration(
                     lora_b.copy_(b / scale)
             if i < last:
                 inputs = run_block(blocks[i], inputs)
-    scales = AUTO_SCALES if factor == "auto" else (float(factor),)
-    return scale_update_to_calibration(model, adapter_name, calibration, scales, batch_size)
+    return scale_update_to_calibration(model, adapter_name, calibration, factor, batch_size)
 
 
 def scale_update_to_calibration(
-    model: nn.Module, adapter_name: str, calibration: torch.Tensor, scales: Sequence[float] = AUTO_SCALES,
-    batch_size: int = 8,
+    model: nn.Module, adapter_name: str, calibration: torch.Tensor,
+    scales: Union[str, float, Sequence[float]] = "auto", batch_size: int = 8,
 ) -> float:
     """Multiply every ``B`` of ``adapter_name``'s updates by the factor of ``scales`` whose model brings its last
     hidden states on ``calibration`` (token ids ``[num_samples, seq_len]``) closest to the dense model's (mask
-    layers disabled), by the sum of squared differences over all tokens; returns that factor. A single factor is
-    applied without running the model.
+    layers disabled), by the sum of squared differences over all tokens; returns that factor. ``scales``: a
+    sequence of factors >= 0, ``"auto"`` (:data:`AUTO_SCALES`) or one number (``MaskConfig.eora_scale``'s values);
+    a single factor is applied without running the model.
 
     ``model`` is called as ``model(input_ids=..., use_cache=False, output_hidden_states=True)`` in eval mode, once
     per batch of ``batch_size`` rows for the dense model and once per factor; the train/eval flags and the active
     adapters are restored afterwards. The model with factor 0 is the mask alone.
     """
+    if scales == "auto":
+        scales = AUTO_SCALES
+    elif isinstance(scales, (int, float)):
+        scales = (float(scales),)
     if not scales or min(scales) < 0:
         raise ValueError(f"scales must be a non-empty sequence of numbers >= 0, got {scales!r}.")
     layers = [layer for layer in mask_layers(model, adapter_name).values() if layer.lowrank(adapter_name) is not None]

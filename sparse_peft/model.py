@@ -103,9 +103,7 @@ class MaskModel(BaseTuner):
             finally:
                 self._prior_masks.pop(adapter_name, None)
             if _calibrates_lowrank(config, low_cpu_mem_usage):
-                # the factor applied ("auto": the one chosen) is what the saved config states
-                config.eora_scale = init_lowrank_from_calibration(model, adapter_name, config.calibration,
-                                                                  factor=config.eora_scale)
+                init_lowrank_from_calibration(model, adapter_name, config.calibration, factor=config.eora_scale)
         except BaseException:
             undo.restore()
             raise

@@ -134,7 +134,7 @@ class MaskOptions:
             "help": "Factor on every B of the init_lora_weights='eora' update. 'auto' (default): of 0, 0.25, 0.5, "
             "0.75 and 1, the one that brings the model's last hidden states on the calibration inputs closest to "
             "the dense model's (the layer-wise fit, applied whole, can overshoot on a mask learned end to end); "
-            "or a number >= 0 (1: the fit as computed). The saved config holds the factor applied."
+            "or a number >= 0 (1: the fit as computed)."
         },
     )
     lora_save_dtype: str = field(

@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 from conftest import tiny_gpt2, tiny_llama
 from sparse_peft import MaskConfig, MaskedLinear
 from sparse_peft.layer import mask_layers
-from sparse_peft.lowrank_init import AUTO_SCALES
+from sparse_peft.lowrank_init import AUTO_SCALES, scale_update_to_calibration
 from sparse_peft.lowrank import (
     calibrated_factors,
     lowrank_factors,
@@ -173,9 +173,11 @@ def test_eora_scale_multiplies_the_fit_and_auto_picks_the_factor_closest_to_dens
         errors[factor] = (hidden - dense).double().square().sum().item()
     assert len({round(e, 6) for e in errors.values()}) == len(AUTO_SCALES)  # the choice is not a tie
     best = min(errors, key=errors.get)
-    auto_model, auto = eora_updates("auto", calibration)
+    auto = eora_updates("auto", calibration)[1]
     assert all(torch.equal(b, fitted[name] * best) for name, b in auto.items()), (best, errors)
-    assert auto_model.peft_config["default"].eora_scale == best  # saved with the adapter: the factor applied
+    assert scale_update_to_calibration(model, "default", calibration, 0.25) == 0.25  # one factor: just applied
+    assert all(torch.equal(layer.lowrank("default")[1], fitted[name] * 0.25)
+               for name, layer in mask_layers(model).items())
 
 
 def test_a_frozen_one_shot_mask_is_the_pruners_own():
