@@ -15,7 +15,7 @@ from peft.utils.peft_types import PeftType
 
 from .constants import ONE_SHOT_PRIORS, PEFT_TYPE_VALUE
 from .lowrank import PLACEMENTS
-from .options import MaskOptions
+from .options import MaskOptions, is_eora_scale
 from .patterns import validate_n_m
 
 _LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -128,9 +128,8 @@ class MaskConfig(MaskOptions, PeftConfig):
             raise ValueError(
                 f"MaskConfig.init_lora_weights must be True, False or 'eora', got {self.init_lora_weights!r}."
             )
-        if not (self.eora_scale == "auto" or (isinstance(self.eora_scale, (int, float))
-                                              and not isinstance(self.eora_scale, bool) and self.eora_scale >= 0)):
-            raise ValueError(f"MaskConfig.eora_scale must be 'auto' or a number >= 0, got {self.eora_scale!r}.")
+        if not is_eora_scale(self.eora_scale):
+            raise ValueError(f"MaskConfig.eora_scale must be 'auto' or a finite number >= 0, got {self.eora_scale!r}.")
         if self.lora_save_dtype not in ("bfloat16", "float32"):
             raise ValueError(
                 f"MaskConfig.lora_save_dtype must be 'bfloat16' or 'float32', got {self.lora_save_dtype!r}."

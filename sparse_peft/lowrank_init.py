@@ -102,7 +102,8 @@ def scale_update_to_calibration(
 
     ``model`` is called as ``model(input_ids=..., use_cache=False, output_hidden_states=True)`` in eval mode, once
     per batch of ``batch_size`` rows for the dense model and once per factor; the train/eval flags and the active
-    adapters are restored afterwards. The model with factor 0 is the mask alone.
+    adapters are restored afterwards, and so is every ``B`` if a forward fails. The model with factor 0 is the mask
+    alone.
     """
     if scales == "auto":
         scales = AUTO_SCALES
@@ -121,13 +122,17 @@ def scale_update_to_calibration(
     errors = [0.0] * len(scales)
     with _active(model, adapter_name), torch.no_grad():
         device = next(model.parameters()).device
-        for batch in calibration.split(batch_size):
-            batch = batch.to(device)
-            with _dense(model):
-                dense = _last_hidden(model, batch)
-            for k, factor in enumerate(scales):
-                _scale_updates(layers, adapter_name, fitted, factor)
-                errors[k] += (_last_hidden(model, batch) - dense).square().sum().item()
+        try:
+            for batch in calibration.split(batch_size):
+                batch = batch.to(device)
+                with _dense(model):
+                    dense = _last_hidden(model, batch)
+                for k, factor in enumerate(scales):
+                    _scale_updates(layers, adapter_name, fitted, factor)
+                    errors[k] += (_last_hidden(model, batch) - dense).square().sum().item()
+        except BaseException:
+            _scale_updates(layers, adapter_name, fitted, 1.0)  # a failed choice leaves B as it was
+            raise
     best = scales[min(range(len(scales)), key=errors.__getitem__)]
     with torch.no_grad():
         _scale_updates(layers, adapter_name, fitted, best)

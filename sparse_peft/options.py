@@ -7,23 +7,31 @@ loading a model library; :class:`~sparse_peft.MaskConfig` (``MaskOptions`` + PEF
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-__all__ = ["MaskOptions", "auto_or_number"]
+__all__ = ["MaskOptions", "auto_or_number", "is_eora_scale"]
+
+
+def is_eora_scale(value: Any) -> bool:
+    """Whether ``value`` is a valid ``eora_scale``: ``"auto"`` or a finite number >= 0 (not a bool)."""
+    if value == "auto":
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def auto_or_number(text: str) -> Union[str, float]:
-    """Parse a command-line value of ``eora_scale`` (an argparse ``type``): ``"auto"`` as is, else a number >= 0;
-    ``argparse.ArgumentTypeError`` naming the value otherwise."""
+    """Parse a command-line value of ``eora_scale`` (an argparse ``type``): ``"auto"`` as is, else a finite number
+    >= 0; ``argparse.ArgumentTypeError`` naming the value otherwise."""
     if text == "auto":
         return text
     try:
         number = float(text)
     except ValueError:
-        number = -1.0
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"expected auto or a number >= 0, got {text!r}")
+        number = None
+    if not is_eora_scale(number):
+        raise argparse.ArgumentTypeError(f"expected auto or a finite number >= 0, got {text!r}")
     return number
 
 

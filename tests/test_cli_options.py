@@ -95,12 +95,12 @@ def test_training_options_are_checked_before_the_model_is_loaded(extra, message,
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["-1", "half"])
+@pytest.mark.parametrize("value", ["-1", "half", "inf", "nan"])
 def test_eora_scale_must_be_auto_or_a_number(value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["learn", "--prior", "magnitude", "--data", "c4", "--eora-scale", value, "--output", "out"])
     assert exit_info.value.code == 2
-    assert f"--eora-scale: expected auto or a number >= 0, got '{value}'" in capsys.readouterr().err
+    assert f"--eora-scale: expected auto or a finite number >= 0, got '{value}'" in capsys.readouterr().err
 
 
 def test_eval_table_states_data_window_and_sparsity(tmp_path, text_file, capsys):

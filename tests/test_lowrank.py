@@ -180,6 +180,26 @@ def test_eora_scale_multiplies_the_fit_and_auto_picks_the_factor_closest_to_dens
                for name, layer in mask_layers(model).items())
 
 
+def test_a_failed_scale_choice_leaves_every_update_as_it_was(monkeypatch):
+    from sparse_peft import lowrank_init
+
+    calibration = torch.randint(0, 128, (12, 24), generator=torch.Generator().manual_seed(3))
+    model, fitted = eora_updates(1.0, calibration)
+    calls = []
+
+    def failing(module, batch):  # the dense forward and two factors' succeed, then one fails
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return original(module, batch)
+
+    original = lowrank_init._last_hidden
+    monkeypatch.setattr(lowrank_init, "_last_hidden", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        scale_update_to_calibration(model, "default", calibration)
+    assert all(torch.equal(layer.lowrank("default")[1], fitted[name]) for name, layer in mask_layers(model).items())
+
+
 def test_a_frozen_one_shot_mask_is_the_pruners_own():
     """``train_mask=False`` with a one-shot prior keeps exactly the pruner's mask: the prior formula's random part
     (on by default for a one-shot prior whose mask trains) would freeze a perturbed mask instead."""
@@ -240,6 +260,8 @@ def test_eora_without_calibration_is_refused_before_anything_changes():
         (dict(init_lora_weights="eora"), "lora_rank > 0"),
         (dict(lora_rank=4, eora_scale="best"), "eora_scale"),
         (dict(lora_rank=4, eora_scale=-0.5), "eora_scale"),
+        (dict(lora_rank=4, eora_scale=float("inf")), "eora_scale"),
+        (dict(lora_rank=4, eora_scale=True), "eora_scale"),
     ],
 )
 def test_bad_lowrank_options_name_the_field(kwargs, match):
