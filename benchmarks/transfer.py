@@ -100,7 +100,8 @@ OBJECTIVES = ("label_words", "seq_cls")
 SHARED_SETTINGS = ("model", "gguf_file", "general", "general_sha256", "seq_len", "batch_size", "lr", "lora_lr",
                    "lora_r", "lowrank_rank", "sparse_reg", "prior_strength", "tau_start", "tau_end",
                    "kappa_start", "kappa_end", "distill", "bf16", "window", "eval_windows", "eval_examples",
-                   "num_samples", "calibration_len", "max_words", "held_out", "lowrank_init", "eora_scale")
+                   "num_samples", "calibration_len", "max_words", "held_out", "lowrank_init", "eora_scale",
+                   "reselect")
 NAMES = {"dense": "dense", "lora": "dense + LoRA", "general": "general mask", "sparsegpt": "SparseGPT 2:4 mask only",
          "sparsegpt+update": "SparseGPT 2:4 + weight update", "scratch": "task mask from SparseGPT prior",
          "transfer": "task mask from general mask",
@@ -138,6 +139,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eora-scale", type=auto_or_number, default="auto",
                    help="MaskConfig.eora_scale of the eora start: auto (the factor of every B chosen on the task's "
                         "calibration text; default) or a number (1: the fit as computed)")
+    p.add_argument("--reselect", type=float, default=0.0,
+                   help="MaskConfig.prior_reselect of the transfer rows: the fraction of the groups where the general "
+                        "mask and the task's SparseGPT mask disagree that take SparseGPT's pattern (0: the general "
+                        "mask as is)")
     p.add_argument("--sparse-reg", type=float, default=0.0, help="regulariser lambda (0 for small batches)")
     defaults = sparse_peft.MaskConfig()
     for name in ("prior_strength", "tau_start", "tau_end", "kappa_start", "kappa_end"):
@@ -186,6 +191,7 @@ def resumed_rows(args, json_path: str) -> list[dict]:
         saved = json.load(f)
     saved["settings"].setdefault("lowrank_init", "eora")  # tables from before the option: all eora
     saved["settings"].setdefault("eora_scale", 1.0)  # ... and the start as fitted
+    saved["settings"].setdefault("reselect", 0.0)  # ... and the general mask as is
     check_resumed_settings(saved["settings"], args, SHARED_SETTINGS, json_path)
     return saved["rows"]
 
@@ -389,12 +395,15 @@ class Benchmark:
                                                            "kappa_end")}
             if eora:
                 start_file = self.lowrank_start_file(task, objective, kind)
-                cached = self.has_lowrank_start(start_file, spec)  # the first seed's start: the same for every seed
+                cached = self.has_lowrank_start(start_file, spec, kind)  # the first seed's start, for every seed
+            reselect = self.args.reselect if kind.startswith("transfer") else 0.0
+            fit = eora and not cached
+            if fit or reselect:
+                extra.update(calibration=self.calibration(spec), prior_reselect=reselect)
             if kind in LOWRANK_ROWS:
                 # the start is cached as fitted (factor 1), the row's factor applied after
                 extra.update(lora_rank=self.args.lowrank_rank, train_mask=False, eora_scale=1.0,
-                             init_lora_weights=True if not eora or cached else "eora",
-                             calibration=self.calibration(spec) if eora and not cached else None)
+                             init_lora_weights="eora" if fit else True)
             # from scratch = the paper's one-shot prior formula with its noise, although the prior is a saved folder
             noise = None if kind.startswith("transfer") or kind in LOWRANK_ROWS else True
             config = sparse_peft.MaskConfig(prior=prior, prior_noise=noise, sparse_reg=self.args.sparse_reg,
@@ -406,7 +415,7 @@ class Benchmark:
                 load_lowrank(peft_model, start_file)
                 config.init_lora_weights = "eora"  # what the loaded values are
             else:
-                save_lowrank(peft_model, start_file, self.lowrank_start_settings(spec))
+                save_lowrank(peft_model, start_file, self.lowrank_start_settings(spec, kind))
             key = (task, objective, kind)  # the factor, like the start, is the same for every seed but seq_cls's
             cached_scale = key in self.start_scales and objective != "seq_cls"
             scales = self.start_scales[key] if cached_scale else self.args.eora_scale
@@ -451,16 +460,18 @@ class Benchmark:
         suffix = "" if kind == "transfer+lowrank" else "-scratch"
         return self.path(f"eora-start-{task}-{objective}{suffix}.safetensors")
 
-    def lowrank_start_settings(self, spec) -> dict[str, str]:
-        """What a training-free start depends on (safetensors metadata, JSON values): the base model's weights
-        (:func:`~sparse_peft.teacher.model_fingerprint`), the general mask, the rank and the SHA-256 of the task's
-        calibration token ids."""
+    def lowrank_start_settings(self, spec, kind: str) -> dict[str, str]:
+        """What a ``kind`` row's training-free start depends on (safetensors metadata, JSON values): the base model's
+        weights (:func:`~sparse_peft.teacher.model_fingerprint`), the general mask, the rank, the SHA-256 of the
+        task's calibration token ids and, for a transfer row with ``--reselect``, that fraction."""
         settings = {k: json.dumps(getattr(self.args, k)) for k in ("general_sha256", "lowrank_rank")}
         settings["model_fingerprint"] = self.model_fingerprint
         settings["calibration_sha256"] = hashlib.sha256(self.calibration(spec).numpy().tobytes()).hexdigest()
+        if kind.startswith("transfer") and self.args.reselect:  # (starts from before the option lack the key)
+            settings["reselect"] = json.dumps(self.args.reselect)
         return settings
 
-    def has_lowrank_start(self, path: str, spec) -> bool:
+    def has_lowrank_start(self, path: str, spec, kind: str) -> bool:
         """True if ``path`` holds a training-free start computed from what this row's would be (else recompute)."""
         if not os.path.isfile(path):
             return False
@@ -470,7 +481,7 @@ class Benchmark:
         except SafetensorError as err:
             raise ValueError(f"{path} is not a readable safetensors file ({err}); delete it to recompute the "
                              f"training-free start.") from err
-        return metadata == self.lowrank_start_settings(spec)
+        return metadata == self.lowrank_start_settings(spec, kind)
 
     def save_mask(self, peft_model, name: str) -> dict:
         """Save the task mask delta-coded against the general mask (``adapters/<name>``) and, to measure it, raw;

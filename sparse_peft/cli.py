@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start of the low-rank update: zeros (B = 0: the mask alone) or eora (training-free, from "
                         "--calibration text; docs/lowrank.md)")
     add_config_arg(p, "eora_scale", type=auto_or_number)
+    add_config_arg(p, "prior_reselect", type=float,
+                   help="with an adapter --prior: re-select this fraction of the groups where it and a one-shot "
+                        "SparseGPT mask of the --calibration text disagree (the task's text; docs/training.md)")
     p.add_argument("--freeze-mask", action="store_true",
                    help="keep the prior's hard mask and train only the low-rank update (needs --lora-rank; "
                         "MaskConfig(train_mask=False))")

@@ -451,17 +451,18 @@ def cmd_learn(args) -> dict:
         save_logits=args.save_logits, task_type="CAUSAL_LM", lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_placement=args.lora_placement, train_mask=not args.freeze_mask,
         init_lora_weights="eora" if args.init_lora_weights == "eora" else True, eora_scale=args.eora_scale,
-        logits_dtype=args.logits_dtype,
+        logits_dtype=args.logits_dtype, prior_reselect=args.prior_reselect,
     )
     _check_model(args)
     _check_prior(prior)
     _check_text("--data", args.data)
     _check_training_options(args)
-    if prior in CALIBRATED_PRIORS or config.init_lora_weights == "eora":
+    calibrated = prior in CALIBRATED_PRIORS or config.init_lora_weights == "eora" or config.prior_reselect
+    if calibrated:
         _check_text("--calibration", args.calibration)
     _check_targets(args, config)
     model, tokenizer = _load(args)
-    if prior in CALIBRATED_PRIORS or config.init_lora_weights == "eora":
+    if calibrated:
         config.calibration = _calibration(args, tokenizer)
     return learn_and_save(
         model, tokenizer, config, args.data, args.output, steps=args.steps, batch_size=args.batch_size,

@@ -109,6 +109,15 @@ class MaskConfig(MaskOptions, PeftConfig):
                 "not a saved mask adapter. Pass prior='<path or Hub id of the general mask adapter>', or drop "
                 "save_delta."
             )
+        if not (isinstance(self.prior_reselect, (int, float)) and not isinstance(self.prior_reselect, bool)
+                and 0 <= self.prior_reselect <= 1):
+            raise ValueError(f"MaskConfig.prior_reselect must be a number in [0, 1], got {self.prior_reselect!r}.")
+        if self.prior_reselect and not self.prior_is_adapter:
+            raise ValueError(
+                f"MaskConfig(prior_reselect={self.prior_reselect}) re-selects a general mask for a task, but "
+                f"prior={self.prior!r} is not a saved mask adapter. Pass prior='<path or Hub id of the general mask "
+                "adapter>', or drop prior_reselect."
+            )
         if self.logits_dtype not in ("float32", "bfloat16"):
             raise ValueError(
                 f"MaskConfig.logits_dtype must be 'float32' or 'bfloat16', got {self.logits_dtype!r}."

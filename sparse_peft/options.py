@@ -72,6 +72,15 @@ class MaskOptions:
             "True for an adapter that holds a one-shot mask to learn from (benchmarks/quality.py)."
         },
     )
+    prior_reselect: float = field(
+        default=0.0,
+        metadata={
+            "help": "With a mask adapter as `prior` and `calibration` (the task's text): per layer, the fraction of "
+            "the groups where the prior's pattern differs from a one-shot SparseGPT mask of the calibration inputs "
+            "that take SparseGPT's pattern, those whose Wanda saliency |W|*||X|| gains most (sparse_peft.reselect). "
+            "0: the prior's mask as is."
+        },
+    )
     logit_init_std: float = field(default=0.01, metadata={"help": "Std of the random initial logits."})
     sparse_reg: float = field(
         default=1e-5,

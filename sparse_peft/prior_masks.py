@@ -1,7 +1,8 @@
 """Prior resolution: the initial masks a :class:`~sparse_peft.MaskConfig`'s ``prior`` asks for, per target layer.
 
 A prior is a one-shot pruner (:mod:`sparse_peft.pruners`), a saved mask adapter (the transfer path: local folder or
-Hub id, checked against the base weights) or a MaskLLM ``mask_compressed.npz`` (:mod:`sparse_peft.published`).
+Hub id, checked against the base weights; with ``prior_reselect`` re-selected on the task's calibration inputs,
+:mod:`sparse_peft.reselect`) or a MaskLLM ``mask_compressed.npz`` (:mod:`sparse_peft.published`).
 The tuner calls :func:`prior_masks` before injecting an adapter and builds its logits from the result.
 """
 
@@ -20,6 +21,7 @@ from .config import MaskConfig
 from .constants import CALIBRATED_PRIORS
 from .published import published_mask_file, read_published_masks
 from .pruners import compute_prior_masks
+from .reselect import reselect_to_calibration
 from .utils import output_layer, weight_out_in
 
 
@@ -47,7 +49,18 @@ def prior_masks(model: nn.Module, config: MaskConfig) -> dict[str, torch.Tensor]
     """
     targets = target_linears(model, config)
     if config.prior_is_adapter:
-        return masks_from_prior_adapter(model, config, targets)
+        masks = masks_from_prior_adapter(model, config, targets)
+        if config.prior_reselect:
+            if config.calibration is None:
+                raise ValueError(
+                    f"MaskConfig(prior_reselect={config.prior_reselect}) re-selects the prior mask on the task's "
+                    "calibration inputs: pass calibration=token_ids (a LongTensor [num_samples, seq_len] of the "
+                    "task's text, e.g. from sparse_peft.data.calibration_from_texts(texts, tokenizer)), or "
+                    "prior_reselect=0 to keep the prior's mask."
+                )
+            masks = reselect_to_calibration(model, masks, targets, config.calibration, config.n, config.m,
+                                            config.prior_reselect)
+        return masks
     if config.prior in CALIBRATED_PRIORS and config.calibration is None:
         raise ValueError(
             f"prior={config.prior!r} needs calibration inputs: MaskConfig(prior={config.prior!r}, "

@@ -277,7 +277,7 @@ def capture_block_inputs(
         captured.append(_BlockInput(hidden, rest, kwargs))
         raise StopForward
 
-    device = _input_device(model)
+    device = input_device(model)
     handle = first_block.register_forward_pre_hook(record, with_kwargs=True)
     try:
         for batch in calibration.split(batch_size):
@@ -290,7 +290,7 @@ def capture_block_inputs(
     return captured
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
     """Where the model's input ids must live: the device of its input embeddings (else of its first parameter)."""
     try:
         return model.get_input_embeddings().weight.device

@@ -164,18 +164,23 @@ def test_a_training_free_start_from_other_inputs_is_not_reused(tmp_path, general
     bench = transfer.Benchmark(args, model, tokenizer, {"rows": []})
     spec, path = load_task("tinystories"), str(tmp_path / "start.safetensors")
     peft_model = get_peft_model(model, MaskConfig(prior=general, lora_rank=4, train_mask=False))
-    assert not bench.has_lowrank_start(path, spec)  # no file
-    transfer.save_lowrank(peft_model, path, bench.lowrank_start_settings(spec))
-    assert bench.has_lowrank_start(path, spec)
-    for name, value in (("general_sha256", "b" * 64), ("lowrank_rank", 8), ("calibration_len", 8)):
+    kind = "transfer+lowrank"
+    assert not bench.has_lowrank_start(path, spec, kind)  # no file
+    transfer.save_lowrank(peft_model, path, bench.lowrank_start_settings(spec, kind))
+    assert bench.has_lowrank_start(path, spec, kind)
+    for name, value in (("general_sha256", "b" * 64), ("lowrank_rank", 8), ("calibration_len", 8), ("reselect", 0.5)):
         changed = transfer.Benchmark(transfer.parse_args([*SMALL, "--general", general]), model, tokenizer,
                                      {"rows": []})
         changed.args.general_sha256 = args.general_sha256
         setattr(changed.args, name, value)
-        assert not changed.has_lowrank_start(path, spec), name  # another general mask, rank or calibration
+        assert not changed.has_lowrank_start(path, spec, kind), name  # another general mask, rank, calibration, mask
+    # --reselect (the last change) changes the transfer rows' mask, not the scratch rows' (the task's SparseGPT mask)
+    transfer.save_lowrank(peft_model, path, bench.lowrank_start_settings(spec, "scratch+lowrank"))
+    assert changed.has_lowrank_start(path, spec, "scratch+lowrank")
+    transfer.save_lowrank(peft_model, path, bench.lowrank_start_settings(spec, kind))
     with torch.no_grad():
         next(model.parameters()).add_(1e-3)  # other base weights
-    assert not transfer.Benchmark(args, model, tokenizer, {"rows": []}).has_lowrank_start(path, spec)
+    assert not transfer.Benchmark(args, model, tokenizer, {"rows": []}).has_lowrank_start(path, spec, kind)
 
 
 def test_a_damaged_training_free_start_is_refused_with_the_fix(tmp_path, general):
@@ -186,7 +191,7 @@ def test_a_damaged_training_free_start_is_refused_with_the_fix(tmp_path, general
     path = tmp_path / "start.safetensors"
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1")  # a header cut short
     with pytest.raises(ValueError, match=r"start\.safetensors is not a readable safetensors file.*delete it"):
-        bench.has_lowrank_start(str(path), load_task("tinystories"))
+        bench.has_lowrank_start(str(path), load_task("tinystories"), "transfer+lowrank")
 
 
 def test_lowrank_rows_from_zeros_and_tables_from_before_the_option(tmp_path, general):
