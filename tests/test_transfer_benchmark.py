@@ -220,3 +220,22 @@ def test_lowrank_rows_from_zeros_and_tables_from_before_the_option(tmp_path, gen
         transfer.main([*args, "--lowrank-init", "zeros", "--resume"])
     again = transfer.main([*args, "--resume"])  # eora, as that table says: only the rows are kept, none rerun
     assert again["rows"] == saved["rows"]
+
+
+def test_reselect_gives_the_transfer_rows_the_reselected_general_mask(tmp_path, general):
+    transfer = load_benchmark("transfer")
+    args = [*SMALL, "--general", general, "--output", str(tmp_path / "t"), "--tasks", "tinystories",
+            "--budgets", "32", "--seeds", "0", "--rows", "transfer+lowrank,scratch+lowrank", "--reselect", "0.5"]
+    rows = {r["row"]: r for r in transfer.main(args)["rows"]}
+    model, tokenizer = load_model_and_tokenizer(str(AIDREAMS))
+    calibration = calibration_from_texts(load_task("tinystories").train, tokenizer, 2, 16)
+    reference = get_peft_model(model, MaskConfig(prior=general, prior_reselect=0.5, calibration=calibration))
+    adapter = tmp_path / "t" / "adapters" / rows["transfer+lowrank"]["adapter"].rsplit("/", 1)[-1]
+    saved = PeftModel.from_pretrained(load_model_and_tokenizer(str(AIDREAMS))[0], adapter)
+    expected, got = mask_layers(reference, "default"), mask_layers(saved, "default")
+    assert all(torch.equal(got[name].hard_mask("default"), layer.hard_mask("default"))
+               for name, layer in expected.items())
+    assert rows["transfer+lowrank"]["mean_agreement"] < 1  # moved from the general mask
+    assert json.loads((adapter / "adapter_config.json").read_text())["prior_reselect"] == 0.5
+    scratch = tmp_path / "t" / "adapters" / rows["scratch+lowrank"]["adapter"].rsplit("/", 1)[-1]
+    assert json.loads((scratch / "adapter_config.json").read_text())["prior_reselect"] == 0.0
