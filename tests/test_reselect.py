@@ -103,3 +103,17 @@ def test_reselect_without_calibration_names_the_fix(tmp_path):
     with pytest.raises(ValueError, match="pass calibration=token_ids"):
         get_peft_model(base, MaskConfig(prior=str(tmp_path / "general"), prior_reselect=0.5))
     assert all(identical(v, before[k]) for k, v in snapshot(base).items())
+
+
+def test_a_failed_reselect_leaves_a_peft_model_as_it_was(tmp_path, tokens):
+    trained_adapter(tmp_path / "general")
+    model = get_peft_model(tiny_llama(0), MaskConfig(prior=str(tmp_path / "general"))).eval()  # the hard mask
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="pass calibration=token_ids"):
+        model.add_adapter("task", MaskConfig(prior=str(tmp_path / "general"), prior_reselect=0.5))
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+    assert snapshot(model).keys() == before.keys() and all(identical(v, before[k]) for k, v in snapshot(model).items())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, expected)
