@@ -73,7 +73,7 @@ from sparse_peft.evaluation import (
 from sparse_peft.layer import mask_layers
 from sparse_peft.lowrank_init import scale_update_to_calibration
 from sparse_peft.oneshot import prune
-from sparse_peft.options import auto_or_number
+from sparse_peft.options import auto_or_number, fraction
 from sparse_peft.stats import mask_stats
 from sparse_peft.tasks import (
     CLASSIFICATION_TASKS,
@@ -139,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eora-scale", type=auto_or_number, default="auto",
                    help="MaskConfig.eora_scale of the eora start: auto (the factor of every B chosen on the task's "
                         "calibration text; default) or a number (1: the fit as computed)")
-    p.add_argument("--reselect", type=float, default=0.0,
+    p.add_argument("--reselect", type=fraction, default=0.0,
                    help="MaskConfig.prior_reselect of the transfer rows: the fraction of the groups where the general "
                         "mask and the task's SparseGPT mask disagree that take SparseGPT's pattern (0: the general "
                         "mask as is)")

@@ -15,7 +15,7 @@ from dataclasses import MISSING, fields
 from typing import Any, Optional, Sequence
 
 from .constants import DEFAULT_LR, DEMO_LORA_LR, DEMO_LORA_RANK, DEMO_TASK, ONE_SHOT_PRIORS, PRIOR_NAMES, TRAINER_DIR
-from .options import MaskOptions, auto_or_number
+from .options import MaskOptions, auto_or_number, fraction
 
 logger = logging.getLogger("sparse_peft")
 _CONFIG_FIELDS = {f.name: f for f in fields(MaskOptions)}
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start of the low-rank update: zeros (B = 0: the mask alone) or eora (training-free, from "
                         "--calibration text; docs/lowrank.md)")
     add_config_arg(p, "eora_scale", type=auto_or_number)
-    add_config_arg(p, "prior_reselect", type=float,
+    add_config_arg(p, "prior_reselect", type=fraction,
                    help="with an adapter --prior: re-select this fraction of the groups where it and a one-shot "
                         "SparseGPT mask of the --calibration text disagree (the task's text; docs/training.md)")
     p.add_argument("--freeze-mask", action="store_true",

@@ -15,7 +15,7 @@ from peft.utils.peft_types import PeftType
 
 from .constants import ONE_SHOT_PRIORS, PEFT_TYPE_VALUE
 from .lowrank import PLACEMENTS
-from .options import MaskOptions, is_eora_scale
+from .options import MaskOptions, is_eora_scale, is_fraction
 from .patterns import validate_n_m
 
 _LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -109,8 +109,7 @@ class MaskConfig(MaskOptions, PeftConfig):
                 "not a saved mask adapter. Pass prior='<path or Hub id of the general mask adapter>', or drop "
                 "save_delta."
             )
-        if not (isinstance(self.prior_reselect, (int, float)) and not isinstance(self.prior_reselect, bool)
-                and 0 <= self.prior_reselect <= 1):
+        if not is_fraction(self.prior_reselect):
             raise ValueError(f"MaskConfig.prior_reselect must be a number in [0, 1], got {self.prior_reselect!r}.")
         if self.prior_reselect and not self.prior_is_adapter:
             raise ValueError(

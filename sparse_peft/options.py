@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-__all__ = ["MaskOptions", "auto_or_number", "is_eora_scale"]
+__all__ = ["MaskOptions", "auto_or_number", "fraction", "is_eora_scale", "is_fraction"]
 
 
 def is_eora_scale(value: Any) -> bool:
@@ -32,6 +32,23 @@ def auto_or_number(text: str) -> Union[str, float]:
         number = None
     if not is_eora_scale(number):
         raise argparse.ArgumentTypeError(f"expected auto or a finite number >= 0, got {text!r}")
+    return number
+
+
+def is_fraction(value: Any) -> bool:
+    """Whether ``value`` is a number in ``[0, 1]`` (not a bool, not NaN): a valid ``prior_reselect``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def fraction(text: str) -> float:
+    """Parse a command-line fraction in ``[0, 1]`` (an argparse ``type``); ``argparse.ArgumentTypeError`` naming the
+    value otherwise."""
+    try:
+        number = float(text)
+    except ValueError:
+        number = None
+    if not is_fraction(number):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return number
 
 

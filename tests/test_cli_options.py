@@ -103,6 +103,23 @@ def test_eora_scale_must_be_auto_or_a_number(value, capsys):
     assert f"--eora-scale: expected auto or a finite number >= 0, got '{value}'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-0.1", "1.5", "half", "nan"])
+def test_prior_reselect_must_be_a_fraction(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["learn", "--data", "c4", "--prior-reselect", value, "--output", "out"])
+    assert exit_info.value.code == 2
+    assert f"--prior-reselect: expected a number in [0, 1], got '{value}'" in capsys.readouterr().err
+
+
+def test_learn_reselect_needs_calibration_text_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    refuse_model_loading(monkeypatch)
+    (tmp_path / "general").mkdir()  # a general mask folder (never read: the missing calibration text stops first)
+    assert main(["learn", "--model", str(AIDREAMS), "--prior", str(tmp_path / "general"), "--data", "c4",
+                 "--prior-reselect", "0.5", "--calibration", str(tmp_path / "missing.txt"), "--output", "out"]) == 2
+    assert "--calibration" in capsys.readouterr().err
+
+
 def test_eval_table_states_data_window_and_sparsity(tmp_path, text_file, capsys):
     prior = tmp_path / "magnitude"
     run(["prune", "--model", str(AIDREAMS), "--method", "magnitude", "--output", str(prior)])
