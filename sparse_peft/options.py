@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 __all__ = ["MaskOptions", "auto_or_number", "fraction", "is_eora_scale", "is_fraction"]
 
@@ -21,18 +21,21 @@ def is_eora_scale(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
-def auto_or_number(text: str) -> Union[str, float]:
-    """Parse a command-line value of ``eora_scale`` (an argparse ``type``): ``"auto"`` as is, else a finite number
-    >= 0; ``argparse.ArgumentTypeError`` naming the value otherwise."""
-    if text == "auto":
-        return text
+def _checked_number(text: str, valid: Callable[[Any], bool], expected: str) -> float:
+    """``float(text)`` if ``valid`` accepts it, else ``argparse.ArgumentTypeError`` naming ``expected`` and it."""
     try:
         number = float(text)
     except ValueError:
         number = None
-    if not is_eora_scale(number):
-        raise argparse.ArgumentTypeError(f"expected auto or a finite number >= 0, got {text!r}")
+    if not valid(number):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return number
+
+
+def auto_or_number(text: str) -> Union[str, float]:
+    """Parse a command-line value of ``eora_scale`` (an argparse ``type``): ``"auto"`` as is, else a finite number
+    >= 0; ``argparse.ArgumentTypeError`` naming the value otherwise."""
+    return text if text == "auto" else _checked_number(text, is_eora_scale, "auto or a finite number >= 0")
 
 
 def is_fraction(value: Any) -> bool:
@@ -43,13 +46,7 @@ def is_fraction(value: Any) -> bool:
 def fraction(text: str) -> float:
     """Parse a command-line fraction in ``[0, 1]`` (an argparse ``type``); ``argparse.ArgumentTypeError`` naming the
     value otherwise."""
-    try:
-        number = float(text)
-    except ValueError:
-        number = None
-    if not is_fraction(number):
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return number
+    return _checked_number(text, is_fraction, "a number in [0, 1]")
 
 
 @dataclass
