@@ -49,15 +49,15 @@ def prior_masks(model: nn.Module, config: MaskConfig) -> dict[str, torch.Tensor]
     """
     targets = target_linears(model, config)
     if config.prior_is_adapter:
+        if config.prior_reselect and config.calibration is None:
+            raise ValueError(
+                f"MaskConfig(prior_reselect={config.prior_reselect}) re-selects the prior mask on the task's "
+                "calibration inputs: pass calibration=token_ids (a LongTensor [num_samples, seq_len] of the "
+                "task's text, e.g. from sparse_peft.data.calibration_from_texts(texts, tokenizer)), or "
+                "prior_reselect=0 to keep the prior's mask."
+            )
         masks = masks_from_prior_adapter(model, config, targets)
         if config.prior_reselect:
-            if config.calibration is None:
-                raise ValueError(
-                    f"MaskConfig(prior_reselect={config.prior_reselect}) re-selects the prior mask on the task's "
-                    "calibration inputs: pass calibration=token_ids (a LongTensor [num_samples, seq_len] of the "
-                    "task's text, e.g. from sparse_peft.data.calibration_from_texts(texts, tokenizer)), or "
-                    "prior_reselect=0 to keep the prior's mask."
-                )
             masks = reselect_to_calibration(model, masks, targets, config.calibration, config.n, config.m,
                                             config.prior_reselect)
         return masks

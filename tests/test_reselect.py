@@ -96,13 +96,16 @@ def test_bad_prior_reselect_is_refused_naming_the_fix(kwargs, message):
         MaskConfig(**kwargs)
 
 
-def test_reselect_without_calibration_names_the_fix(tmp_path):
+def test_reselect_without_calibration_names_the_fix(tmp_path, monkeypatch):
     trained_adapter(tmp_path / "general")
     base = tiny_llama(0)
     before = snapshot(base)
+    config = MaskConfig(prior="general", prior_reselect=0.5)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="pass calibration=token_ids"):
-        get_peft_model(base, MaskConfig(prior=str(tmp_path / "general"), prior_reselect=0.5))
+        get_peft_model(base, config)
     assert all(identical(v, before[k]) for k, v in snapshot(base).items())
+    assert (config.prior, config.prior_sha256, config.save_delta) == ("general", None, None)  # nothing recorded
 
 
 def test_a_failed_reselect_leaves_a_peft_model_as_it_was(tmp_path, tokens):
