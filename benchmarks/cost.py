@@ -23,11 +23,16 @@ text, with the same optimizer step (fused AdamW, betas 0.9/0.95, eps 1e-5, weigh
   forward of the same base with the adapter disabled in every step);
 * ``mask-distill-cached``: the same KL from the teacher's top-64 outputs computed once before timing
   (``learn_mask(distill=True, teacher_top_k=64)``: no teacher forward in the step);
+* ``mask-lowrank``: ``mask`` with a rank-16 update under the mask trained with it (``MaskConfig(lora_rank=16)``;
+  the PyTorch soft-mask path, which the fused kernel does not cover);
 * ``lora``: ``LoraConfig(r=16, lora_alpha=32)`` on the same targets;
 * ``full``: every parameter trains.
 
-Step time is the median over ``--steps`` timed steps after ``--warmup`` untimed ones (forward, backward, clipping,
-optimizer step, zeroing the gradients), with the optimizer's share (clipping, step, zeroing) beside it; the
+The mask methods start from random logits, or from ``--prior`` (e.g. the shipped general mask). Their timed steps
+walk one annealing schedule of ``--warmup + --steps`` steps (tau from 4 down to 0.05), or all run at one point of
+it with ``--anneal-at`` (0: the start, 1: the end, where a mask is nearly settled and small candidate weights
+appear). Step time is the median over ``--steps`` timed steps after ``--warmup`` untimed ones (forward, backward,
+clipping, optimizer step, zeroing the gradients), with the optimizer's share (clipping, step, zeroing) beside it; the
 process's CPU time per step is reported too, which other processes on a shared machine disturb much less than wall
 time. For the mask methods, ``per-weight s`` is the same step on a batch of one token: what a step costs whatever
 its batch (sampling the soft mask, the mask products, the logits' gradient and their optimizer step), since every
@@ -69,7 +74,9 @@ import torch
 from sparse_peft.utils import atomic_write
 
 METHODS = ("mask", "mask-keep", "mask-ckpt", "mask-adam8bit", "mask-bf16", "mask-distill", "mask-distill-cached",
-           "lora", "full")
+           "mask-lowrank", "lora", "full")
+#: ``--anneal-at F`` runs every timed step at step ``round(F * SCHEDULE_STEPS)`` of ``SCHEDULE_STEPS + 1``.
+SCHEDULE_STEPS = 1000
 #: The teacher tokens kept per position by ``mask-distill-cached``.
 TEACHER_TOP_K = 64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -93,6 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per method")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps before timing")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--prior", default=None,
+                        help="mask methods start from this mask adapter (path or Hub id) instead of random logits")
+    parser.add_argument("--anneal-at", type=float, default=None,
+                        help="run every step of the mask methods at this point of the annealing schedule (0: start, "
+                             "1: end); default: the timed steps walk one schedule of --warmup + --steps steps")
     parser.add_argument("--text", default="wikitext2", help="text the fixed batch is cut from (sparse_peft.data)")
     parser.add_argument("--json", default="cost.json", help="where to write the results")
     parser.add_argument("--per-weight-steps", type=int, default=3,
@@ -109,6 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("batch", "seq_len", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.anneal_at is not None and not 0.0 <= args.anneal_at <= 1.0:
+        parser.error(f"--anneal-at must be in [0, 1] (0: the start of the schedule, 1: its end), got {args.anneal_at}")
     if args.random_weights and args.model in (None, "tiny"):
         parser.error("--random-weights needs --model: a folder or Hub id with the config.json to build")
     args.methods = methods
@@ -148,8 +162,9 @@ def load_model(args):
     return model.to(args.device), batch.to(args.device)
 
 
-def prepare(method: str, model):
-    """Wrap ``model`` for ``method``; returns the model to train."""
+def prepare(method: str, model, prior: Optional[str] = None):
+    """Wrap ``model`` for ``method`` (the mask methods from ``prior``, a mask adapter, if given); returns the model to
+    train."""
     from peft import LoraConfig, get_peft_model
 
     from sparse_peft import MaskConfig
@@ -160,7 +175,10 @@ def prepare(method: str, model):
     if method == "lora":
         return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     logits_dtype = "bfloat16" if method == "mask-bf16" else "float32"
-    peft_model = get_peft_model(model, MaskConfig(target_modules=TARGETS, logits_dtype=logits_dtype))
+    lora_rank = 16 if method == "mask-lowrank" else 0
+    peft_model = get_peft_model(
+        model, MaskConfig(target_modules=TARGETS, logits_dtype=logits_dtype, prior=prior, lora_rank=lora_rank)
+    )
     if method in ("mask-keep", "mask-bf16", "mask-distill", "mask-distill-cached"):
         from sparse_peft.layer import set_soft_mask_memory
 
@@ -246,7 +264,7 @@ def measure(method: str, args) -> dict:
     masked_weights = sum(
         module.weight.numel() for name, module in model.named_modules() if name.split(".")[-1] in TARGETS
     )
-    model = prepare(method, model)
+    model = prepare(method, model, args.prior)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(method, params)
@@ -263,7 +281,9 @@ def measure(method: str, args) -> dict:
     def step(tokens, index: int, count: int) -> tuple[float, float, float, float]:
         """One optimizer step: (wall s, CPU s, optimizer wall s, loss)."""
         nonlocal grad_bytes
-        if method.startswith("mask"):
+        if method.startswith("mask") and args.anneal_at is not None:
+            update_mask_schedule(model, round(args.anneal_at * SCHEDULE_STEPS), SCHEDULE_STEPS + 1)
+        elif method.startswith("mask"):
             update_mask_schedule(model, index, count)
         synchronize(args.device)
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -365,7 +385,7 @@ def gemm_floor(args) -> dict:
         "gflop_per_s": (flops + flops_head) / full / 1e9,
         "floor_s": {"full": full, "lora": two, "mask": mask, "mask-keep": mask, "mask-ckpt": mask + linears["forward"],
                     "mask-adam8bit": mask, "mask-bf16": mask, "mask-distill": mask + teacher,
-                    "mask-distill-cached": mask},
+                    "mask-distill-cached": mask, "mask-lowrank": mask},
     }
 
 
@@ -381,9 +401,11 @@ def report(results: dict[str, dict], args, show: bool = True) -> tuple[dict, str
     ``(ratios, table)``."""
     memory = "peak alloc (MiB)" if args.device.startswith("cuda") else "peak RSS (MiB)"
     precision = "fp32" if args.autocast == "none" else f"{args.autocast} autocast"
-    header = (f"| batch | precision | method | step (s) | optimizer (s) | per-weight (s) | CPU time / step (s) "
-              f"| tokens/s | {memory} | trainable state (B / masked weight) | GEMM floor (s) | GEMM fraction "
-              "| vs full | vs LoRA |")
+    point = "walked" if args.anneal_at is None else f"at {args.anneal_at:g}"
+    start = "random" if args.prior is None else Path(args.prior).name
+    header = (f"| batch | precision | annealing | mask start | method | step (s) | optimizer (s) | per-weight (s) "
+              f"| CPU time / step (s) | tokens/s | {memory} | trainable state (B / masked weight) | GEMM floor (s) "
+              "| GEMM fraction | vs full | vs LoRA |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, r in results.items():
         def ratio(base: str) -> str:
@@ -393,7 +415,7 @@ def report(results: dict[str, dict], args, show: bool = True) -> tuple[dict, str
         floor = f"{r['gemm_floor_s']:.2f}" if "gemm_floor_s" in r else "-"
         fraction = f"{100 * r['gemm_fraction']:.0f}%" if "gemm_fraction" in r else "-"
         lines.append(
-            f"| {args.batch} x {args.seq_len} | {precision} | {name} | {r['step_time_s']:.2f} "
+            f"| {args.batch} x {args.seq_len} | {precision} | {point} | {start} | {name} | {r['step_time_s']:.2f} "
             f"| {r['optimizer_time_s']:.2f} | {per_weight} | {r['step_cpu_time_s']:.2f} | {r['tokens_per_s']:.1f} "
             f"| {r['peak_memory_bytes'] / 2**20:,.0f} | {r['trainable_state_bytes_per_masked_weight']:.2f} "
             f"| {floor} | {fraction} | {ratio('full')} | {ratio('lora')} |"

@@ -9,7 +9,7 @@ import torch.nn as nn
 from peft import get_peft_model
 
 from sparse_peft import MaskConfig, MaskedLinear, fused
-from sparse_peft.patterns import candidate_patterns, gumbel_noise, soft_mask
+from sparse_peft.patterns import candidate_patterns, gumbel_noise, mask_from_probs, soft_mask, soft_mask_probs
 
 MASK64 = (1 << 64) - 1
 
@@ -103,6 +103,23 @@ def test_samples_follow_the_softmax_of_the_scaled_logits(kernel):
     frequencies = torch.bincount(chosen, minlength=6).double() / groups
     expected = torch.softmax(row.double() * kappa, dim=0)
     assert (frequencies - expected).abs().max() < 5 * math.sqrt(0.25 / groups)
+
+
+def test_kernel_cuts_tiny_candidate_weights_like_the_pytorch_path(kernel):
+    """At the end of the annealing the kernel's ``W * mask`` equals the PyTorch path's on the same noise (weights
+    under ``exp(LOG_PROB_CUT)`` of the group's largest set to 0 in both) and holds no subnormal float."""
+    groups, seed, tau, kappa = 20_000, 9, 0.05, 500.0
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(groups, 6, generator=generator) * 0.01
+    logits[torch.arange(groups), torch.randint(0, 6, (groups,), generator=generator)] += 0.06
+    patterns = candidate_patterns(2, 4)
+    weight = (torch.randn(groups, 4, generator=generator) * 0.02).view(-1, 64)
+    masked, _ = kernel.forward(weight, logits, patterns.float(), seed, kappa, tau, False)
+    probs = soft_mask_probs(logits, tau, kappa, seed)
+    reference = (weight.view(groups, 4) * mask_from_probs(probs, patterns)).view_as(weight)
+    assert (probs == 0).any()
+    torch.testing.assert_close(masked, reference, rtol=1e-4, atol=1e-21)
+    assert not ((masked != 0) & (masked.abs() < torch.finfo(torch.float32).tiny)).any()
 
 
 def test_loading_the_kernel_leaves_denormals_alone(kernel):

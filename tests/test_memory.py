@@ -126,6 +126,47 @@ def test_cost_benchmark_distillation_rows_and_gemm_floor():
     assert floors["mask-distill"] - floors["mask-distill-cached"] == pytest.approx(linears["forward"] + head["forward"])
 
 
+def test_cost_benchmark_low_rank_row_prior_and_annealing_point(tmp_path):
+    """``mask-lowrank`` trains the logits and a rank-16 update per target; ``--prior`` starts the mask methods from
+    a saved mask adapter and ``--anneal-at`` fixes the schedule point of every step (checked on the layers)."""
+    import importlib.util
+
+    from peft import get_peft_model
+
+    from conftest import REPO_ROOT
+    from sparse_peft import MaskConfig
+
+    spec = importlib.util.spec_from_file_location("cost", REPO_ROOT / "benchmarks" / "cost.py")
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    argv = ["--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--seq-len", "16",
+            "--per-weight-steps", "0"]
+    with pytest.raises(SystemExit):
+        cost.parse_args([*argv, "--anneal-at", "1.5"])
+    base, _ = cost.load_model(cost.parse_args(argv))
+    get_peft_model(base, MaskConfig(target_modules=cost.TARGETS)).save_pretrained(tmp_path / "general")
+
+    import sparse_peft
+
+    real, seen = sparse_peft.update_mask_schedule, []
+
+    def spy(model, step, max_steps):  # measure() imports it when called
+        real(model, step, max_steps)
+        seen.append((step, max_steps, model.base_model.mask_schedule().tau))
+
+    sparse_peft.update_mask_schedule = spy
+    try:
+        args = cost.parse_args([*argv, "--anneal-at", "1", "--prior", str(tmp_path / "general")])
+        lowrank = cost.measure("mask-lowrank", args)
+    finally:
+        sparse_peft.update_mask_schedule = real
+    assert seen == [(cost.SCHEDULE_STEPS, cost.SCHEDULE_STEPS + 1, MaskConfig().tau_end)]
+    shapes = [m.weight.shape for m in base.modules() if isinstance(m, torch.nn.Linear) and m is not base.lm_head]
+    masked = sum(o * i for o, i in shapes)
+    assert lowrank["masked_weights"] == masked
+    assert lowrank["trainable_params"] == masked // 4 * 6 + sum(16 * (o + i) for o, i in shapes)
+
+
 def test_trainer_8bit_adam_keeps_one_byte_per_moment_and_the_cost_benchmark_counts_it(tmp_path):
     """``optim="adamw_torch_8bit"`` (torchao) trains the logits with uint8 moments: 24 -> ~15 B per masked weight."""
     pytest.importorskip("torchao")

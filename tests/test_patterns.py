@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from sparse_peft import fused
 from sparse_peft.patterns import (
+    LOG_PROB_CUT,
     candidate_patterns,
     draw_seed,
     group_counts,
@@ -119,6 +120,43 @@ def test_fused_soft_mask_and_hand_written_backward_match_autograd(n, m, tau, kap
     grad = soft_mask_logit_grad(upstream, probs, S, tau, kappa)
     scale = logits.grad.abs().max()
     torch.testing.assert_close(grad, logits.grad, rtol=1e-4, atol=1e-5 * scale)
+
+
+def spread_logits(groups: int, c: int) -> torch.Tensor:
+    """``[G, C]`` logits as a strong prior makes them: one candidate per group ahead by 0.02-0.1."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(groups, c, generator=generator) * 0.01
+    logits[torch.arange(groups), torch.randint(0, c, (groups,), generator=generator)] += 0.06
+    return logits
+
+
+def is_subnormal(t: torch.Tensor) -> torch.Tensor:
+    return (t != 0) & (t.abs() < torch.finfo(torch.float32).tiny)
+
+
+def test_soft_mask_probs_cut_weights_below_the_cut_to_exact_zero():
+    """At the end of the annealing (tau 0.05, kappa 500) the candidate weights equal the float64 softmax wherever
+    it is above the cut and are exactly 0 below it, so ``W * mask`` holds no subnormal float; clamping the exponent
+    at -80 instead (the weight floored at 1.8e-35) does make subnormals for this weight."""
+    groups, seed, tau, kappa = 20_000, 9, 0.05, 500.0
+    S = candidate_patterns(2, 4)
+    logits = spread_logits(groups, 6)
+    probs = soft_mask_probs(logits, tau, kappa, seed)
+    z = (gumbel_noise(groups, 6, seed, "cpu").double() + kappa * logits.t().double()) / tau
+    relative = torch.exp(z - z.amax(dim=0))  # [C, G], each column's largest is 1
+    reference = relative / relative.sum(dim=0)
+    above, below = relative > math.exp(LOG_PROB_CUT) * 1.001, relative < math.exp(LOG_PROB_CUT) * 0.999
+    assert below.any() and above.sum() > groups  # both sides of the cut occur
+    assert (probs[below] == 0).all()
+    # float32 exponents of size ~kappa / tau * 0.1 round to ~1e-4 relative
+    torch.testing.assert_close(probs[above].double(), reference[above], rtol=1e-4, atol=0)
+    assert probs[probs > 0].min() >= math.exp(LOG_PROB_CUT) / 6
+
+    weight = torch.randn(groups, 4, generator=torch.Generator().manual_seed(4)) * 0.02
+    assert not is_subnormal(weight * mask_from_probs(probs, S)).any()
+    floored = torch.exp((z - z.amax(dim=0)).clamp(min=-80.0)).float()
+    floored /= floored.sum(dim=0)
+    assert is_subnormal(weight * mask_from_probs(floored, S)).any()
 
 
 def test_topn_mask_matches_sorting_reference():

@@ -24,6 +24,9 @@ namespace {
 
 constexpr int64_t kGrain = 2048;  // groups per parallel chunk
 constexpr int kBlock = 64;      // groups per vectorised block
+// Candidate weights below exp(kLogProbCut) of the group's largest are exactly 0: sparse_peft.patterns.LOG_PROB_CUT
+// (it keeps subnormal floats out of W * mask and the logits' gradient).
+constexpr float kLogProbCut = -44.0f;
 
 // Uniform in (0, 1) from 23 bits k of a hash as (k + 0.5) / 2^23: exact in float32, so never 0 or 1.
 inline float bits_to_uniform(uint64_t k) { return (static_cast<float>(k) + 0.5f) * (1.0f / 8388608.0f); }
@@ -68,7 +71,8 @@ inline void block_probs(const L* logits, int64_t g0, int count, int64_t num_grou
   for (int b = 0; b < count; ++b) total[b] = 0.0f;
   for (int c = 0; c < C; ++c) {
     for (int b = 0; b < count; ++b) {
-      const float e = std::exp(std::max((y[c][b] - top[b]) * inv_tau, -80.0f));
+      const float a = (y[c][b] - top[b]) * inv_tau;
+      const float e = a > kLogProbCut ? std::exp(std::max(a, kLogProbCut)) : 0.0f;
       y[c][b] = e;
       total[b] += e;
     }
