@@ -15,7 +15,9 @@ from sparse_peft.codec import (
     DELTA_BITMAP,
     DELTA_GAPS,
     DELTA_INFO,
+    DELTA_PATTERNS,
     DELTA_POSITIONS,
+    DELTA_RICE,
     decode_delta,
     encode_delta,
 )
@@ -39,23 +41,83 @@ def weights_sha256(folder):
     return hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.001, 0.05, 0.3, 1.0])
-def test_encode_decode_delta_round_trip_and_picks_the_smaller_coding(fraction):
+def reference_sizes(changed: list[int], num_groups: int) -> dict[int, int]:
+    """Bytes of positions + patterns of each delta coding for 2:4, counted in plain Python."""
+    gaps = [p - q - 1 for p, q in zip(changed, [-1] + changed[:-1])]
+    count = len(changed)
+    patterns = -(-count * 3 // 8)  # absolute indices, 3 bits
+    sizes = {DELTA_GAPS: -(-count * max(1, max(gaps, default=0).bit_length()) // 8) + patterns,
+             DELTA_BITMAP: -(-num_groups // 8) + patterns}
+    if count:
+        rice = min(-(-sum((g >> k) + 1 for g in gaps) // 8) + -(-count * k // 8) for k in range(64))
+        sizes[DELTA_RICE] = rice + -(-count // 3)  # ranks among the 5 other patterns, 3 per byte
+    return sizes
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.001, 0.05, 0.17, 0.3, 1.0])
+def test_encode_decode_delta_round_trip_and_picks_the_smallest_coding(fraction):
     gen = torch.Generator().manual_seed(0)
     general = torch.randint(0, 6, (4000,), generator=gen)
     task = general.clone()
     changed = torch.rand(4000, generator=gen) < fraction
     task[changed] = (task[changed] + torch.randint(1, 6, (int(changed.sum()),), generator=gen)) % 6
-    tensors = encode_delta(task, general, 3)
-    assert torch.equal(decode_delta(tensors, general, 3), task)
-    count, coding, gap_bits = tensors[DELTA_INFO].tolist()
+    tensors = encode_delta(task, general, 6)
+    assert torch.equal(decode_delta(tensors, general, 6), task)
+    count, coding, _ = tensors[DELTA_INFO].tolist()
     assert count == int(changed.sum())
-    positions = changed.nonzero().flatten()
-    gaps = torch.diff(positions, prepend=torch.tensor([-1])) - 1
-    gap_bytes = (count * max(1, int(gaps.max()).bit_length() if count else 1) + 7) // 8
-    assert tensors[DELTA_POSITIONS].numel() == min(gap_bytes, 4000 // 8)
-    assert coding == (DELTA_GAPS if gap_bytes <= 500 else DELTA_BITMAP)
-    assert (coding == DELTA_BITMAP) == (gap_bits == 0)
+    sizes = reference_sizes(changed.nonzero().flatten().tolist(), 4000)
+    assert tensors[DELTA_POSITIONS].numel() + tensors[DELTA_PATTERNS].numel() == min(sizes.values())
+    assert sizes[coding] == min(sizes.values())
+    if 0.05 <= fraction <= 0.3:  # spread-out changes: Rice is the smallest
+        assert coding == DELTA_RICE
+    if fraction == 0.17:  # a re-selected general mask's share: a quarter smaller than the best fixed-width coding
+        assert sizes[DELTA_RICE] <= 0.8 * min(sizes[DELTA_GAPS], sizes[DELTA_BITMAP])
+
+
+def test_rice_coding_bytes_by_hand():
+    """Groups 0, 6 and 9 of 10 change (gaps 0, 5, 2; k = 1): unary quotients 0, 2, 1 -> bits 0 110 10 (LSB first:
+    0b010110 = 22), remainders 0, 1, 0 -> 0b010 = 2; the new patterns' ranks among the other five: 5 over 0 -> 4,
+    1 over 0 -> 0, 0 over 5 -> 0 -> base-5 digits 4 + 0 * 5 + 0 * 25 = 4."""
+    general = torch.tensor([0, 3, 3, 3, 3, 3, 0, 3, 3, 5])
+    task = general.clone()
+    task[[0, 6, 9]] = torch.tensor([5, 1, 0])
+    tensors = encode_delta(task, general, 6)
+    assert tensors[DELTA_INFO].tolist() == [3, DELTA_RICE, 1]
+    assert tensors[DELTA_POSITIONS].tolist() == [22, 2]
+    assert tensors[DELTA_PATTERNS].tolist() == [4]
+    assert torch.equal(decode_delta(tensors, general, 6), task)
+
+
+@pytest.mark.parametrize("candidates", [2, 3, 70])
+def test_delta_round_trip_for_other_pattern_counts(candidates):
+    """1:2 (C = 2: the new pattern is implied, no pattern bytes), C = 3 (bits) and C = 70 (4:8)."""
+    gen = torch.Generator().manual_seed(1)
+    general = torch.randint(0, candidates, (3000,), generator=gen)
+    task = general.clone()
+    changed = torch.rand(3000, generator=gen) < 0.1
+    task[changed] = (task[changed] + torch.randint(1, candidates, (int(changed.sum()),), generator=gen)) % candidates
+    tensors = encode_delta(task, general, candidates)
+    assert torch.equal(decode_delta(tensors, general, candidates), task)
+    if candidates == 2:
+        assert tensors[DELTA_INFO][1] == DELTA_RICE and tensors[DELTA_PATTERNS].numel() == 0
+
+
+def test_corrupt_rice_delta_is_refused():
+    gen = torch.Generator().manual_seed(2)
+    general = torch.randint(0, 6, (4000,), generator=gen)
+    task = general.clone()
+    changed = torch.rand(4000, generator=gen) < 0.15
+    task[changed] = (task[changed] + 1) % 6
+    tensors = encode_delta(task, general, 6)
+    assert tensors[DELTA_INFO][1] == DELTA_RICE
+    count, _, k = tensors[DELTA_INFO].tolist()
+    positions = tensors[DELTA_POSITIONS]
+    for broken in ({**tensors, DELTA_POSITIONS: positions[:-40]},
+                   {**tensors, DELTA_POSITIONS: torch.cat([positions, torch.zeros(4, dtype=torch.uint8)])},
+                   {**tensors, DELTA_PATTERNS: tensors[DELTA_PATTERNS][:-1]},
+                   {**tensors, DELTA_INFO: torch.tensor([count + 100, DELTA_RICE, k])}):
+        with pytest.raises(ValueError):
+            decode_delta(broken, general, 6)
 
 
 def test_delta_adapter_round_trips_exactly_and_records_its_general_mask(tmp_path, tokens):
@@ -80,7 +142,8 @@ def test_delta_adapter_round_trips_exactly_and_records_its_general_mask(tmp_path
 
 
 def test_delta_is_much_smaller_than_the_raw_adapter(tmp_path):
-    """2/3 bit per weight raw; ~5% changed groups cost 11 bits each (8-bit gaps + 3-bit pattern) = ~0.14 bit."""
+    """2/3 bit per weight raw; ~5% changed groups cost ~8.5 bits each (Rice-coded gaps + the new pattern's rank
+    among five, 2.67 bits) = ~0.1 bit."""
     model = get_peft_model(tiny_llama(0, hidden_size=128, intermediate_size=256), MaskConfig(prior="magnitude"))
     model.save_pretrained(tmp_path / "general")
     base = tiny_llama(0, hidden_size=128, intermediate_size=256)
