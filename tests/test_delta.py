@@ -20,6 +20,7 @@ from sparse_peft.codec import (
     DELTA_RICE,
     decode_delta,
     encode_delta,
+    pack_indices,
 )
 from test_save_load import hard_masks, trained_adapter
 
@@ -85,6 +86,26 @@ def test_rice_coding_bytes_by_hand():
     assert tensors[DELTA_INFO].tolist() == [3, DELTA_RICE, 1]
     assert tensors[DELTA_POSITIONS].tolist() == [22, 2]
     assert tensors[DELTA_PATTERNS].tolist() == [4]
+    assert torch.equal(decode_delta(tensors, general, 6), task)
+
+
+@pytest.mark.parametrize("coding", [DELTA_GAPS, DELTA_BITMAP])
+def test_fixed_width_codings_are_still_read(coding):
+    """Adapters written with codings 0 and 1 (absolute 3-bit patterns), built here from the format description."""
+    gen = torch.Generator().manual_seed(3)
+    general = torch.randint(0, 6, (4000,), generator=gen)
+    task = general.clone()
+    changed = (torch.rand(4000, generator=gen) < 0.1).nonzero().flatten()
+    task[changed] = (task[changed] + 2) % 6
+    gaps = torch.diff(changed, prepend=torch.tensor([-1])) - 1
+    bitmap = torch.zeros(4000, dtype=torch.long)
+    bitmap[changed] = 1
+    gap_bits = int(gaps.max()).bit_length()
+    tensors = {
+        DELTA_INFO: torch.tensor([len(changed), coding, gap_bits if coding == DELTA_GAPS else 0]),
+        DELTA_POSITIONS: pack_indices(gaps, gap_bits) if coding == DELTA_GAPS else pack_indices(bitmap, 1),
+        DELTA_PATTERNS: pack_indices(task[changed], 3),
+    }
     assert torch.equal(decode_delta(tensors, general, 6), task)
 
 
