@@ -243,8 +243,8 @@ class MaskModel(BaseTuner):
             if config.save_logits:
                 saved = f"{packed} + float32 logits ({format_bytes(mask_bytes + 4 * groups * candidates)})"
             elif config.save_delta:
-                saved = (f"the groups whose pattern differs from the general mask {config.prior!r} (at most the "
-                         f"{packed}, {format_bytes(mask_bytes)})")
+                saved = (f"the groups whose pattern differs from the general mask {config.prior!r} (where few "
+                         f"groups change, a fraction of the {packed}, {format_bytes(mask_bytes)})")
             else:
                 saved = f"{packed} ({format_bytes(mask_bytes)})"
             lowrank = [layer.lowrank(adapter_name) for layer in layers if layer.lowrank(adapter_name) is not None]
