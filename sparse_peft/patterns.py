@@ -20,12 +20,12 @@ import torch
 from .fused import kernel_uniforms
 
 #: Candidate weights below ``exp(LOG_PROB_CUT)`` (7.8e-20) of their group's largest are set to exactly 0 when a soft
-#: mask is sampled for training (here and in ``csrc/soft_mask_cpu.cpp``). Without the cut, weights that small make
-#: subnormal floats in ``W * mask`` and in the logits' gradient once tau is low, and CPU arithmetic on subnormals
-#: runs up to 100x slower: the masked weights' matrix products of a step took twice as long at the end of the
-#: annealing. What the cut drops is below float32 resolution in the mask, and the logits' gradient it drops is at
-#: most ``kappa / tau * 7.8e-20 * |dL/dy|``, far under AdamW's epsilon.
+#: mask is sampled for training (here and in ``csrc/soft_mask_cpu.cpp``). Weights that small would make subnormal
+#: floats in ``W * mask``, the logits' gradient and AdamW's moments once tau is low, and CPU arithmetic and GEMMs on
+#: subnormals are many times slower. What the cut drops is below float32 resolution in the mask, and the logits'
+#: gradient it drops is at most ``kappa / tau * 7.8e-20 * |dL/dy|``, far under AdamW's epsilon.
 LOG_PROB_CUT = -44.0
+
 
 def validate_n_m(n: int, m: int) -> None:
     """Raise ``ValueError`` unless ``0 < n < m <= 8`` (the N:M configurations we support)."""
