@@ -126,13 +126,14 @@ def test_cost_benchmark_distillation_rows_and_gemm_floor():
     assert floors["mask-distill"] - floors["mask-distill-cached"] == pytest.approx(linears["forward"] + head["forward"])
 
 
-def test_cost_benchmark_low_rank_row_prior_and_annealing_point(tmp_path):
+def test_cost_benchmark_low_rank_row_prior_and_annealing_point(tmp_path, monkeypatch):
     """``mask-lowrank`` trains the logits and a rank-16 update per target; ``--prior`` starts the mask methods from
-    a saved mask adapter and ``--anneal-at`` fixes the schedule point of every step (checked on the layers)."""
+    a saved mask adapter and ``--anneal-at`` fixes the schedule point of every step (checked on the model)."""
     import importlib.util
 
     from peft import get_peft_model
 
+    import sparse_peft
     from conftest import REPO_ROOT
     from sparse_peft import MaskConfig
 
@@ -146,21 +147,16 @@ def test_cost_benchmark_low_rank_row_prior_and_annealing_point(tmp_path):
     base, _ = cost.load_model(cost.parse_args(argv))
     get_peft_model(base, MaskConfig(target_modules=cost.TARGETS)).save_pretrained(tmp_path / "general")
 
-    import sparse_peft
-
     real, seen = sparse_peft.update_mask_schedule, []
 
     def spy(model, step, max_steps):  # measure() imports it when called
         real(model, step, max_steps)
-        seen.append((step, max_steps, model.base_model.mask_schedule().tau))
+        seen.append((step, max_steps, model.base_model.mask_schedule().tau, model.peft_config["default"].prior))
 
-    sparse_peft.update_mask_schedule = spy
-    try:
-        args = cost.parse_args([*argv, "--anneal-at", "1", "--prior", str(tmp_path / "general")])
-        lowrank = cost.measure("mask-lowrank", args)
-    finally:
-        sparse_peft.update_mask_schedule = real
-    assert seen == [(cost.SCHEDULE_STEPS, cost.SCHEDULE_STEPS + 1, MaskConfig().tau_end)]
+    monkeypatch.setattr(sparse_peft, "update_mask_schedule", spy)
+    args = cost.parse_args([*argv, "--anneal-at", "1", "--prior", str(tmp_path / "general")])
+    lowrank = cost.measure("mask-lowrank", args)
+    assert seen == [(cost.SCHEDULE_STEPS, cost.SCHEDULE_STEPS + 1, MaskConfig().tau_end, str(tmp_path / "general"))]
     shapes = [m.weight.shape for m in base.modules() if isinstance(m, torch.nn.Linear) and m is not base.lm_head]
     masked = sum(o * i for o, i in shapes)
     assert lowrank["masked_weights"] == masked
