@@ -6,8 +6,11 @@ logits per call) and the AdamW step of bfloat16 logits (``csrc/adamw_bf16_cpu.cp
 The plain PyTorch path makes about twenty passes over the ``[G, C]`` logits per training step (noise, two logs, the
 softmax, the mask product, their backward); the kernel makes one in forward and one in backward, regenerating the
 noise from a counter-based generator (two 23-bit uniforms ``(k + 0.5) / 2^23`` per splitmix64 hash of
-``(seed, index)``, never 0 or 1) instead of storing it. The distribution is the method's:
-``y = softmax((kappa * logits + g) / tau)`` with ``g = -log(-log(u))``.
+``(seed, index)``, never 0 or 1) instead of storing it; where the layer keeps the soft mask
+(:func:`sparse_peft.layer.set_soft_mask_memory` with ``recompute=False``), forward also returns the sample's
+``y [C, G]`` (float32) and backward reads it instead of sampling again. The distribution is the method's:
+``y = softmax((kappa * logits + g) / tau)`` with ``g = -log(-log(u))``. With AVX512, full blocks of 64 groups move
+between the ``[G, C]`` / ``[G, M]`` layouts and the kernel's per-candidate columns by in-register permutes.
 
 Used for training forwards on CPU with float32 weights ``[out, in]`` (contiguous), float32 or bfloat16 logits and
 the N:M layouts it is compiled for (2:4, 1:4, 1:2, 4:8), without a low-rank update under the mask. The build needs a

@@ -72,7 +72,8 @@ class _MaskedLinearFunction(torch.autograd.Function):
     skips regenerating them. Under autocast the linear runs in the autocast dtype and so do both backward GEMMs.
     Where :func:`~sparse_peft.fused.kernel_for` applies (CPU, float32 ``[out, in]`` weights, no update under the
     mask) the soft mask, ``W * mask``, the regulariser and the logits' gradient come from the fused CPU kernel:
-    one pass in forward and one in backward, ``save_probs`` unused.
+    one pass in forward and one in backward, which with ``save_probs`` reads the kept weights instead of regenerating
+    them.
 
     It also adds the sparse regulariser: the loss is ``task_loss - lam * ||W * mask||^2`` with ``W`` frozen, whose
     gradient w.r.t. the masked weight is ``-2 * lam * W_eff``. Adding it here keeps it exact under gradient
@@ -90,8 +91,8 @@ class _MaskedLinearFunction(torch.autograd.Function):
         reg = torch.zeros((), device=weight.device)
         probs = None
         if kernel is not None:
-            masked, square = kernel.forward(weight, logits, candidates.float(), sample.seed, sample.kappa, sample.tau,
-                                            sample.sparse_reg > 0)
+            masked, square, probs = kernel.forward(weight, logits, candidates.float(), sample.seed, sample.kappa,
+                                                   sample.tau, sample.sparse_reg > 0, sample.save_probs)
             if sample.sparse_reg > 0:
                 reg = sample.sparse_reg * square
         else:
@@ -110,7 +111,7 @@ class _MaskedLinearFunction(torch.autograd.Function):
         x, weight, logits, candidates, probs, lora_a, lora_b = ctx.saved_tensors
         sample = ctx.sample
         if ctx.kernel is not None:
-            return _kernel_backward(ctx, grad_out, x, weight, logits, candidates)
+            return _kernel_backward(ctx, grad_out, x, weight, logits, candidates, probs)
         if probs is None:
             probs = soft_mask_probs(logits, sample.tau, sample.kappa, sample.seed)
         weight = _updated_weight(weight, lora_a, lora_b, sample.lora_scale)
@@ -140,18 +141,20 @@ def _weight_gradient(grad_out: torch.Tensor, x: torch.Tensor, dtype: torch.dtype
     return grad.to(dtype)
 
 
-def _kernel_backward(ctx, grad_out, x, weight, logits, candidates) -> tuple:
+def _kernel_backward(ctx, grad_out, x, weight, logits, candidates, probs) -> tuple:
     """``_MaskedLinearFunction.backward`` through the fused CPU kernel (no update under the mask): one kernel call
-    rebuilds ``W * mask`` for ``dL/dx`` and computes ``dL/dlogits`` (regulariser included) from ``dL/dW_eff``."""
+    rebuilds ``W * mask`` for ``dL/dx`` and computes ``dL/dlogits`` (regulariser included) from ``dL/dW_eff``, from
+    forward's kept ``probs [C, G]`` or, where None, from the sample regenerated from its seed."""
     sample, kernel = ctx.sample, ctx.kernel
     patterns = candidates.float()
     grad_x = grad_logits = None
     if ctx.needs_input_grad[3]:
         grad_masked = _weight_gradient(grad_out, x, weight.dtype).contiguous()
+        kept = probs if probs is not None else logits.new_empty(0, dtype=torch.float32)
         masked, grad_logits = kernel.backward(grad_masked, weight, logits, patterns, sample.seed, sample.kappa,
-                                              sample.tau, sample.sparse_reg, ctx.needs_input_grad[0])
+                                              sample.tau, sample.sparse_reg, ctx.needs_input_grad[0], kept)
     elif ctx.needs_input_grad[0]:
-        masked, _ = kernel.forward(weight, logits, patterns, sample.seed, sample.kappa, sample.tau, False)
+        masked = kernel.forward(weight, logits, patterns, sample.seed, sample.kappa, sample.tau, False, False)[0]
     if ctx.needs_input_grad[0]:
         grad_x = grad_out @ masked.to(grad_out.dtype)
     return grad_x, None, None, grad_logits, None, None, None, None
@@ -189,8 +192,8 @@ class MaskedLinear(nn.Module, BaseTunerLayer):
     other_param_names = ("maskllm_spec",)
     #: Memory option of the training forward. True (default): backward regenerates the Gumbel sample from its seed,
     #: so no mask activation stays alive between forward and backward. False: keep the ``[C, G]`` float32
-    #: Gumbel-softmax weights (6 bytes per masked weight for 2:4) and skip regenerating them. Layers that train
-    #: through the fused CPU kernel (:mod:`sparse_peft.fused`) always regenerate. See :func:`set_soft_mask_memory`.
+    #: Gumbel-softmax weights (6 bytes per masked weight for 2:4) and skip regenerating them, on the PyTorch path
+    #: and through the fused CPU kernel alike. See :func:`set_soft_mask_memory`.
     recompute_soft_mask: bool = True
 
     def __init__(
@@ -583,9 +586,8 @@ def set_soft_mask_memory(model: nn.Module, recompute: bool) -> None:
 
     ``recompute=True`` (the default): nothing but the noise seed; backward regenerates the Gumbel sample (more
     compute: the soft mask is sampled twice per step). ``recompute=False``: the ``[C, G]`` float32 Gumbel-softmax
-    weights, 4 * C / M bytes per masked weight (6 for 2:4), for a cheaper backward. Gradients are the same.
-    Layers that train through the fused CPU kernel (:mod:`sparse_peft.fused`) keep nothing either way: its
-    backward regenerates the sample in the same pass that computes the logits' gradient.
+    weights, 4 * C / M bytes per masked weight (6 for 2:4), for a cheaper backward. Gradients are the same. Both
+    options hold for the PyTorch path and for the fused CPU kernel (:mod:`sparse_peft.fused`).
     """
     layers = [module for module in model.modules() if isinstance(module, MaskedLinear)]
     if not layers:

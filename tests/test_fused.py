@@ -65,10 +65,11 @@ def test_cpu_gumbel_noise_uses_the_kernels_uniforms(kernel):
 )
 def test_forward_and_backward_match_autograd_through_soft_mask(kernel, n, m, logits_dtype):
     """``W * soft_mask``, its sum of squares and ``dL/dlogits`` of ``L = <dL/dW', W'> - lam ||W'||^2`` against
-    autograd through :func:`~sparse_peft.patterns.soft_mask` with the same seed."""
+    autograd through :func:`~sparse_peft.patterns.soft_mask` with the same seed; the same from the kept softmax
+    weights, which equal the PyTorch path's. 40 x 72 weights: full 64-group blocks and a shorter last one."""
     torch.manual_seed(0)
     patterns = candidate_patterns(n, m).float()
-    out, inp, seed, tau, kappa, lam = 40, 64, 2**40 + 3, 2.0, 3.0, 0.1
+    out, inp, seed, tau, kappa, lam = 40, 72, 2**40 + 3, 2.0, 3.0, 0.1
     groups = out * inp // m
     weight = torch.randn(out, inp)
     logits = (torch.randn(groups, patterns.shape[0]) * 0.5).to(logits_dtype)
@@ -77,11 +78,19 @@ def test_forward_and_backward_match_autograd_through_soft_mask(kernel, n, m, log
     grad_masked = torch.randn(out, inp)
     ((reference * grad_masked).sum() - lam * reference.square().sum()).backward()
 
-    masked, square = kernel.forward(weight, logits, patterns, seed, kappa, tau, True)
+    masked, square, none = kernel.forward(weight, logits, patterns, seed, kappa, tau, True, False)
+    assert none.numel() == 0
     torch.testing.assert_close(masked, reference.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(square, reference.detach().square().sum(), rtol=1e-5, atol=0)
-    rebuilt, grad_logits = kernel.backward(grad_masked, weight, logits, patterns, seed, kappa, tau, lam, True)
+    rebuilt, grad_logits = kernel.backward(grad_masked, weight, logits, patterns, seed, kappa, tau, lam, True,
+                                           torch.empty(0))
     assert torch.equal(rebuilt, masked)  # backward regenerates exactly the forward's sample
+
+    kept_masked, _, probs = kernel.forward(weight, logits, patterns, seed, kappa, tau, True, True)
+    assert torch.equal(kept_masked, masked) and probs.shape == (patterns.shape[0], groups)
+    torch.testing.assert_close(probs, soft_mask_probs(logits.float(), tau, kappa, seed), rtol=1e-5, atol=1e-7)
+    from_kept = kernel.backward(grad_masked, weight, logits, patterns, seed, kappa, tau, lam, True, probs)
+    assert torch.equal(from_kept[0], masked) and torch.equal(from_kept[1], grad_logits)  # the same numbers
     assert grad_logits.dtype == logits_dtype
     if logits_dtype == torch.float32:
         torch.testing.assert_close(grad_logits, reference_logits.grad, rtol=1e-4, atol=1e-6)
@@ -98,7 +107,7 @@ def test_samples_follow_the_softmax_of_the_scaled_logits(kernel):
     row = torch.tensor([0.0, 0.5, 1.0, -0.5, 0.25, 2.0])
     logits = row.repeat(groups, 1).contiguous()
     weight = torch.ones(groups * 4).view(-1, 64)
-    masked, _ = kernel.forward(weight, logits, patterns, 5, kappa, 1e-3, False)
+    masked = kernel.forward(weight, logits, patterns, 5, kappa, 1e-3, False, False)[0]
     chosen = (masked.view(groups, 4) @ patterns.t()).argmax(dim=1)  # the candidate matching the one-hot mask
     frequencies = torch.bincount(chosen, minlength=6).double() / groups
     expected = torch.softmax(row.double() * kappa, dim=0)
@@ -114,7 +123,7 @@ def test_kernel_cuts_tiny_candidate_weights_like_the_pytorch_path(kernel):
     logits[torch.arange(groups), torch.randint(0, 6, (groups,), generator=generator)] += 0.06
     patterns = candidate_patterns(2, 4)
     weight = (torch.randn(groups, 4, generator=generator) * 0.02).view(-1, 64)
-    masked, _ = kernel.forward(weight, logits, patterns.float(), seed, kappa, tau, False)
+    masked = kernel.forward(weight, logits, patterns.float(), seed, kappa, tau, False, False)[0]
     probs = soft_mask_probs(logits, tau, kappa, seed)
     reference = (weight.view(groups, 4) * mask_from_probs(probs, patterns)).view_as(weight)
     assert (probs == 0).any()

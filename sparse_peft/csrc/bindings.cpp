@@ -7,10 +7,10 @@
 // soft_mask_cpu.cpp
 bool supports(int64_t num_candidates, int64_t m);
 std::vector<torch::Tensor> forward(torch::Tensor weight, torch::Tensor logits, torch::Tensor patterns, int64_t seed,
-                                   double kappa, double tau, bool with_reg);
+                                   double kappa, double tau, bool with_reg, bool keep_probs);
 std::vector<torch::Tensor> backward(torch::Tensor grad_masked, torch::Tensor weight, torch::Tensor logits,
                                     torch::Tensor patterns, int64_t seed, double kappa, double tau, double lam,
-                                    bool want_masked);
+                                    bool want_masked, torch::Tensor probs);
 torch::Tensor uniforms(int64_t seed, int64_t num_groups, int64_t num_candidates);
 
 // adamw_bf16_cpu.cpp
