@@ -51,8 +51,14 @@ memory is the process's peak RSS on CPU (it includes the model) and ``torch.cuda
 Trainable-state bytes count parameters + gradients + optimizer state of the trainable tensors, divided by the
 number of masked weights (the weights of the targeted linears), so the three methods share one denominator. Prints
 a table and writes JSON (``--json``) with the machine: CPU model and the vector instruction set torch's kernels use
-(bf16 matmuls are fast only with AVX512-BF16 / AMX). Not a test: nothing is asserted; the targets of issue 5 are
-printed as ratios.
+(bf16 matmuls are fast only with AVX512-BF16 / AMX).
+
+The kernel passes (process ``kernel``, CPU with the fused kernel built): one forward and one backward of the fused
+soft-mask kernel over every targeted linear of the model (its own weights, random logits, the schedule's start),
+regenerating the sample in backward (``mask``) or reading the one forward kept (``mask-keep``): the least of
+``--kernel-repeats`` timings, at the process's thread count. That is the part of the per-weight column that
+sampling costs; the rest is the weight-gradient GEMM's output, clipping and the optimizer step. Not a test:
+nothing is asserted; the targets are printed as ratios.
 """
 
 from __future__ import annotations
@@ -110,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--per-weight-steps", type=int, default=3,
                         help="timed one-token steps of each mask method (0: no per-weight column)")
     parser.add_argument("--gemm-repeats", type=int, default=3, help="timings per GEMM shape of the floor (0: none)")
+    parser.add_argument("--kernel-repeats", type=int, default=3,
+                        help="timings of the fused CPU soft-mask kernel's passes over the model (0: none)")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: measure one method, print JSON
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
@@ -389,6 +397,54 @@ def gemm_floor(args) -> dict:
     }
 
 
+def kernel_passes(args) -> Optional[dict]:
+    """Seconds of the fused CPU soft-mask kernel's forward and backward over every targeted linear of the model,
+    regenerating the sample in backward and reading a kept one; None where the kernel does not run (not CPU, not
+    built, not 2:4-compiled)."""
+    from sparse_peft import MaskConfig
+    from sparse_peft.fused import kernel_for
+    from sparse_peft.patterns import candidate_patterns
+
+    model, _ = load_model(args)
+    weights = [module.weight.detach().float().contiguous() for name, module in model.named_modules()
+               if name.split(".")[-1] in TARGETS]
+    del model
+    config = MaskConfig()
+    patterns = candidate_patterns(config.n, config.m).float()
+    generator = torch.Generator().manual_seed(0)
+    logits = [torch.randn(w.numel() // config.m, patterns.shape[0], generator=generator) * config.logit_init_std
+              for w in weights]
+    if args.device != "cpu" or kernel_for(weights[0], logits[0], *patterns.shape) is None:
+        return None
+    kernel = kernel_for(weights[0], logits[0], *patterns.shape)
+    grads = [torch.randn(w.shape, generator=generator) for w in weights]
+    tau, kappa, no_probs = config.tau_start, config.kappa_start, torch.empty(0)
+
+    def forward(keep: bool) -> list:
+        return [kernel.forward(w, x, patterns, 1, kappa, tau, False, keep) for w, x in zip(weights, logits)]
+
+    def backward(kept: list) -> list:
+        return [kernel.backward(g, w, x, patterns, 1, kappa, tau, 0.0, True, p)
+                for g, w, x, p in zip(grads, weights, logits, kept)]
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(args.kernel_repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    kept = [out[2] for out in forward(True)]
+    return {
+        "masked_weights": sum(w.numel() for w in weights), "threads": torch.get_num_threads(),
+        "regenerate": {"forward_s": timed(lambda: forward(False)),
+                       "backward_s": timed(lambda: backward([no_probs] * len(weights)))},
+        "keep": {"forward_s": timed(lambda: forward(True)), "backward_s": timed(lambda: backward(kept))},
+    }
+
+
 def run_child(method: str, argv: list[str]) -> dict:
     result = subprocess.run([sys.executable, __file__, *argv, "--only", method], stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
@@ -459,7 +515,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.only is not None:
-        print(json.dumps(gemm_floor(args) if args.only == "gemm" else measure(args.only, args)))
+        only = {"gemm": gemm_floor, "kernel": kernel_passes}.get(args.only)
+        print(json.dumps(only(args) if only is not None else measure(args.only, args)))
         return
     child_argv = [a for a in argv if a != "--only"]
     results = {}
@@ -474,13 +531,26 @@ def main(argv=None) -> None:
         for method, result in results.items():
             result["gemm_floor_s"] = floor["floor_s"][method]
             result["gemm_fraction"] = floor["floor_s"][method] / result["step_time_s"]
-    write(results, floor, args, final=True)
+    kernel = None
+    if args.kernel_repeats > 0 and args.device == "cpu":
+        print("measuring the fused kernel's passes ...", flush=True)
+        kernel = run_child("kernel", child_argv)
+    write(results, floor, args, final=True, kernel=kernel)
 
 
-def write(results: dict[str, dict], floor: Optional[dict], args, final: bool = False) -> None:
-    """Write ``--json`` and its Markdown table (atomically) with the methods measured so far; print the table and
-    the ratios when ``final``."""
+def write(results: dict[str, dict], floor: Optional[dict], args, final: bool = False,
+          kernel: Optional[dict] = None) -> None:
+    """Write ``--json`` and its Markdown table (atomically) with the methods measured so far (and the kernel passes
+    under the table); print the table and the ratios when ``final``."""
     ratios, table = report(results, args, final)
+    if kernel is not None:
+        line = (f"\nFused soft-mask kernel over the {kernel['masked_weights'] / 1e6:.1f}M masked weights, "
+                f"{kernel['threads']} threads: regenerating the sample, forward {kernel['regenerate']['forward_s']:.3f}"
+                f" s + backward {kernel['regenerate']['backward_s']:.3f} s; keeping it, forward "
+                f"{kernel['keep']['forward_s']:.3f} s + backward {kernel['keep']['backward_s']:.3f} s.")
+        table += "\n" + line
+        if final:
+            print(line)
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor() or cpuinfo_field("model name"),
@@ -494,7 +564,7 @@ def write(results: dict[str, dict], floor: Optional[dict], args, final: bool = F
     }
     settings = {k: v for k, v in vars(args).items() if k != "only"}
     payload = json.dumps({"settings": settings, "machine": machine, "results": results, "gemm": floor,
-                          "ratios": ratios, "complete": final}, indent=2)
+                          "kernel": kernel, "ratios": ratios, "complete": final}, indent=2)
     atomic_write(args.json, lambda f: f.write(payload.encode()))
     markdown = str(Path(args.json).with_suffix(".md"))
     atomic_write(markdown, lambda f: f.write((table + "\n").encode()))

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from peft import get_peft_model
 
-from sparse_peft import MaskConfig, MaskedLinear
+from sparse_peft import MaskConfig, MaskedLinear, fused
 from sparse_peft.layer import set_soft_mask_memory
 from sparse_peft.optim import BF16AdamW
 from sparse_peft.patterns import draw_seed
@@ -100,6 +100,24 @@ def test_cost_benchmark_counts_24_bytes_of_trainable_state_per_masked_weight():
     assert autocast["losses"][0] == pytest.approx(results["mask"]["losses"][0], rel=0.02)
     assert autocast["trainable_state_bytes"] == results["mask"]["trainable_state_bytes"]
     assert results["mask"]["per_weight_step_s"] > 0 and "per_weight_step_s" not in results["lora"]
+
+
+def test_cost_benchmark_times_the_fused_kernel_passes_where_the_kernel_runs(monkeypatch):
+    """benchmarks/cost.py's kernel process on a tiny model: both backward variants over every masked weight; no
+    numbers where the kernel is off."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("cost", REPO_ROOT / "benchmarks" / "cost.py")
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    args = cost.parse_args(["--model", "tiny", "--device", "cpu", "--kernel-repeats", "1"])
+    passes = cost.kernel_passes(args)
+    assert passes["masked_weights"] == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)
+    assert all(passes[way][name] > 0 for way in ("regenerate", "keep") for name in ("forward_s", "backward_s"))
+    monkeypatch.setenv(fused.ENV, "0")
+    assert cost.kernel_passes(args) is None
 
 
 def test_cost_benchmark_distillation_rows_and_gemm_floor():
