@@ -414,9 +414,9 @@ def kernel_passes(args) -> Optional[dict]:
     generator = torch.Generator().manual_seed(0)
     logits = [torch.randn(w.numel() // config.m, patterns.shape[0], generator=generator) * config.logit_init_std
               for w in weights]
-    if args.device != "cpu" or kernel_for(weights[0], logits[0], *patterns.shape) is None:
+    kernel = kernel_for(weights[0], logits[0], *patterns.shape) if args.device == "cpu" else None
+    if kernel is None:
         return None
-    kernel = kernel_for(weights[0], logits[0], *patterns.shape)
     grads = [torch.randn(w.shape, generator=generator) for w in weights]
     tau, kappa, no_probs = config.tau_start, config.kappa_start, torch.empty(0)
 

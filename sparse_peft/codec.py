@@ -218,15 +218,25 @@ class MaskRecord:
         return groups.view(self.shape)
 
 
+def _bits(values: int) -> int:
+    """Bits of one packed index below ``values`` (at least 1): ``index_bits`` for ``values = C``."""
+    return max(1, (values - 1).bit_length())
+
+
+def _alternatives_as_digits(others: int) -> bool:
+    """Whether ranks below ``others`` pack smaller as base-``others`` digits than as :func:`_bits`-wide indices."""
+    return 8 / digits_per_byte(others) < _bits(others)
+
+
 def _pack_alternatives(ranks: torch.Tensor, candidates: int) -> torch.Tensor:
     """Pack ``[K]`` ranks ``< C - 1`` (a changed group's new pattern among the other ``C - 1``): base-``(C - 1)``
     digits where they beat bits, else bits; empty for ``C = 2`` (the other pattern is the only one)."""
     others = candidates - 1
     if others == 1:
         return torch.zeros(0, dtype=torch.uint8)
-    if 8 / digits_per_byte(others) < (others - 1).bit_length():
+    if _alternatives_as_digits(others):
         return pack_codes(ranks, others)
-    return pack_indices(ranks, (others - 1).bit_length())
+    return pack_indices(ranks, _bits(others))
 
 
 def _unpack_alternatives(packed: torch.Tensor, count: int, candidates: int) -> torch.Tensor:
@@ -236,9 +246,9 @@ def _unpack_alternatives(packed: torch.Tensor, count: int, candidates: int) -> t
         if packed.numel():
             raise ValueError(f"delta patterns hold {packed.numel()} bytes where none belong")
         return torch.zeros(count, dtype=torch.long)
-    if 8 / digits_per_byte(others) < (others - 1).bit_length():
+    if _alternatives_as_digits(others):
         return unpack_codes(packed, count, others)
-    ranks = unpack_indices(packed, count, (others - 1).bit_length())
+    ranks = unpack_indices(packed, count, _bits(others))
     if ranks.numel() and int(ranks.max()) >= others:
         raise ValueError(f"delta patterns hold a rank >= {others}")
     return ranks
@@ -286,7 +296,7 @@ def encode_delta(indices: torch.Tensor, general: torch.Tensor, candidates: int) 
         raise ValueError(f"Cannot delta-code {tuple(indices.shape)} pattern indices against {tuple(general.shape)}.")
     indices, general = indices.cpu().long(), general.cpu().long()
     changed = (indices != general).nonzero().flatten()  # sorted [K]
-    count, bits = changed.numel(), max(1, (candidates - 1).bit_length())  # index_bits
+    count, bits = changed.numel(), _bits(candidates)
     gaps = torch.diff(changed, prepend=torch.tensor([-1])) - 1
     gap_bits = max(1, int(gaps.max()).bit_length()) if count else 1
     absolute = pack_indices(indices[changed], bits)
@@ -335,7 +345,7 @@ def decode_delta(tensors: dict[str, torch.Tensor], general: torch.Tensor, candid
         ranks = _unpack_alternatives(tensors[DELTA_PATTERNS], count, candidates)
         indices[changed] = ranks + (ranks >= indices[changed]).long()
     else:
-        indices[changed] = unpack_indices(tensors[DELTA_PATTERNS], count, max(1, (candidates - 1).bit_length()))
+        indices[changed] = unpack_indices(tensors[DELTA_PATTERNS], count, _bits(candidates))
     return indices
 
 
