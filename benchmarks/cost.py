@@ -57,8 +57,11 @@ The kernel passes (process ``kernel``, CPU with the fused kernel built): one for
 soft-mask kernel over every targeted linear of the model (its own weights, random logits, the schedule's start),
 regenerating the sample in backward (``mask``) or reading the one forward kept (``mask-keep``): the least of
 ``--kernel-repeats`` timings, at the process's thread count. That is the part of the per-weight column that
-sampling costs; the rest is the weight-gradient GEMM's output, clipping and the optimizer step. Not a test:
-nothing is asserted; the targets are printed as ratios.
+sampling costs; the rest is the weight-gradient GEMM's output, clipping and the optimizer step.
+
+Every measuring process keeps freed memory for reuse, as the command line does (``--allocator retain``:
+:func:`sparse_peft.retain_freed_memory`; ``--allocator default``: glibc's own settings). Not a test: nothing is
+asserted; the targets are printed as ratios.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from typing import Optional
 
 import torch
 
+from sparse_peft.allocator import retain_freed_memory
 from sparse_peft.utils import atomic_write
 
 METHODS = ("mask", "mask-keep", "mask-ckpt", "mask-adam8bit", "mask-bf16", "mask-distill", "mask-distill-cached",
@@ -118,6 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gemm-repeats", type=int, default=3, help="timings per GEMM shape of the floor (0: none)")
     parser.add_argument("--kernel-repeats", type=int, default=3,
                         help="timings of the fused CPU soft-mask kernel's passes over the model (0: none)")
+    parser.add_argument("--allocator", default="retain", choices=["retain", "default"],
+                        help="retain: every measuring process keeps freed memory for reuse "
+                             "(sparse_peft.retain_freed_memory, what the CLI does); default: glibc's own settings")
     parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: measure one method, print JSON
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
@@ -515,6 +522,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.only is not None:
+        if args.allocator == "retain":
+            retain_freed_memory()
         only = {"gemm": gemm_floor, "kernel": kernel_passes}.get(args.only)
         print(json.dumps(only(args) if only is not None else measure(args.only, args)))
         return

@@ -294,4 +294,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    sparse_peft.retain_freed_memory()  # reuse freed memory across steps (glibc); see docs/scale.md
     main()

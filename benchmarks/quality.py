@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
         passes = steps * args.batch_size / len(windows)
         start = time.perf_counter()
         learn_mask(peft_model, windows.select(range(min(steps * args.batch_size, len(windows)))), training_args,
-                   recompute_soft_mask=False, distill=args.distill, teacher_top_k=args.teacher_top_k)
+                   distill=args.distill, teacher_top_k=args.teacher_top_k)
         seconds = time.perf_counter() - start
         name = f"learned-{prior}-{steps}x{args.batch_size}x{args.seq_len}-reg{args.sparse_reg:g}"
         name += ("-distill" if args.distill else "") + ("-bf16" if args.bf16 else "")
@@ -304,4 +304,5 @@ def plot(rows: list[dict], dense: float, sparsegpt: float, path: str) -> None:
 
 
 if __name__ == "__main__":
+    sparse_peft.retain_freed_memory()  # reuse freed memory across steps (glibc); see docs/scale.md
     main()

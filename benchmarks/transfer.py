@@ -437,7 +437,7 @@ class Benchmark:
                     data_collator=self.collator(objective)).train()
             peft_model.eval()
         else:
-            learn_mask(peft_model, plan["dataset"], training_args, recompute_soft_mask=False, distill=distill,
+            learn_mask(peft_model, plan["dataset"], training_args, distill=distill,
                        data_collator=self.collator(objective))
         row["seconds"] = time.perf_counter() - start
         row.update({k: plan[k] for k in ("tokens", "steps", "examples_per_step", "passes")})
@@ -682,4 +682,5 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 if __name__ == "__main__":
+    sparse_peft.retain_freed_memory()  # reuse freed memory across steps (glibc); see docs/scale.md
     main()

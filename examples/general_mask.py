@@ -69,11 +69,12 @@ def main(argv=None) -> None:
         logging_steps=max(1, args.steps // 10), use_cpu=args.device == "cpu",
     )
     start = time.perf_counter()
-    learn_mask(peft_model, windows, training_args, recompute_soft_mask=False)  # speed over 6 B/weight of memory
+    learn_mask(peft_model, windows, training_args)
     peft_model.save_pretrained(args.output)
     tokens = args.steps * args.batch_size * args.seq_len
     print(f"general mask: {tokens} tokens of {args.data} in {time.perf_counter() - start:.0f} s -> {args.output}")
 
 
 if __name__ == "__main__":
+    sparse_peft.retain_freed_memory()  # reuse freed memory across steps (glibc); see docs/scale.md
     main()

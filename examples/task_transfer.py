@@ -132,7 +132,7 @@ def train_mask(model, tokenizer, prior: str, texts: list[str], output: str, args
         logging_steps=max(1, args.steps // 5), use_cpu=args.device == "cpu",
     )
     start = time.perf_counter()
-    learn_mask(peft_model, windows, training_args, recompute_soft_mask=False)  # speed over 6 B/weight of memory
+    learn_mask(peft_model, windows, training_args)
     seconds = time.perf_counter() - start
     peft_model.save_pretrained(output)
     return peft_model, seconds
@@ -240,4 +240,5 @@ def plot(results: dict, agreement: dict, path: str, one_shot: dict | None = None
 
 
 if __name__ == "__main__":
+    sparse_peft.retain_freed_memory()  # reuse freed memory across steps (glibc); see docs/scale.md
     main()

@@ -7,10 +7,11 @@ at once if PEFT is already imported, else as soon as it is (:mod:`~sparse_peft.r
 
 The modules, each importing only those above it in this list:
 
-* leaves: ``fused`` (the fused CPU kernels), ``constants`` (PEFT type, key prefixes, prior names, command-line
-  defaults), ``options`` (:class:`MaskConfig`'s fields), ``registration_hook`` (when the registration runs),
-  ``utils`` (atomic writes, the cache folder, ``[out, in]`` weight views), ``annealing`` (schedule values),
-  ``download`` (Hub downloads), ``lowrank`` (low-rank updates of masked weights: the EoRA-style math);
+* leaves: ``allocator`` (glibc keeping freed memory), ``fused`` (the fused CPU kernels), ``constants`` (PEFT type,
+  key prefixes, prior names, command-line defaults), ``options`` (:class:`MaskConfig`'s fields),
+  ``registration_hook`` (when the registration runs), ``utils`` (atomic writes, the cache folder, ``[out, in]``
+  weight views), ``annealing`` (schedule values), ``download`` (Hub downloads), ``lowrank`` (low-rank updates of
+  masked weights: the EoRA-style math);
 * ``patterns`` (N:M mask math);
 * ``optim`` (AdamW for bfloat16 logits);
 * ``config`` (:class:`MaskConfig`), ``codec`` (the adapter file format), ``pruners`` (magnitude, Wanda, SparseGPT),
@@ -46,6 +47,7 @@ _EXPORTS = {
     "mask_stats": "stats",
     "push_mask_adapter": "hub",
     "register": "registration",
+    "retain_freed_memory": "allocator",
     "repoint_general_mask": "hub",
     "schedule_at": "annealing",
     "update_mask_schedule": "schedule",

@@ -239,7 +239,7 @@ def prune_and_save(model, tokenizer, method: str, output: str, calibration: Opti
 
 def learn_and_save(model, tokenizer, config: MaskConfig, data: str | Sequence[str], output: str, *, steps: int,
                    batch_size: int, seq_len: int, lr: float, bf16: bool, grad_accum: int = 1,
-                   gradient_checkpointing: bool = False, seed: int = 0, recompute_soft_mask: bool = False,
+                   gradient_checkpointing: bool = False, seed: int = 0, recompute_soft_mask: bool = True,
                    distill: bool = False, text_column: Optional[str] = None, report_to: str = "none",
                    save_steps: Optional[int] = None, resume: Optional[str] = None, eval_data: Optional[str] = None,
                    eval_steps: Optional[int] = None, eval_windows: int = 16, print_logs: bool = True,
