@@ -47,8 +47,8 @@ _EXPORTS = {
     "mask_stats": "stats",
     "push_mask_adapter": "hub",
     "register": "registration",
-    "retain_freed_memory": "allocator",
     "repoint_general_mask": "hub",
+    "retain_freed_memory": "allocator",
     "schedule_at": "annealing",
     "update_mask_schedule": "schedule",
 }

@@ -82,6 +82,29 @@ def teacher_top_k(dense_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     return top_ids.to(torch.int32), top_logprobs.to(torch.float16), rest
 
 
+class _LogProbsAt(torch.autograd.Function):
+    """``log_softmax(logits, -1).gather(-1, ids)`` at least in float32, holding one vocabulary-sized tensor in forward
+    (the log-probabilities, kept for backward, as the LM loss's cross-entropy keeps them) and making one in backward
+    (the gradient ``onehot(ids) * g - softmax * sum(g)``), where autograd's ``logsumexp`` and ``gather`` make several.
+
+    ``logits`` ``[..., vocab]`` (any float dtype; the gradient comes back in it), ``ids`` ``[..., k]`` int64;
+    returns ``[..., k]``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        logprobs = torch.log_softmax(logits, -1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        ctx.save_for_backward(logprobs, ids)
+        ctx.logits_dtype = logits.dtype
+        return logprobs.gather(-1, ids)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logprobs, ids = ctx.saved_tensors
+        grad_logits = logprobs.exp().mul_(-grad.sum(-1, keepdim=True)).scatter_add_(-1, ids, grad)
+        return grad_logits.to(ctx.logits_dtype), None
+
+
 def top_k_distillation_loss(
     logits: torch.Tensor,
     top_ids: torch.Tensor,
@@ -101,8 +124,7 @@ def top_k_distillation_loss(
             f"teacher outputs {tuple(top_ids.shape)} / {tuple(rest_logprob.shape)} do not match the logits "
             f"{tuple(logits.shape)}: the cached teacher outputs belong to other examples."
         )
-    logits = logits.float()
-    q_top = logits.gather(-1, top_ids.long()) - logits.logsumexp(-1, keepdim=True)  # [batch, seq, k]
+    q_top = _LogProbsAt.apply(logits, top_ids.long())  # [batch, seq, k], float32
     # log of the student's mass outside the teacher's top k, log(1 - sum exp(q_top)), from the k values alone (no
     # second vocabulary-sized tensor); clamped at a mass of ~1e-7 so that it stays finite when k is the vocabulary
     q_rest = torch.log(-torch.expm1(q_top.logsumexp(-1).clamp(max=-1e-7)))

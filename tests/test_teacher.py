@@ -15,6 +15,7 @@ from sparse_peft import MaskConfig
 from sparse_peft import teacher as teacher_module
 from sparse_peft.teacher import (
     TEACHER_COLUMNS,
+    _LogProbsAt,
     add_teacher_outputs,
     model_fingerprint,
     teacher_top_k,
@@ -59,6 +60,25 @@ def test_top_k_loss_is_the_kl_of_the_coarsened_distributions(k):
         top_k_distillation_loss(student, ids[:, :4], logprobs[:, :4], rest[:, :4])
     with pytest.raises(ValueError, match="top_k must be between 1 and the vocabulary size 7"):
         teacher_top_k(dense, 8)
+
+
+def test_the_top_k_log_probabilities_have_autograds_gradient():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    ids = torch.stack([torch.randperm(11, generator=g)[:5] for _ in range(12)]).view(3, 4, 5)
+    assert torch.autograd.gradcheck(lambda x: _LogProbsAt.apply(x, ids), (logits,))
+    weights = torch.randn(3, 4, 5, dtype=torch.float64, generator=g)
+    expected = torch.autograd.grad((torch.log_softmax(logits, -1).gather(-1, ids) * weights).sum(), logits)[0]
+    got = torch.autograd.grad((_LogProbsAt.apply(logits, ids) * weights).sum(), logits)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # bf16 logits (autocast's lm_head): float32 log-probabilities, the gradient back in bf16
+    low = logits.detach().bfloat16().requires_grad_()
+    out = _LogProbsAt.apply(low, ids)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.log_softmax(low.float(), -1).gather(-1, ids))
+    (out * weights.float()).sum().backward()
+    assert low.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(low.grad.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
 def windows(seed: int = 0, count: int = 6, length: int = 16) -> Dataset:
