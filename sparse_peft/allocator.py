@@ -16,7 +16,6 @@ On other C libraries (macOS, musl, Windows) it does nothing and returns ``False`
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import platform
 
@@ -42,7 +41,7 @@ def retain_freed_memory() -> bool:
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(None)  # the running process's symbols: glibc's mallopt
     refused = [param for param, value in SETTINGS if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1]
     if refused:
         logger.warning("glibc refused mallopt parameters %s; freed memory is returned to the system as usual.",
