@@ -2,8 +2,9 @@
 
 Every mask-training step allocates ``W * mask``, the weight gradient and the logits' gradient afresh: on
 SmolLM2-135M about 2.5 GB of ``[out, in]`` and ``[G, C]`` tensors of a few MB each. With its default settings glibc
-serves blocks from 128 KiB up with ``mmap`` and gives them, and the free top of its heap, back to the kernel when
-they are freed, so each step faults in and zeroes the same memory again. :func:`retain_freed_memory` raises the
+serves large blocks with ``mmap`` (from 128 KiB, a threshold it raises as such blocks are freed) and gives them,
+and the free top of its heap, back to the kernel when they are freed, so a step can fault in and zero memory the
+step before it had already used. :func:`retain_freed_memory` raises the
 ``mmap`` threshold to 32 MiB (glibc's largest), turns trimming off and pads every heap growth by 512 MiB: freed
 blocks are reused by the next step, and the process keeps the memory of its largest step (its peak, which this does
 not raise) until it exits. From inside a running process it does what ``MALLOC_MMAP_THRESHOLD_=33554432

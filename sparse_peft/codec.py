@@ -110,9 +110,19 @@ def digits_per_byte(candidates: int) -> int:
     return k
 
 
+def _bits(values: int) -> int:
+    """Bits of one packed index below ``values`` (at least 1): ``index_bits`` for ``values = C``."""
+    return max(1, (values - 1).bit_length())
+
+
+def _digits_beat_bits(values: int) -> bool:
+    """Whether indices below ``values`` pack smaller as base-``values`` digits than as :func:`_bits`-wide indices."""
+    return 8 / digits_per_byte(values) < _bits(values)
+
+
 def uses_pattern_codes(n: int, m: int) -> bool:
     """Whether full masks of this N:M are stored as base-C digits (fewer bytes than :func:`pack_indices`)."""
-    return 8 / digits_per_byte(num_candidates(n, m)) < index_bits(n, m)
+    return _digits_beat_bits(num_candidates(n, m))
 
 
 def pack_codes(indices: torch.Tensor, candidates: int) -> torch.Tensor:
@@ -218,23 +228,13 @@ class MaskRecord:
         return groups.view(self.shape)
 
 
-def _bits(values: int) -> int:
-    """Bits of one packed index below ``values`` (at least 1): ``index_bits`` for ``values = C``."""
-    return max(1, (values - 1).bit_length())
-
-
-def _alternatives_as_digits(others: int) -> bool:
-    """Whether ranks below ``others`` pack smaller as base-``others`` digits than as :func:`_bits`-wide indices."""
-    return 8 / digits_per_byte(others) < _bits(others)
-
-
 def _pack_alternatives(ranks: torch.Tensor, candidates: int) -> torch.Tensor:
     """Pack ``[K]`` ranks ``< C - 1`` (a changed group's new pattern among the other ``C - 1``): base-``(C - 1)``
     digits where they beat bits, else bits; empty for ``C = 2`` (the other pattern is the only one)."""
     others = candidates - 1
     if others == 1:
         return torch.zeros(0, dtype=torch.uint8)
-    if _alternatives_as_digits(others):
+    if _digits_beat_bits(others):
         return pack_codes(ranks, others)
     return pack_indices(ranks, _bits(others))
 
@@ -246,7 +246,7 @@ def _unpack_alternatives(packed: torch.Tensor, count: int, candidates: int) -> t
         if packed.numel():
             raise ValueError(f"delta patterns hold {packed.numel()} bytes where none belong")
         return torch.zeros(count, dtype=torch.long)
-    if _alternatives_as_digits(others):
+    if _digits_beat_bits(others):
         return unpack_codes(packed, count, others)
     ranks = unpack_indices(packed, count, _bits(others))
     if ranks.numel() and int(ranks.max()) >= others:
