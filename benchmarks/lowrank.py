@@ -10,7 +10,11 @@ Rows (``--rows``), all on the general mask (``--general``, default the shipped o
   from zero (``--trained-init zeros``) or from the training-free update (``eora``: the ``eora-under-r<R>`` row's
   adapter when it exists) and trained for ``--steps`` steps of ``--batch-size`` x ``--seq-len`` tokens (LM loss);
 * ``naive-lora-r<R>``: what users do today: PEFT LoRA trained on the model with the mask merged, the same steps,
-  then merged without the mask, which destroys the sparsity (its zero fraction and 2:4 validity are reported).
+  then merged without the mask, which destroys the sparsity (its zero fraction and 2:4 validity are reported);
+* ``trained-full``: the ceiling of any update under the mask at the row's budget: every kept weight of the
+  targeted layers trained (full rank; the pruned ones held at exactly 0 by masking their gradient) on the model with
+  the general mask merged, the same steps and loss as ``trained-under`` at ``--full-lr``. Not an adapter: the result
+  is a whole sparse model (no size column).
 
 Metrics: Wikitext-2 perplexity (``--window`` x ``--eval-windows``), SST-2 label-word accuracy through
 ``evaluate`` (``--eval-examples`` validation examples), the adapter's size in bits per masked weight (its mask saved
@@ -32,6 +36,7 @@ import time
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, default_data_collator
+from transformers.modeling_utils import PreTrainedModel
 
 import sparse_peft
 from sparse_peft.adapter_io import adapter_size
@@ -43,8 +48,8 @@ from sparse_peft.lowrank_init import scale_update_to_calibration
 from sparse_peft.options import auto_or_number
 from sparse_peft.patterns import is_n_m_sparse
 from sparse_peft.tasks import load_task
-from sparse_peft.training import learn_mask, mask_training_arguments, text_windows
-from sparse_peft.utils import atomic_write, check_resumed_settings, comma_list, weight_out_in
+from sparse_peft.training import dense_distillation_loss, learn_mask, mask_training_arguments, text_windows
+from sparse_peft.utils import atomic_write, check_resumed_settings, comma_list, fan_in_fan_out, weight_out_in
 
 SHARED_SETTINGS = ("model", "gguf_file", "general", "calibration", "num_samples", "calibration_len", "train_data",
                    "batch_size", "seq_len", "lr", "window", "eval_windows", "eval_examples", "eora_scale")
@@ -56,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gguf-file", default=None)
     p.add_argument("--general", default=None, help="general mask adapter (default: the shipped one)")
     p.add_argument("--rows", type=comma_list(str), default="mask,eora-under,eora-residual,trained-under,naive-lora",
-                   help="row kinds: mask, eora-under, eora-residual, trained-under, naive-lora")
+                   help="row kinds: mask, eora-under, eora-residual, trained-under, naive-lora, trained-full")
     p.add_argument("--ranks", type=comma_list(int), default="8,16,32", help="ranks of the eora-under rows")
     p.add_argument("--train-rank", type=int, default=16, help="rank of eora-residual, trained-under, naive-lora")
     p.add_argument("--trained-init", choices=("zeros", "eora"), default="zeros",
@@ -71,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4, help="learning rate of the trained updates")
+    p.add_argument("--full-lr", type=float, default=1e-4, help="learning rate of the trained-full row")
     p.add_argument("--distill", action="store_true",
                    help="the trained-under row trains on the KL from the dense model (default: the LM loss, as "
                         "naive-lora always does)")
@@ -93,8 +99,8 @@ def row_names(args) -> list[str]:
     for kind in args.rows:
         if kind == "eora-under":
             names += [f"eora-under-r{r}" for r in args.ranks]
-        elif kind == "mask":
-            names.append("mask")
+        elif kind in ("mask", "trained-full"):
+            names.append(kind)
         else:
             names.append(f"{kind}-r{args.train_rank}")
     return names
@@ -149,12 +155,20 @@ class Benchmark:
                             max_windows=steps * batch)
 
     def train(self, model, name: str) -> float:
+        lr = self.args.full_lr if name == "trained-full" else self.args.lr
         args = mask_training_arguments(os.path.join(self.args.output, "trainer"), self.args.steps,
-                                       self.args.batch_size, learning_rate=self.args.lr, disable_tqdm=True,
+                                       self.args.batch_size, learning_rate=lr, disable_tqdm=True,
                                        logging_steps=max(1, self.args.steps // 5),
                                        use_cpu=str(self.args.device) == "cpu")
         start = time.perf_counter()
-        if name.startswith("trained"):
+        if name == "trained-full":
+            trainer_class = Trainer
+            kwargs = {}
+            if self.args.distill:
+                trainer_class, kwargs = _TeacherKLTrainer, {"teacher": self.model}
+            trainer_class(model=model, args=args, train_dataset=self.windows(), data_collator=default_data_collator,
+                          **kwargs).train()
+        elif name.startswith("trained"):
             learn_mask(model, self.windows(), args, print_logs=False, distill=self.args.distill)
         else:
             Trainer(model=model, args=args, train_dataset=self.windows(), data_collator=default_data_collator).train()
@@ -164,7 +178,17 @@ class Benchmark:
         rank = int(name.rsplit("-r", 1)[1]) if "-r" in name else 0
         row = {"row": name, "rank": rank}
         start = time.perf_counter()
-        if name.startswith("naive-lora"):
+        if name == "trained-full":
+            masked = PeftModel.from_pretrained(copy.deepcopy(self.model), self.args.general)
+            masks = {n.removeprefix("base_model.model."): layer.hard_mask("default")
+                     for n, layer in mask_layers(masked).items()}
+            model = train_kept_weights(masked.merge_and_unload(), masks)
+            row.update(self.budget, lr=self.args.full_lr, distill=self.args.distill,
+                       train_seconds=self.train(model, name))
+            row.update(self.evaluate(model))
+            row.update(merged_stats(model, list(masks)))
+            row["kept_weights_changed"] = kept_weights_changed(model, self.model, masks)  # kept: dense values
+        elif name.startswith("naive-lora"):
             sparse = PeftModel.from_pretrained(copy.deepcopy(self.model), self.args.general).merge_and_unload()
             targets = DEFAULT_TARGET_MODULES.get(sparse.config.model_type, "all-linear")
             model = get_peft_model(sparse, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
@@ -233,6 +257,49 @@ class Benchmark:
             print(json.dumps(row), flush=True)
         plot(self.result["rows"], os.path.join(self.args.output, "lowrank.png"))
         return self.result
+
+
+class _TeacherKLTrainer(Trainer):
+    """``Trainer`` on :func:`~sparse_peft.training.dense_distillation_loss` from a separate frozen ``teacher`` (the
+    dense model): the trained-full row's model is a plain sparse model, with no adapter to disable."""
+
+    def __init__(self, *args, teacher: PreTrainedModel, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval()
+        self.model_accepts_loss_kwargs = False  # the KL is a mean per micro-batch, as in DenseDistillationTrainer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            dense_logits = self.teacher(**model_inputs).logits
+        outputs = model(**model_inputs)
+        loss = dense_distillation_loss(outputs.logits, dense_logits, inputs.get("labels"))
+        return (loss, outputs) if return_outputs else loss
+
+
+def train_kept_weights(sparse: PreTrainedModel, masks: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """``sparse`` (its masked weights already zero off ``masks``) with only the named layers' weights trainable and
+    their gradients multiplied by the mask (``[out, in]``, 0/1), so that AdamW keeps every pruned weight at exactly 0
+    (zero gradient, zero moments, decoupled decay of 0)."""
+    sparse.requires_grad_(False)
+    for name, mask in masks.items():
+        layer = sparse.get_submodule(name)
+        keep = mask.T if fan_in_fan_out(layer) else mask
+        layer.weight.requires_grad_(True)
+        layer.weight.register_hook(lambda grad, keep=keep.to(layer.weight.dtype): grad * keep)
+    return sparse
+
+
+def kept_weights_changed(trained: PreTrainedModel, start: PreTrainedModel, masks: dict[str, torch.Tensor]) -> float:
+    """Fraction of the kept weights (``masks``' ones) of the named layers that differ between ``trained`` and
+    ``start`` (the dense model: a merged mask keeps its values)."""
+    changed = kept = 0
+    for name, mask in masks.items():
+        keep = mask.bool()
+        new, old = weight_out_in(trained.get_submodule(name)), weight_out_in(start.get_submodule(name))
+        changed += int((new[keep] != old[keep]).sum())
+        kept += int(keep.sum())
+    return changed / kept
 
 
 def merged_stats(merged, names: list[str]) -> dict:

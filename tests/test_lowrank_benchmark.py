@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from peft import PeftModel
 
 from conftest import AIDREAMS, load_benchmark
@@ -94,3 +95,41 @@ def test_layerwise_rows_and_reference(tmp_path):
     saved = json.loads((tmp_path / "out" / "layerwise.json").read_text())
     assert saved["rows"] == result["rows"]
     assert (tmp_path / "out" / "layerwise.md").read_text().count("\n") == 2 + 4
+
+
+def test_trained_full_row_keeps_the_general_masks_zeros(tmp_path):
+    model, _ = load_model_and_tokenizer(str(AIDREAMS))
+    general = str(tmp_path / "general")
+    prune(model, "magnitude", show_progress=False).save_pretrained(general)
+    lowrank = load_benchmark("lowrank")
+    result = lowrank.main([*SMALL, "--general", general, "--rows", "mask,trained-full", "--distill", "--full-lr",
+                           "1e-3", "--output", str(tmp_path / "out")])
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == ["dense", "mask", "trained-full"]
+    full = rows["trained-full"]
+    assert full["merged_exactly_2of4"] and full["merged_zero_fraction"] == rows["mask"]["merged_zero_fraction"]
+    assert full["kept_weights_changed"] > 0.9  # AdamW moves every kept weight with a gradient
+    assert full["wikitext2_ppl"] != rows["mask"]["wikitext2_ppl"]
+    assert (full["tokens"], full["lr"], full["distill"]) == (2 * 2 * 32, 1e-3, True)
+
+
+def test_train_kept_weights_masks_the_gradient_and_keeps_the_zeros():
+    lowrank = load_benchmark("lowrank")
+    model, _ = load_model_and_tokenizer(str(AIDREAMS))
+    masked = prune(model, "magnitude", show_progress=False)
+    masks = {n.removeprefix("base_model.model."): layer.hard_mask("default")
+             for n, layer in lowrank.mask_layers(masked).items()}
+    sparse = lowrank.train_kept_weights(masked.merge_and_unload(), masks)
+    trainable = {n for n, p in sparse.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.weight" for n in masks}
+    ids = torch.randint(0, sparse.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    sparse(input_ids=ids, labels=ids).loss.backward()
+    optimizer = torch.optim.AdamW([p for p in sparse.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    optimizer.step()
+    for name, mask in masks.items():
+        layer = sparse.get_submodule(name)
+        grad = layer.weight.grad  # nn.Linear: [out, in] like the mask
+        assert torch.equal(grad, grad * mask)  # nothing flows into a pruned weight
+        assert bool((grad[mask.bool()] != 0).any())
+        weight = layer.weight.detach()
+        assert torch.equal(weight[~mask.bool()], torch.zeros_like(weight[~mask.bool()]))  # still exactly 0
