@@ -48,7 +48,7 @@ from sparse_peft.lowrank_init import scale_update_to_calibration
 from sparse_peft.options import auto_or_number
 from sparse_peft.patterns import is_n_m_sparse
 from sparse_peft.tasks import load_task
-from sparse_peft.training import dense_distillation_loss, learn_mask, mask_training_arguments, text_windows
+from sparse_peft.training import DenseDistillationTrainer, learn_mask, mask_training_arguments, text_windows
 from sparse_peft.utils import atomic_write, check_resumed_settings, comma_list, fan_in_fan_out, weight_out_in
 
 SHARED_SETTINGS = ("model", "gguf_file", "general", "calibration", "num_samples", "calibration_len", "train_data",
@@ -161,13 +161,10 @@ class Benchmark:
                                        logging_steps=max(1, self.args.steps // 5),
                                        use_cpu=str(self.args.device) == "cpu")
         start = time.perf_counter()
-        if name == "trained-full":
-            trainer_class = Trainer
-            kwargs = {}
-            if self.args.distill:
-                trainer_class, kwargs = _TeacherKLTrainer, {"teacher": self.model}
-            trainer_class(model=model, args=args, train_dataset=self.windows(), data_collator=default_data_collator,
-                          **kwargs).train()
+        if name == "trained-full":  # a plain sparse model: no adapter to disable, the dense model is the teacher
+            kwargs = dict(model=model, args=args, train_dataset=self.windows(), data_collator=default_data_collator)
+            trainer = DenseDistillationTrainer(teacher=self.model, **kwargs) if self.args.distill else Trainer(**kwargs)
+            trainer.train()
         elif name.startswith("trained"):
             learn_mask(model, self.windows(), args, print_logs=False, distill=self.args.distill)
         else:
@@ -257,24 +254,6 @@ class Benchmark:
             print(json.dumps(row), flush=True)
         plot(self.result["rows"], os.path.join(self.args.output, "lowrank.png"))
         return self.result
-
-
-class _TeacherKLTrainer(Trainer):
-    """``Trainer`` on :func:`~sparse_peft.training.dense_distillation_loss` from a separate frozen ``teacher`` (the
-    dense model): the trained-full row's model is a plain sparse model, with no adapter to disable."""
-
-    def __init__(self, *args, teacher: PreTrainedModel, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval()
-        self.model_accepts_loss_kwargs = False  # the KL is a mean per micro-batch, as in DenseDistillationTrainer
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        with torch.no_grad():
-            dense_logits = self.teacher(**model_inputs).logits
-        outputs = model(**model_inputs)
-        loss = dense_distillation_loss(outputs.logits, dense_logits, inputs.get("labels"))
-        return (loss, outputs) if return_outputs else loss
 
 
 def train_kept_weights(sparse: PreTrainedModel, masks: dict[str, torch.Tensor]) -> PreTrainedModel:

@@ -123,17 +123,21 @@ class DenseDistillationTrainer(Trainer):
     docs/training.md has the measured comparison and step times.
 
     The model must be a ``PeftModel`` without ``modules_to_save``: a head trained next to the mask has no dense
-    counterpart to learn from. The loss is a mean per micro-batch; Trainer divides it by the gradient-accumulation
-    steps. The logged loss is the KL alone: a ``sparse_reg > 0`` regulariser acts through its gradient only.
+    counterpart to learn from. Or pass ``teacher``, a separate frozen dense model with the same vocabulary (kept in
+    eval mode), for a student with no adapter to disable (e.g. a merged sparse model whose kept weights train). The
+    loss is a mean per micro-batch; Trainer divides it by the gradient-accumulation steps. The logged loss is the KL
+    alone: a ``sparse_reg > 0`` regulariser acts through its gradient only.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, teacher: Optional[torch.nn.Module] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self.teacher = None if teacher is None else teacher.eval()
         peft_model = self.accelerator.unwrap_model(self.model)
-        if not hasattr(peft_model, "disable_adapter"):
+        if teacher is None and not hasattr(peft_model, "disable_adapter"):
             raise TypeError(
                 f"DenseDistillationTrainer needs a PeftModel (its teacher is the base with the adapter disabled); got "
-                f"{type(peft_model).__name__}. Wrap the model with get_peft_model(model, MaskConfig(...)) first."
+                f"{type(peft_model).__name__}. Wrap the model with get_peft_model(model, MaskConfig(...)) first, or "
+                "pass teacher=<the dense model>."
             )
         trained_heads = sorted(getattr(peft_model, "modules_to_save", None) or ())
         if trained_heads:
@@ -158,9 +162,13 @@ class DenseDistillationTrainer(Trainer):
             teacher = (inputs[column] for column in TEACHER_COLUMNS)
             loss = top_k_distillation_loss(outputs.logits, *teacher, inputs.get("labels"))
             return (loss, outputs) if return_outputs else loss
-        peft_model = self.accelerator.unwrap_model(model)
-        with torch.no_grad(), peft_model.disable_adapter():
-            dense_logits = peft_model(**model_inputs).logits
+        with torch.no_grad():
+            if self.teacher is not None:
+                dense_logits = self.teacher(**model_inputs).logits
+            else:
+                peft_model = self.accelerator.unwrap_model(model)
+                with peft_model.disable_adapter():
+                    dense_logits = peft_model(**model_inputs).logits
         outputs = model(**model_inputs)
         loss = dense_distillation_loss(outputs.logits, dense_logits, inputs.get("labels"))
         return (loss, outputs) if return_outputs else loss

@@ -244,3 +244,20 @@ def test_distillation_trainer_refuses_a_model_it_cannot_distil(tmp_path):
     with_head = get_peft_model(tiny_llama(), MaskConfig(modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match=r"modules_to_save \['lm_head'\]"):
         DenseDistillationTrainer(model=with_head, args=args)
+
+
+def test_distillation_trainer_with_a_separate_teacher(tmp_path):
+    from sparse_peft.training import DenseDistillationTrainer, dense_distillation_loss
+
+    student, teacher = tiny_llama(seed=0), tiny_llama(seed=1)  # a plain model: no adapter to disable
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    trainer = DenseDistillationTrainer(model=student, args=args, teacher=teacher.train())
+    assert not teacher.training  # the teacher is kept in eval mode
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "labels": ids}
+    loss = trainer.compute_loss(student, inputs)
+    with torch.no_grad():
+        reference = dense_distillation_loss(student(input_ids=ids).logits, teacher(input_ids=ids).logits, ids)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6) and loss.item() > 0
+    loss.backward()
+    assert student.lm_head.weight.grad is not None and teacher.lm_head.weight.grad is None
